@@ -1,0 +1,178 @@
+"""`fracgen`: the command line. It only parses, reports and turns FracgenError into one red line."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fracgen import __version__
+from fracgen.dataset import Settings, render_dataset, verify_dataset
+from fracgen.errors import FracgenError
+from fracgen.ifs import load_base
+from fracgen.preview import contact_sheet
+from fracgen.shards import read_manifest
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Render the 1p-frac dataset (one fractal, C perturbed classes) into WebDataset shards.")
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+D = Settings()  # defaults shown in --help come from the library
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False):
+    if version:
+        out.print(f"fracgen {__version__}")
+        raise typer.Exit()
+
+
+@contextmanager
+def _errors():
+    try:
+        yield
+    except FracgenError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as e:  # disk full, permissions: still one line, never a traceback
+        err.print(f"[bold red]error:[/] {e.strerror or e}: {e.filename or ''}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]; finished shards are kept, `--resume` completes the rest")
+        raise typer.Exit(130) from None
+
+
+def _progress():
+    return Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False)
+
+
+def _command(s: Settings, out_dir: Path, base: Path | None) -> str:
+    """The full command that regenerates these bytes: every setting spelled out, whatever was typed."""
+    args = ["fracgen", "render", "--out", str(out_dir)]
+    for field, value in asdict(s).items():
+        if field == "base":
+            args += ["--base", str(base)] if base is not None else []
+        else:
+            args += [f"--{field.replace('_', '-')}", str(value)]
+    return shlex.join(args)
+
+
+@app.command()
+def render(
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory for the shards and manifest.json.")],
+    sigma: Annotated[float, typer.Option(help="Sigma-factor of the base IFS (smaller: more complex).")] = D.sigma,
+    delta: Annotated[float, typer.Option(help="Perturbation size Delta of the classes.")] = D.delta,
+    perturb: Annotated[str, typer.Option(help="scale: coef x U(1-D, 1+D) (reference code); "
+                                              "shift: coef + U(-D/2, D/2) (paper text).")] = D.perturb,
+    classes: Annotated[int, typer.Option(help="Number of perturbation classes C.")] = D.classes,
+    per_class: Annotated[int, typer.Option(help="Images per class.")] = D.per_class,
+    maps: Annotated[int, typer.Option(help="Affine maps N in the base IFS.")] = D.maps,
+    points: Annotated[int, typer.Option(help="Chaos-game points per image.")] = D.points,
+    size: Annotated[int, typer.Option(help="Canvas side in pixels.")] = D.size,
+    pad: Annotated[int, typer.Option(help="Padding around the attractor in pixels.")] = D.pad,
+    fill: Annotated[float, typer.Option(help="A class image must ink more than this fraction of pixels.")] = D.fill,
+    seed: Annotated[int, typer.Option(help="Seed of everything: base, perturbations, renders.")] = D.seed,
+    base: Annotated[Path | None, typer.Option(help="Read the base IFS from JSON (an IFS or a fracgen "
+                                                   "manifest.json) instead of sampling it.")] = None,
+    max_retries: Annotated[int, typer.Option(help="Draws allowed per class (and for the base) to pass --fill.")]
+    = D.max_retries,
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = D.shard_size,
+    name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar.")] = D.name,
+    png_level: Annotated[int, typer.Option(help="PNG zlib level 0..9 (lossless at every level).")] = D.png_level,
+    workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in --out.")] = False,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted render: write only missing shards.")] = False,
+):
+    """Render perturbed copies of one fractal into WebDataset shards, with every parameter saved."""
+    with _errors():
+        base_json = load_base(base).to_json() if base is not None else None
+        settings = Settings(sigma=sigma, delta=delta, perturb=perturb, classes=classes, per_class=per_class,
+                            maps=maps, points=points, size=size, pad=pad, fill=fill, seed=seed,
+                            max_retries=max_retries, shard_size=shard_size, name=name, png_level=png_level,
+                            base=base_json)
+        t0 = time.perf_counter()
+        with _progress() as bar:
+            tasks = {}
+
+            def report(phase, done, total):
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total)
+                bar.update(tasks[phase], completed=done)
+
+            manifest = render_dataset(out_dir, settings, workers=workers or os.cpu_count(), overwrite=overwrite,
+                                      resume=resume, progress=report,
+                                      command=_command(settings, out_dir, base))
+        dt = time.perf_counter() - t0
+        total = sum(e["bytes"] for e in manifest["shards"])
+        err.print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
+                  f"({total / 1e6:.1f} MB) to {out_dir} in {dt:.1f} s "
+                  f"({manifest['num_samples'] / dt:.0f} images/s)")
+
+
+@app.command()
+def verify(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.json and shards.")]):
+    """Re-hash every shard against the manifest and decode every sample."""
+    with _errors():
+        with _progress() as bar:
+            task = bar.add_task("verify")
+            problems = verify_dataset(dataset, lambda _, done, total: bar.update(task, completed=done, total=total))
+        if problems:
+            for p in problems:
+                err.print(f"[bold red]error:[/] {p}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        out.print(f"ok: {dataset} matches its manifest")
+
+
+@app.command()
+def info(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.json and shards.")]):
+    """Summarise a dataset: settings, base system, shards."""
+    with _errors():
+        m = read_manifest(dataset)
+        s, b = m["settings"], m["base"]
+        t = Table(title=f"{dataset}", show_header=False)
+        rows = [
+            ("fracgen", f"{m['fracgen_version']} (format {m['format_version']})"),
+            ("complete", str(m["complete"])),
+            ("command", m.get("command") or "-"),
+            ("samples", f"{m['num_samples']} = {m['num_classes']} classes x {s['per_class']}"),
+            ("shards", f"{len(m['shards'])} x <= {s['shard_size']} samples, "
+                       f"{sum(e['bytes'] for e in m['shards']) / 1e6:.1f} MB"),
+            ("image", f"{s['size']} px, {s['points']} points, pad {s['pad']}, PNG level {s['png_level']}"),
+            ("perturbation", f"{s['perturb']}, delta {s['delta']}, fill > {s['fill']}, seed {s['seed']}"),
+            ("base", f"{b['source']}, sigma {s['sigma']} (drawn {b['sigma_drawn']}), attempt {b['attempt']}, "
+                     f"fill {b['fill']:.3f}"),
+        ]
+        for i, (mp, p) in enumerate(zip(b["ifs"]["maps"], b["ifs"]["probabilities"], strict=True)):
+            rows.append((f"map {i}", "  ".join(f"{k}={v:+.4f}" for k, v in mp.items()) + f"  p={p:.4f}"))
+        if m["classes"]:
+            fills = [c["fill"] for c in m["classes"]]
+            retries = sum(c["attempt"] for c in m["classes"])
+            rows.append(("class fill", f"min {min(fills):.3f}, mean {sum(fills) / len(fills):.3f}, "
+                                       f"max {max(fills):.3f}; {retries} redraws in all"))
+        for k, v in rows:
+            t.add_row(k, v)
+        out.print(t)
+
+
+@app.command()
+def preview(
+    dataset: Annotated[Path, typer.Argument(help="Directory with manifest.json and shards.")],
+    out_file: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("preview.png"),
+    count: Annotated[int, typer.Option(help="How many images.")] = 16,
+    columns: Annotated[int, typer.Option(help="Images per row.")] = 4,
+    tile: Annotated[int, typer.Option(help="Tile side in pixels.")] = 192,
+):
+    """Write a contact sheet of the first images, labelled with their classes."""
+    with _errors():
+        n = contact_sheet(dataset, out_file, count=count, columns=columns, tile=tile)
+        out.print(f"wrote {n} images to {out_file}")

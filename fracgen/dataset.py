@@ -1,0 +1,299 @@
+"""The 1p-frac dataset: one base fractal, C perturbed classes (LIEP), rendered into shards.
+
+Order of work: (1) the base system, sampled from the seed (or read from a file) and itself
+checked for fill; (2) every class's perturbation, redrawn until its image covers more than
+`fill` of the canvas, with bounded retries; (3) the shards, rendered in parallel. Every random
+draw is keyed by (seed, class, instance, attempt), so the output is the same for any `workers`.
+
+Sample i of the dataset is instance i // C of class i % C, so every shard mixes many classes
+even with several images per class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from joblib import Parallel, delayed
+
+import fracgen
+from fracgen.errors import FracgenError
+from fracgen.ifs import (
+    IFS,
+    PERTURB_MODES,
+    check_sigma,
+    class_seed,
+    perturb,
+    sample_sigma_system,
+)
+from fracgen.render import check_canvas, render
+from fracgen.rng import TAG_BASE, TAG_RENDER, derive_seed
+from fracgen.shards import Sample, atomic_write, read_manifest, shard_entry, verify_shard, write_shard
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the bytes of the dataset (`workers` does not)."""
+
+    sigma: float = 3.5
+    delta: float = 0.1
+    perturb: str = "scale"
+    classes: int = 1000
+    per_class: int = 1
+    maps: int = 2
+    points: int = 100_000
+    size: int = 512
+    pad: int = 6
+    fill: float = 0.05
+    seed: int = 0
+    max_retries: int = 100
+    shard_size: int = 100
+    name: str = "1p-frac"
+    png_level: int = 1
+    base: dict | None = None  # an IFS in JSON form; None samples one from `seed` and `sigma`
+
+    @property
+    def num_samples(self) -> int:
+        return self.classes * self.per_class
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def shard_name(self, index: int) -> str:
+        return f"{self.name}-{index:06d}.tar"
+
+
+def validate(s: Settings) -> None:
+    if s.base is None:
+        check_sigma(s.sigma, s.maps)
+    if not (np.isfinite(s.delta) and s.delta >= 0):
+        raise FracgenError(f"--delta must be >= 0, got {s.delta}")
+    if s.perturb not in PERTURB_MODES:
+        raise FracgenError(f"--perturb must be one of {', '.join(PERTURB_MODES)}, got {s.perturb!r}")
+    for label, value in (("--classes", s.classes), ("--per-class", s.per_class), ("--points", s.points),
+                         ("--shard-size", s.shard_size), ("--max-retries", s.max_retries)):
+        if value < 1:
+            raise FracgenError(f"{label} must be at least 1, got {value}")
+    if not 0 <= s.fill < 1:
+        raise FracgenError(f"--fill must be in [0, 1), got {s.fill}")
+    if not 0 <= s.png_level <= 9:
+        raise FracgenError(f"--png-level must be 0..9, got {s.png_level}")
+    if s.seed < 0:
+        raise FracgenError(f"--seed must be >= 0, got {s.seed}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", s.name):
+        raise FracgenError(f"--name may use letters, digits, '-' and '_' only, got {s.name!r}")
+    check_canvas(s.size, s.pad)
+
+
+def render_seed(s: Settings, k: int, m: int, attempt: int) -> int:
+    return derive_seed(s.seed, TAG_RENDER, k, m, attempt)
+
+
+def resolve_base(s: Settings) -> dict:
+    """The base system and how it was obtained; it must itself pass the fill check."""
+    if s.base is not None:
+        base = IFS.from_json(s.base)
+        _, fill = render(base, derive_seed(s.seed, TAG_BASE, 0), points=s.points, size=s.size, pad=s.pad)
+        if fill <= s.fill:
+            raise FracgenError(f"the --base system covers only {fill:.3f} of the canvas, not more than "
+                               f"--fill {s.fill}; it is degenerate at these settings")
+        return {"source": "file", "ifs": base.to_json(), "sigma_drawn": None, "attempt": 0, "fill": fill}
+    for attempt in range(s.max_retries):
+        base, a = sample_sigma_system(s.sigma, s.maps, derive_seed(s.seed, TAG_BASE, attempt))
+        _, fill = render(base, derive_seed(s.seed, TAG_BASE, attempt), points=s.points, size=s.size, pad=s.pad)
+        if fill > s.fill:
+            return {"source": "sampled", "ifs": base.to_json(), "sigma_drawn": a, "attempt": attempt,
+                    "fill": fill}
+    raise FracgenError(f"no base system with sigma {s.sigma} covered more than --fill {s.fill} in "
+                       f"{s.max_retries} draws from seed {s.seed}; try another --seed or a lower --fill")
+
+
+def _resolve_classes(s: Settings, base: IFS, ks: range) -> list[dict]:
+    out = []
+    canvas = np.empty((s.size, s.size), dtype=np.uint8)
+    for k in ks:
+        for attempt in range(s.max_retries):
+            system, noise = perturb(base, s.delta, s.perturb, class_seed(s.seed, k, attempt))
+            _, fill = render(system, render_seed(s, k, 0, attempt), points=s.points, size=s.size, pad=s.pad,
+                             out=canvas)
+            if fill > s.fill:
+                out.append({"class": k, "attempt": attempt, "noise": noise.tolist(), "fill": fill,
+                            "ifs": system.to_json()})
+                break
+        else:
+            return [{"class": k, "failed": True}]
+    return out
+
+
+def resolve_classes(s: Settings, base_info: dict, workers: int, progress: Progress | None) -> list[dict]:
+    """Each class's accepted perturbation, found in parallel; fails naming the base if one never fills."""
+    base = IFS.from_json(base_info["ifs"])
+    chunk = max(1, min(64, -(-s.classes // (4 * workers))))
+    chunks = [range(i, min(i + chunk, s.classes)) for i in range(0, s.classes, chunk)]
+    classes: list[dict] = []
+    jobs = (delayed(_resolve_classes)(s, base, ks) for ks in chunks)
+    for part in Parallel(n_jobs=workers, return_as="generator_unordered")(jobs):
+        if part and part[0].get("failed"):
+            where = (f"sampled from seed {s.seed} (attempt {base_info['attempt']})" if base_info["source"] ==
+                     "sampled" else "read from --base")
+            raise FracgenError(f"class {part[0]['class']}: no perturbation (delta {s.delta}) of the base {where} "
+                               f"covered more than --fill {s.fill} in {s.max_retries} tries; the base is "
+                               f"degenerate: pick another --seed, a smaller --delta or a lower --fill")
+        classes.extend(part)
+        if progress:
+            progress("classes", len(classes), s.classes)
+    return sorted(classes, key=lambda c: c["class"])
+
+
+def _shard_samples(s: Settings, classes: list[dict], index: int):
+    probabilities = np.asarray(classes[0]["ifs"]["probabilities"])
+    canvas = np.empty((s.size, s.size), dtype=np.uint8)
+    for i in range(index * s.shard_size, min((index + 1) * s.shard_size, s.num_samples)):
+        k, m = i % s.classes, i // s.classes
+        c = classes[k]
+        system = IFS(np.array([[mp[x] for x in "abcdef"] for mp in c["ifs"]["maps"]]), probabilities)
+        seed = render_seed(s, k, m, c["attempt"])
+        image, fill = render(system, seed, points=s.points, size=s.size, pad=s.pad, out=canvas)
+        meta = {"class": k, "instance": m, "attempt": c["attempt"], "seed": seed, "fill": fill,
+                "perturb": s.perturb, "delta": s.delta, "noise": c["noise"], "ifs": c["ifs"]}
+        yield Sample(f"c{k:06d}-i{m:06d}", image, k, meta)
+
+
+def _write_shard(out: Path, s: Settings, classes: list[dict], index: int) -> tuple[int, dict]:
+    return index, write_shard(out / s.shard_name(index), _shard_samples(s, classes, index), s.png_level)
+
+
+def _settings_json(s: Settings) -> dict:
+    return dataclasses.asdict(s)
+
+
+def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict | None:
+    """Check the output directory; return the existing manifest when resuming."""
+    if overwrite and resume:
+        raise FracgenError("--overwrite and --resume exclude each other")
+    if out.exists() and not out.is_dir():
+        raise FracgenError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FracgenError(f"cannot create --out {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise FracgenError(f"--out {out} is not writable")
+    existing = (out / MANIFEST).exists() or any(out.glob(f"{s.name}-*.tar"))
+    if not existing:
+        return None
+    if overwrite:
+        return None
+    if not resume:
+        raise FracgenError(f"{out} already holds a dataset; pass --overwrite to replace it or --resume to finish it")
+    if not (out / MANIFEST).exists():
+        raise FracgenError(f"cannot --resume: {out} has shards but no {MANIFEST}")
+    old = read_manifest(out)
+    if old["settings"] != _settings_json(s):
+        diff = [f"{k}={old['settings'].get(k)!r}->{v!r}" for k, v in _settings_json(s).items()
+                if old["settings"].get(k) != v]
+        raise FracgenError(f"cannot --resume with different settings ({', '.join(diff)}); use --overwrite")
+    return old
+
+
+def render_dataset(
+    out: str | Path,
+    settings: Settings | None = None,
+    *,
+    workers: int | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    command: str | None = None,
+    progress: Progress | None = None,
+    **overrides,
+) -> dict:
+    """Render a dataset into `out` and return its manifest. `overrides` replace fields of `settings`."""
+    s = dataclasses.replace(settings or Settings(), **overrides)
+    validate(s)
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise FracgenError(f"--workers must be at least 1, got {workers}")
+    out = Path(out)
+    old = _prepare_out(out, s, overwrite, resume)
+
+    if old is not None:
+        base_info, classes = old["base"], old["classes"]
+    else:
+        base_info = resolve_base(s)
+        classes = resolve_classes(s, base_info, workers, progress)
+    manifest = {
+        "format": "fracgen-shards",
+        "format_version": FORMAT_VERSION,
+        "fracgen_version": fracgen.__version__,
+        "command": command,
+        "complete": False,
+        "settings": _settings_json(s),
+        "num_classes": s.classes,
+        "num_samples": s.num_samples,
+        "image": {"size": s.size, "mode": "L", "format": "png", "ink": 127},
+        "base": base_info,
+        "classes": classes,
+        "shards": [],
+    }
+    _write_manifest(out, manifest)
+
+    done: dict[int, dict] = {}
+    todo = []
+    for index in range(s.num_shards):
+        path = out / s.shard_name(index)
+        if old is not None and path.exists():
+            done[index] = shard_entry(path)  # renamed into place only when complete
+        else:
+            todo.append(index)
+    if progress:
+        progress("shards", len(done), s.num_shards)
+    jobs = (delayed(_write_shard)(out, s, classes, index) for index in todo)
+    for index, entry in Parallel(n_jobs=min(workers, max(1, len(todo))), return_as="generator_unordered")(jobs):
+        done[index] = entry
+        if progress:
+            progress("shards", len(done), s.num_shards)
+
+    manifest["shards"] = [done[i] for i in range(s.num_shards)]
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+    keep = {e["file"] for e in manifest["shards"]}
+    for stale in out.glob(f"{s.name}-*.tar"):  # left over from an --overwrite'n larger dataset
+        if stale.name not in keep:
+            stale.unlink()
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    text = json.dumps(manifest, indent=1, sort_keys=False).encode()
+    atomic_write(out / MANIFEST, lambda f: f.write(text))
+
+
+def verify_dataset(out: str | Path, progress: Progress | None = None) -> list[str]:
+    """Problems found (shard name: reason); empty when every shard matches the manifest."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    problems = []
+    if not manifest.get("complete"):
+        problems.append(f"{MANIFEST}: the render did not finish (run `fracgen render --resume`)")
+    shards = manifest["shards"]
+    for n, entry in enumerate(shards):
+        problem = verify_shard(out / entry["file"], entry, manifest["num_classes"])
+        if problem:
+            problems.append(f"{entry['file']}: {problem}")
+        if progress:
+            progress("verify", n + 1, len(shards))
+    total = sum(e["samples"] for e in shards)
+    if manifest.get("complete") and total != manifest["num_samples"]:
+        problems.append(f"{MANIFEST}: shards hold {total} samples, num_samples says {manifest['num_samples']}")
+    return problems

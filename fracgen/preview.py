@@ -1,0 +1,47 @@
+"""A contact sheet of a dataset's first images, each labelled with its class, for a person to look at."""
+
+from __future__ import annotations
+
+import io
+from itertools import islice
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageOps
+
+from fracgen.errors import FracgenError
+from fracgen.shards import atomic_write, iter_samples, read_manifest
+
+
+def contact_sheet(dataset: str | Path, out: str | Path, *, count: int = 16, columns: int = 4,
+                  tile: int = 192) -> int:
+    """Write a grid of the first `count` images to `out` (PNG); return how many were drawn."""
+    if count < 1 or columns < 1 or tile < 32:
+        raise FracgenError("--count and --columns must be >= 1 and --tile >= 32")
+    dataset = Path(dataset)
+    manifest = read_manifest(dataset)
+    tiles = []
+    for entry in manifest["shards"]:
+        for _key, parts in islice(iter_samples(dataset / entry["file"]), count - len(tiles)):
+            with Image.open(io.BytesIO(parts["png"])) as im:
+                tiles.append((int(parts["cls"]), ImageOps.autocontrast(im.convert("L")).resize((tile, tile))))
+        if len(tiles) >= count:
+            break
+    if not tiles:
+        raise FracgenError(f"{dataset} holds no samples to preview")
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("L", (columns * tile, rows * tile), 0)
+    draw = ImageDraw.Draw(sheet)
+    for n, (label, im) in enumerate(tiles):
+        x, y = (n % columns) * tile, (n // columns) * tile
+        sheet.paste(im, (x, y))
+        draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline=64)
+        draw.text((x + 4, y + 4), f"class {label}", fill=255)
+    out = Path(out)
+    if out.is_dir():
+        raise FracgenError(f"--out {out} is a directory; give a .png file name")
+    if not out.parent.is_dir():
+        raise FracgenError(f"--out {out}: directory {out.parent} does not exist")
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    atomic_write(out, lambda f: f.write(buf.getvalue()))
+    return len(tiles)
