@@ -88,7 +88,8 @@ def render(
     = D.max_retries,
     shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = D.shard_size,
     name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar.")] = D.name,
-    png_level: Annotated[int, typer.Option(help="PNG zlib level 0..9 (lossless at every level).")] = D.png_level,
+    png_level: Annotated[int, typer.Option(help="PNG deflate level 0..3 (ISA-L; lossless at every level).")]
+    = D.png_level,
     workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in --out.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted render: write only missing shards.")] = False,

@@ -19,10 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import isal
 import numpy as np
 from joblib import Parallel, delayed
 
 import fracgen
+from fracgen import png
 from fracgen.errors import FracgenError
 from fracgen.ifs import (
     IFS,
@@ -59,7 +61,7 @@ class Settings:
     max_retries: int = 100
     shard_size: int = 100
     name: str = "1p-frac"
-    png_level: int = 1
+    png_level: int = 1  # ISA-L deflate level, 0..3
     base: dict | None = None  # an IFS in JSON form; None samples one from `seed` and `sigma`
 
     @property
@@ -87,8 +89,8 @@ def validate(s: Settings) -> None:
             raise FracgenError(f"{label} must be at least 1, got {value}")
     if not 0 <= s.fill < 1:
         raise FracgenError(f"--fill must be in [0, 1), got {s.fill}")
-    if not 0 <= s.png_level <= 9:
-        raise FracgenError(f"--png-level must be 0..9, got {s.png_level}")
+    if s.png_level not in png.LEVELS:
+        raise FracgenError(f"--png-level must be one of {', '.join(map(str, png.LEVELS))}, got {s.png_level}")
     if s.seed < 0:
         raise FracgenError(f"--seed must be >= 0, got {s.seed}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", s.name):
@@ -119,31 +121,37 @@ def resolve_base(s: Settings) -> dict:
                        f"{s.max_retries} draws from seed {s.seed}; try another --seed or a lower --fill")
 
 
-def _resolve_classes(s: Settings, base: IFS, ks: range) -> list[dict]:
-    out = []
-    canvas = np.empty((s.size, s.size), dtype=np.uint8)
+def _resolve_classes(s: Settings, base: IFS, ks: range) -> tuple[list[dict], dict[int, bytes]]:
+    """Accepted perturbations of classes `ks`, and the PNG of each one's instance 0 (the image
+    that passed the fill check), kept so the shard writer need not render it again."""
+    out, pngs = [], {}
+    rows = png.row_buffer(s.size)
     for k in ks:
         for attempt in range(s.max_retries):
             system, noise = perturb(base, s.delta, s.perturb, class_seed(s.seed, k, attempt))
             _, fill = render(system, render_seed(s, k, 0, attempt), points=s.points, size=s.size, pad=s.pad,
-                             out=canvas)
+                             out=rows)
             if fill > s.fill:
                 out.append({"class": k, "attempt": attempt, "noise": noise.tolist(), "fill": fill,
                             "ifs": system.to_json()})
+                pngs[k] = png.encode_rows(rows, s.png_level)
                 break
         else:
-            return [{"class": k, "failed": True}]
-    return out
+            return [{"class": k, "failed": True}], {}
+    return out, pngs
 
 
-def resolve_classes(s: Settings, base_info: dict, workers: int, progress: Progress | None) -> list[dict]:
-    """Each class's accepted perturbation, found in parallel; fails naming the base if one never fills."""
+def resolve_classes(s: Settings, base_info: dict, workers: int,
+                    progress: Progress | None) -> tuple[list[dict], dict[int, bytes]]:
+    """Each class's accepted perturbation (and its instance-0 PNG), found in parallel; fails naming
+    the base if a class never passes the fill check."""
     base = IFS.from_json(base_info["ifs"])
     chunk = max(1, min(64, -(-s.classes // (4 * workers))))
     chunks = [range(i, min(i + chunk, s.classes)) for i in range(0, s.classes, chunk)]
     classes: list[dict] = []
+    pngs: dict[int, bytes] = {}
     jobs = (delayed(_resolve_classes)(s, base, ks) for ks in chunks)
-    for part in Parallel(n_jobs=workers, return_as="generator_unordered")(jobs):
+    for part, part_pngs in Parallel(n_jobs=workers, return_as="generator_unordered")(jobs):
         if part and part[0].get("failed"):
             where = (f"sampled from seed {s.seed} (attempt {base_info['attempt']})" if base_info["source"] ==
                      "sampled" else "read from --base")
@@ -151,27 +159,35 @@ def resolve_classes(s: Settings, base_info: dict, workers: int, progress: Progre
                                f"covered more than --fill {s.fill} in {s.max_retries} tries; the base is "
                                f"degenerate: pick another --seed, a smaller --delta or a lower --fill")
         classes.extend(part)
+        pngs.update(part_pngs)
         if progress:
             progress("classes", len(classes), s.classes)
-    return sorted(classes, key=lambda c: c["class"])
+    return sorted(classes, key=lambda c: c["class"]), pngs
 
 
-def _shard_samples(s: Settings, classes: list[dict], index: int):
-    probabilities = np.asarray(classes[0]["ifs"]["probabilities"])
-    canvas = np.empty((s.size, s.size), dtype=np.uint8)
-    for i in range(index * s.shard_size, min((index + 1) * s.shard_size, s.num_samples)):
+def _shard_range(s: Settings, index: int) -> range:
+    return range(index * s.shard_size, min((index + 1) * s.shard_size, s.num_samples))
+
+
+def _shard_samples(s: Settings, classes: list[dict], index: int, cached: dict[int, bytes]):
+    rows = png.row_buffer(s.size)
+    for i in _shard_range(s, index):
         k, m = i % s.classes, i // s.classes
         c = classes[k]
-        system = IFS(np.array([[mp[x] for x in "abcdef"] for mp in c["ifs"]["maps"]]), probabilities)
         seed = render_seed(s, k, m, c["attempt"])
-        image, fill = render(system, seed, points=s.points, size=s.size, pad=s.pad, out=canvas)
+        if m == 0 and k in cached:
+            data, fill = cached[k], c["fill"]
+        else:
+            _, fill = render(IFS.from_json(c["ifs"]), seed, points=s.points, size=s.size, pad=s.pad, out=rows)
+            data = png.encode_rows(rows, s.png_level)
         meta = {"class": k, "instance": m, "attempt": c["attempt"], "seed": seed, "fill": fill,
                 "perturb": s.perturb, "delta": s.delta, "noise": c["noise"], "ifs": c["ifs"]}
-        yield Sample(f"c{k:06d}-i{m:06d}", image, k, meta)
+        yield Sample(f"c{k:06d}-i{m:06d}", data, k, meta)
 
 
-def _write_shard(out: Path, s: Settings, classes: list[dict], index: int) -> tuple[int, dict]:
-    return index, write_shard(out / s.shard_name(index), _shard_samples(s, classes, index), s.png_level)
+def _write_shard(out: Path, s: Settings, classes: list[dict], index: int,
+                 cached: dict[int, bytes]) -> tuple[int, dict]:
+    return index, write_shard(out / s.shard_name(index), _shard_samples(s, classes, index, cached))
 
 
 def _settings_json(s: Settings) -> dict:
@@ -228,10 +244,10 @@ def render_dataset(
     old = _prepare_out(out, s, overwrite, resume)
 
     if old is not None:
-        base_info, classes = old["base"], old["classes"]
+        base_info, classes, pngs = old["base"], old["classes"], {}
     else:
         base_info = resolve_base(s)
-        classes = resolve_classes(s, base_info, workers, progress)
+        classes, pngs = resolve_classes(s, base_info, workers, progress)
     manifest = {
         "format": "fracgen-shards",
         "format_version": FORMAT_VERSION,
@@ -241,7 +257,8 @@ def render_dataset(
         "settings": _settings_json(s),
         "num_classes": s.classes,
         "num_samples": s.num_samples,
-        "image": {"size": s.size, "mode": "L", "format": "png", "ink": 127},
+        "image": {"size": s.size, "mode": "L", "format": "png", "ink": 127,
+                  "encoder": f"fracgen.png (isal {isal.__version__}, level {s.png_level})"},
         "base": base_info,
         "classes": classes,
         "shards": [],
@@ -258,7 +275,10 @@ def render_dataset(
             todo.append(index)
     if progress:
         progress("shards", len(done), s.num_shards)
-    jobs = (delayed(_write_shard)(out, s, classes, index) for index in todo)
+    def cached(index):  # instance-0 images this shard holds, already rendered by the fill check
+        return {i: pngs[i] for i in _shard_range(s, index) if i < s.classes and i in pngs}
+
+    jobs = (delayed(_write_shard)(out, s, classes, index, cached(index)) for index in todo)
     for index, entry in Parallel(n_jobs=min(workers, max(1, len(todo))), return_as="generator_unordered")(jobs):
         done[index] = entry
         if progress:

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from fracgen.errors import FracgenError
@@ -28,15 +27,9 @@ EXTENSIONS = ("cls", "json", "png")  # members of a sample, in tar order
 @dataclass(frozen=True)
 class Sample:
     key: str  # no dots: webdataset splits the member name at the first dot
-    image: np.ndarray  # (H, W) uint8 grayscale
+    png: bytes
     label: int
     meta: dict
-
-
-def encode_png(image: np.ndarray, level: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=level)
-    return buf.getvalue()
 
 
 def encode_json(obj) -> bytes:
@@ -93,7 +86,7 @@ def atomic_write(path: Path, write) -> object:
     return result
 
 
-def write_shard(path: Path, samples: Iterable[Sample], png_level: int) -> dict:
+def write_shard(path: Path, samples: Iterable[Sample]) -> dict:
     """Write one shard atomically; return its manifest entry (file, samples, bytes, sha256)."""
 
     def write(f):
@@ -101,8 +94,7 @@ def write_shard(path: Path, samples: Iterable[Sample], png_level: int) -> dict:
         n = 0
         with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
-                payload = {"cls": str(s.label).encode(), "json": encode_json(s.meta),
-                           "png": encode_png(s.image, png_level)}
+                payload = {"cls": str(s.label).encode(), "json": encode_json(s.meta), "png": s.png}
                 for ext in EXTENSIONS:
                     tar.addfile(_tarinfo(f"{s.key}.{ext}", len(payload[ext])), io.BytesIO(payload[ext]))
                 n += 1

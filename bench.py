@@ -1,0 +1,167 @@
+"""`make bench`: fracgen's renderer against a plain NumPy/Python chaos game, and the trainer's loader.
+
+Everything runs in this one process, one core at a time (plus one line with all cores), on the
+same systems: the 1p-frac defaults (2 maps, 100k points, 512 px, random 3x3 patches, grayscale).
+Prints one table; copy it into the README with the machine it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import random
+import tempfile
+import time
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from fracgen import png
+from fracgen.dataset import Settings, render_dataset
+from fracgen.ifs import perturb, sample_sigma_system
+from fracgen.render import render
+from fracgen.rng import derive_seed
+
+
+def plain_render(coef: np.ndarray, probabilities: np.ndarray, points: int, size: int = 512, pad: int = 6):
+    """The chaos game written the obvious way, with the reference generator's drawing rules."""
+    x, y, xs, ys = 0.0, 0.0, [], []
+    maps = [tuple(row) for row in coef]
+    for _ in range(points):
+        a, b, c, d, e, f = random.choices(maps, weights=probabilities)[0]
+        x, y = a * x + b * y + e, c * x + d * y + f
+        xs.append(x)
+        ys.append(y)
+    xs, ys = np.array(xs), np.array(ys)
+    px = ((xs - xs.min()) / (xs.max() - xs.min()) * (size - 2 * pad) + pad).astype(int)
+    py = ((ys - ys.min()) / (ys.max() - ys.min()) * (size - 2 * pad) + pad).astype(int)
+    image = np.zeros((size, size), dtype=np.uint8)
+    for u, v in zip(px, py, strict=True):
+        mask = random.randint(1, 511)
+        image[v : v + 3, u : u + 3] = np.array([(mask >> i) & 1 for i in range(9)]).reshape(3, 3) * 127
+    return image[::-1]
+
+
+def timed(fn, n: int) -> float:
+    """Seconds per call, after one warm-up call."""
+    fn(0)
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn(i + 1)
+    return (time.perf_counter() - t0) / n
+
+
+def row(table, name, sec_per_image, points, baseline=None, note=""):
+    ratio = f"{baseline / sec_per_image:,.0f}x" if baseline else ""
+    table.append((name, f"{1 / sec_per_image:,.1f}", f"{points / sec_per_image / 1e6:,.1f}", ratio, note))
+
+
+def bench_renderer(n: int, plain_n: int, points: int, size: int) -> list[tuple]:
+    base, _ = sample_sigma_system(3.5, 2, derive_seed(0, 1, 0))
+    systems = [perturb(base, 0.1, "scale", derive_seed(0, 2, k, 0))[0] for k in range(64)]
+    table: list[tuple] = []
+
+    def plain(i):
+        s = systems[i % len(systems)]
+        return plain_render(s.coef, s.probabilities, points, size)
+
+    t_plain = timed(plain, plain_n)
+    row(table, "plain Python/NumPy, render only", t_plain, points)
+
+    def plain_e2e(i):
+        buf = io.BytesIO()
+        Image.fromarray(plain(i).copy()).save(buf, format="PNG")
+        return buf
+
+    t_plain_e2e = timed(plain_e2e, plain_n)
+    row(table, "plain + Pillow PNG (default level)", t_plain_e2e, points)
+
+    rows = png.row_buffer(size)
+
+    def render_only(i):  # sample the perturbation, chaos game, rasterise, fill check
+        s, _ = perturb(base, 0.1, "scale", derive_seed(0, 2, i, 0))
+        _, fill = render(s, derive_seed(0, 3, i), points=points, size=size, out=rows)
+        return fill > 0.05
+
+    t_render = timed(render_only, n)
+    row(table, "fracgen render only (1 core)", t_render, points, t_plain)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, os.cpu_count() or 1):
+            s = Settings(classes=n, points=points, size=size, shard_size=100)
+            render_dataset(os.path.join(tmp, "warm"), s, workers=workers, overwrite=True, classes=8)
+            t0 = time.perf_counter()
+            render_dataset(os.path.join(tmp, f"w{workers}"), s, workers=workers)
+            t = (time.perf_counter() - t0) / n
+            label = f"fracgen end to end, {workers} worker{'s' if workers > 1 else ''}"
+            note = "render, fill check, PNG, tar, sha256, manifest"
+            row(table, label, t, points, t_plain_e2e, note if workers == 1 else f"{workers} processes, all cores")
+    return table
+
+
+def bench_png(size: int) -> list[tuple]:
+    base, _ = sample_sigma_system(3.5, 2, derive_seed(0, 1, 0))
+    images = [render(perturb(base, 0.1, "scale", i)[0], i, size=size)[0].copy() for i in range(20)]
+    rows = []
+    for im in images:
+        r = np.zeros((size, size + 1), np.uint8)
+        r[:, 1:] = im
+        rows.append(r)
+    out = []
+
+    def measure(name, fn):
+        fn(0)
+        t0 = time.perf_counter()
+        sizes = [len(fn(i)) for i in range(len(images))]
+        out.append((name, f"{(time.perf_counter() - t0) / len(images) * 1e3:.3f}", f"{np.mean(sizes) / 1e3:.1f}"))
+
+    for level in (1, 6):
+        def pillow(i, level=level):
+            buf = io.BytesIO()
+            Image.fromarray(images[i]).save(buf, format="PNG", compress_level=level)
+            return buf.getvalue()
+        measure(f"Pillow PNG, zlib level {level}", pillow)
+    for level in (1, 6):
+        measure(f"raw rows + zlib level {level}", lambda i, level=level: zlib.compress(rows[i].tobytes(), level))
+    for level in png.LEVELS:
+        measure(f"fracgen.png: raw rows + ISA-L level {level}", lambda i, level=level: png.encode_rows(rows[i], level))
+    return out
+
+
+def bench_loader(seconds: float) -> list[tuple]:
+    try:
+        from train.bench import loader_throughput
+    except ImportError:
+        return []
+    return loader_throughput(seconds)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=2000, help="images for fracgen's timings")
+    ap.add_argument("--plain-images", type=int, default=3, help="images for the plain version (about 1 s each)")
+    ap.add_argument("--points", type=int, default=100_000)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--loader-seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+    print(f"# 1p-frac defaults: 2 maps, {args.points} points, {args.size} px, random 3x3 patches\n")
+    print("| what | images/s | Mpoints/s | vs plain | note |\n|---|---|---|---|---|")
+    for r in bench_renderer(args.images, args.plain_images, args.points, args.size):
+        print("| " + " | ".join(r) + " |")
+    print("\n| PNG encoder (512 px 1p-frac image) | ms/image | KB/image |\n|---|---|---|")
+    for r in bench_png(args.size):
+        print("| " + " | ".join(r) + " |")
+    loader = bench_loader(args.loader_seconds)
+    if loader:
+        print("\n| trainer data loader (from shards) | samples/s | note |\n|---|---|---|")
+        for r in loader:
+            print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
