@@ -9,8 +9,9 @@ Where we differ, on purpose: the points come from CHAINS interleaved chaos games
 points each, every chain starting at the fixed point of map (chain mod N), which lies on the
 attractor (no stray early points, no burn-in), and the chains hide the latency of the serial
 update. Points are processed in blocks of BLOCK so that the random draws vectorise. Random
-numbers are counter-based (see rng.py), so an image is a pure function of (system, seed, settings). The kernel runs the game twice with the same numbers, once for the
-bounding box and once to draw, instead of storing 100k points.
+numbers are counter-based (see rng.py), so an image is a pure function of (system, seed,
+settings). The kernel runs the game twice with the same numbers, once for the bounding box and
+once to draw, instead of storing 100k points.
 """
 
 from __future__ import annotations
