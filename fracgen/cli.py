@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import time
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fracgen import __version__
-from fracgen.dataset import Settings, render_dataset, verify_dataset
+from fracgen.dataset import Settings, available_cores, render_dataset, verify_dataset
 from fracgen.errors import FracgenError
 from fracgen.ifs import load_base
 from fracgen.preview import contact_sheet
@@ -110,7 +109,7 @@ def render(
                     tasks[phase] = bar.add_task(phase, total=total)
                 bar.update(tasks[phase], completed=done)
 
-            manifest = render_dataset(out_dir, settings, workers=workers or os.cpu_count(), overwrite=overwrite,
+            manifest = render_dataset(out_dir, settings, workers=workers or available_cores(), overwrite=overwrite,
                                       resume=resume, progress=report,
                                       command=_command(settings, out_dir, base))
         dt = time.perf_counter() - t0

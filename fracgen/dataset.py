@@ -98,6 +98,13 @@ def validate(s: Settings) -> None:
     check_canvas(s.size, s.pad)
 
 
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def render_seed(s: Settings, k: int, m: int, attempt: int) -> int:
     return derive_seed(s.seed, TAG_RENDER, k, m, attempt)
 
@@ -206,6 +213,8 @@ def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict 
         raise FracgenError(f"cannot create --out {out}: {e.strerror}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise FracgenError(f"--out {out} is not writable")
+    for tmp in out.glob(f".{s.name}-*.tar.*.tmp"):  # half-written shards of a killed run
+        tmp.unlink()
     existing = (out / MANIFEST).exists() or any(out.glob(f"{s.name}-*.tar"))
     if not existing:
         return None
@@ -237,7 +246,7 @@ def render_dataset(
     """Render a dataset into `out` and return its manifest. `overrides` replace fields of `settings`."""
     s = dataclasses.replace(settings or Settings(), **overrides)
     validate(s)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or available_cores()
     if workers < 1:
         raise FracgenError(f"--workers must be at least 1, got {workers}")
     out = Path(out)

@@ -105,12 +105,14 @@ def test_refuses_to_overwrite_then_overwrites(tmp_path, small_settings):
 def test_resume_completes_only_missing_shards(tmp_path, small_settings):
     m = render_dataset(tmp_path, small_settings, workers=1)
     (tmp_path / "1p-frac-000001.tar").unlink()
+    (tmp_path / ".1p-frac-000001.tar.x1y2.tmp").write_bytes(b"half a shard from a killed run")
     keep = tmp_path / "1p-frac-000000.tar"
     mtime = keep.stat().st_mtime_ns
     m2 = render_dataset(tmp_path, small_settings, workers=2, resume=True)
     assert m2["shards"] == m["shards"]
     assert keep.stat().st_mtime_ns == mtime  # not rewritten
     assert verify_dataset(tmp_path) == []
+    assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(FracgenError, match="different settings.*delta"):
         render_dataset(tmp_path, small_settings, workers=1, resume=True, delta=0.3)
 
