@@ -26,7 +26,7 @@ from fracgen.rng import GOLDEN, _mix64
 INK = 127  # the reference's stroke value
 PATCH = 3  # patch side: cell (r, c) is bit 3 r + c of the mask, row 0 at the top before the flip
 MIN_PAD = PATCH  # a patch pasted at the far edge (size - pad) needs PATCH cells of margin
-CHAINS = 8  # interleaved chaos games: independent updates the CPU can overlap
+CHAINS = 64  # interleaved chaos games: independent updates that fill the SIMD lanes
 BLOCK = 1024  # points per block (a multiple of CHAINS); the block buffers stay in L1
 
 # PATCHES[9 m + 3 r + c]: the value pasted at patch cell (r, c) for mask m. A table lookup is
@@ -62,40 +62,43 @@ def _draws(seed, first, r):
 
 
 @njit
-def _advance(coef, thresholds, r, xs, ys, xb, yb, m):
-    """Advance the chains through draws r[:m] (rounded up to whole rounds of CHAINS points;
-    point k belongs to chain k mod CHAINS) and store the new points in xb, yb.
+def _advance(coef, thresholds, r, xs, ys, xb, yb, m, lo_x, hi_x, lo_y, hi_y):
+    """Advance the chains through draws r[:m] and store the new points in xb, yb; point k belongs
+    to chain k mod CHAINS. Whole rounds of CHAINS points are computed (BLOCK is a multiple of
+    CHAINS); points past m are never used and stay out of the per-chain bounds lo_*/hi_*.
 
-    Maps are chosen with selects, not branches: a branch on a random bit mispredicts often.
-    Two maps (1p-frac) get a loop of their own; the general select loop is three times slower.
+    Written so that LLVM vectorises the loop over chains: maps are chosen with selects, not
+    branches, and the bounds are kept per chain instead of as one running min/max (a reduction
+    it will not vectorise without fast-math). Two maps (1p-frac) get their own loop.
     """
     rounds = (m + CHAINS - 1) // CHAINS
-    if thresholds.shape[0] == 1:
-        t0 = thresholds[0]
-        a0, b0, c0, d0, e0, f0 = coef[0, 0], coef[0, 1], coef[0, 2], coef[0, 3], coef[0, 4], coef[0, 5]
-        a1, b1, c1, d1, e1, f1 = coef[1, 0], coef[1, 1], coef[1, 2], coef[1, 3], coef[1, 4], coef[1, 5]
-        for j in range(rounds):
-            for c in range(CHAINS):
-                k = j * CHAINS + c
-                s = (r[k] & _LOW32) >= t0
-                x, y = xs[c], ys[c]
-                nx = (a1 if s else a0) * x + (b1 if s else b0) * y + (e1 if s else e0)
-                ny = (c1 if s else c0) * x + (d1 if s else d0) * y + (f1 if s else f0)
-                xs[c], ys[c] = nx, ny
-                xb[k], yb[k] = nx, ny
-        return
+    two_maps = thresholds.shape[0] == 1
+    t0 = thresholds[0] if two_maps else np.uint64(0)
+    a0, b0, c0, d0, e0, f0 = coef[0, 0], coef[0, 1], coef[0, 2], coef[0, 3], coef[0, 4], coef[0, 5]
+    i1 = 1 if coef.shape[0] > 1 else 0
+    a1, b1, c1, d1, e1, f1 = coef[i1, 0], coef[i1, 1], coef[i1, 2], coef[i1, 3], coef[i1, 4], coef[i1, 5]
     for j in range(rounds):
         for c in range(CHAINS):
             k = j * CHAINS + c
-            u = r[k] & _LOW32
-            i = 0
-            for t in range(thresholds.shape[0]):
-                i += np.int64(u >= thresholds[t])
             x, y = xs[c], ys[c]
-            nx = coef[i, 0] * x + coef[i, 1] * y + coef[i, 4]
-            ny = coef[i, 2] * x + coef[i, 3] * y + coef[i, 5]
+            if two_maps:
+                s = (r[k] & _LOW32) >= t0
+                nx = (a1 if s else a0) * x + (b1 if s else b0) * y + (e1 if s else e0)
+                ny = (c1 if s else c0) * x + (d1 if s else d0) * y + (f1 if s else f0)
+            else:
+                u = r[k] & _LOW32
+                i = 0
+                for t in range(thresholds.shape[0]):
+                    i += np.int64(u >= thresholds[t])
+                nx = coef[i, 0] * x + coef[i, 1] * y + coef[i, 4]
+                ny = coef[i, 2] * x + coef[i, 3] * y + coef[i, 5]
             xs[c], ys[c] = nx, ny
             xb[k], yb[k] = nx, ny
+            valid = k < m
+            lo_x[c] = nx if valid and nx < lo_x[c] else lo_x[c]
+            hi_x[c] = nx if valid and nx > hi_x[c] else hi_x[c]
+            lo_y[c] = ny if valid and ny < lo_y[c] else lo_y[c]
+            hi_y[c] = ny if valid and ny > hi_y[c] else hi_y[c]
 
 
 @njit
@@ -125,21 +128,19 @@ def chaos_game_kernel(coef, thresholds, seed, n_points, pad, canvas, col0):
     r = np.empty(BLOCK, dtype=np.uint64)
     xb = np.empty(BLOCK)
     yb = np.empty(BLOCK)
+    lo_x = np.full(CHAINS, np.inf)
+    hi_x = np.full(CHAINS, -np.inf)
+    lo_y = np.full(CHAINS, np.inf)
+    hi_y = np.full(CHAINS, -np.inf)
 
     # Pass 1: the bounding box. A chain that overflows reaches inf before any NaN (finite
     # arithmetic cannot make NaN), and inf enters the bounds, so finite bounds mean bounded points.
     xs, ys = x0.copy(), y0.copy()
-    xmin, xmax, ymin, ymax = np.inf, -np.inf, np.inf, -np.inf
     for first in range(0, n_points, BLOCK):
         m = min(BLOCK, n_points - first)
         _draws(seed, first, r)  # whole blocks: points past n_points are computed, never used
-        _advance(coef, thresholds, r, xs, ys, xb, yb, m)
-        for k in range(m):
-            x, y = xb[k], yb[k]
-            xmin = x if x < xmin else xmin
-            xmax = x if x > xmax else xmax
-            ymin = y if y < ymin else ymin
-            ymax = y if y > ymax else ymax
+        _advance(coef, thresholds, r, xs, ys, xb, yb, m, lo_x, hi_x, lo_y, hi_y)
+    xmin, xmax, ymin, ymax = lo_x.min(), hi_x.max(), lo_y.min(), hi_y.max()
     if not (np.isfinite(xmin) and np.isfinite(xmax) and np.isfinite(ymin) and np.isfinite(ymax)):
         return -1
 
@@ -150,18 +151,21 @@ def chaos_game_kernel(coef, thresholds, seed, n_points, pad, canvas, col0):
     sx = sx if np.isfinite(sx) else 0.0
     sy = sy if np.isfinite(sy) else 0.0
     hi = float(size - pad)
+    offset = np.empty(BLOCK, dtype=np.int64)  # where each point's patch row 0 lands in `flat`
+    table = np.empty(BLOCK, dtype=np.int64)  # where its mask's cells start in PATCHES
     flat[:] = 0
     xs, ys = x0.copy(), y0.copy()
     for first in range(0, n_points, BLOCK):
         m = min(BLOCK, n_points - first)
         _draws(seed, first, r)
-        _advance(coef, thresholds, r, xs, ys, xb, yb, m)
-        for k in range(m):
+        _advance(coef, thresholds, r, xs, ys, xb, yb, m, lo_x, hi_x, lo_y, hi_y)
+        for k in range(m):  # vectorises; the scatter below cannot
             px = _to_pixel(xb[k], xmin, sx, pad, hi)
             py = _to_pixel(yb[k], ymin, sy, pad, hi)
-            mask = np.int64(1 + (((r[k] >> _U32) * np.uint64(511)) >> _U32))
-            p = PATCH * PATCH * mask
-            o = (size - 1 - py) * stride + col0 + px  # patch row 0, flipped top to bottom
+            offset[k] = (size - 1 - py) * stride + col0 + px  # flipped top to bottom
+            table[k] = PATCH * PATCH * np.int64(1 + (((r[k] >> _U32) * np.uint64(511)) >> _U32))
+        for k in range(m):
+            o, p = offset[k], table[k]
             for dr in range(PATCH):
                 for dc in range(PATCH):
                     flat[o + dc] = PATCHES[p + PATCH * dr + dc]

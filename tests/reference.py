@@ -16,7 +16,7 @@ def splitmix(seed: int, n: int) -> int:
     return z ^ (z >> 31)
 
 
-def chaos_points(coef, probabilities, seed, n_points, chains=8):
+def chaos_points(coef, probabilities, seed, n_points, chains=64):
     """Points of `chains` interleaved chaos games; also the random draw behind each point."""
     n_maps = len(coef)
     cum = np.floor(np.cumsum(probabilities)[:-1] * 2.0**32)
