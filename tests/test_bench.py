@@ -1,0 +1,26 @@
+"""`make bench` is not part of the test suite; this only checks that its pieces still run."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+import bench  # noqa: E402
+
+
+def test_bench_renderer_and_png_tables_run():
+    table = bench.bench_renderer(n=4, plain_n=1, points=2000, size=64)
+    names = [r[0] for r in table]
+    assert names[0].startswith("plain") and any(n.startswith("fracgen render only") for n in names)
+    assert all(float(r[1].replace(",", "")) > 0 for r in table)
+    assert len(bench.bench_png(64)) == 8
+
+
+def test_plain_render_follows_drawing_rules():
+    import numpy as np
+
+    coef = np.array([[0.5, 0, 0, 0.5, 0, 0], [0.5, 0, 0, 0.5, 0.5, 0], [0.5, 0, 0, 0.5, 0.25, 0.5]])
+    image = bench.plain_render(coef, [1 / 3] * 3, 3000, size=64, pad=6)
+    assert set(np.unique(image)) <= {0, 127} and image.any()
+    cols = np.nonzero(image)[1]
+    assert cols.min() >= 6 and cols.max() <= 64 - 6 + 2
