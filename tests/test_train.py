@@ -1,0 +1,163 @@
+"""The trainer end to end on CPU with real components: fracgen shards on disk, webdataset, timm, torchrun, digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from fracgen.dataset import render_dataset
+from train import data
+from train.finetune import Config as FinetuneConfig
+from train.finetune import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--batch", "16", "--log-every", "1"]
+
+
+def render_shards(out: Path, classes: int, size: int = 64, shard_size: int = 8) -> dict:
+    render_dataset(out, classes=classes, size=size, points=5000, shard_size=shard_size, seed=0, workers=1)
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    render_shards(out, classes=16)
+    return out
+
+
+def run(module: str, *args: str, torchrun: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", module, *args]
+    else:
+        cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_pretrain_checkpoint_loads_into_timm_and_resumes(shards, tmp_path):
+    out = tmp_path / "run"
+    first = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--steps", "3", *TINY,
+                "--eval-every", "2", "--ckpt-every", "2", "--workers", "2")
+    assert first.returncode == 0, first.stderr
+    assert "[rank 0] done: 3 steps this run, at step 3" in first.stdout
+    assert "pretext top-1" in first.stdout
+
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["num_classes"] == 16
+    assert {"optimizer", "scheduler", "scaler", "rng", "config"} <= set(ckpt)
+    model = timm.create_model(ckpt["model_name"], num_classes=ckpt["num_classes"], **ckpt["model_args"])
+    model.load_state_dict(ckpt["model"], strict=True)
+    saved = json.loads((out / "config.json").read_text())
+    bare = timm.create_model(saved["model_name"], num_classes=saved["num_classes"], **saved["model_args"])
+    bare.load_state_dict(torch.load(out / "model.pth", map_location="cpu"), strict=True)
+
+    second = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--resume", "--steps", "5")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from step 3" in second.stdout
+    assert "[rank 0] done: 2 steps this run, at step 5" in second.stdout
+    resumed = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert resumed["step"] == 5 and resumed["config"]["depth"] == 2  # the saved config, not the preset's
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps_logged = [e["step"] for e in entries if "lr" in e]
+    assert steps_logged == [1, 2, 3, 4, 5]
+
+
+def test_ddp_two_ranks_same_steps_with_fewer_shards_than_workers(tmp_path):
+    shards = tmp_path / "shards"
+    render_shards(shards, classes=4, shard_size=4)  # 1 shard for 2 ranks x 2 workers: resampling must cope
+    assert len(data.read_manifest(shards)["shards"]) == 1
+    out = tmp_path / "run"
+    result = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--steps", "4", *TINY,
+                 "--accum", "2", "--workers", "2", "--ckpt-every", "2", torchrun=2)
+    assert result.returncode == 0, result.stderr
+    counts = dict(re.findall(r"\[rank (\d)\] done: (\d+) steps", result.stdout))
+    assert counts == {"0": "4", "1": "4"}
+    assert "global batch 64 (2 x 16 x 2)" in result.stdout
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+def test_train_stream_differs_between_workers(shards):
+    """Seeds per worker: two workers of one rank must not yield the same sample order."""
+    urls = data.shard_urls(shards, data.read_manifest(shards))
+    loader = data.train_loader(urls, 8, data.eval_transform(16), batches=2, seed=0, shuffle_buffer=16, workers=2)
+    (_, y0), (_, y1) = list(loader)  # batches alternate between worker 0 and worker 1
+    assert y0.tolist() != y1.tolist()
+
+
+def test_finetune_digits_beats_chance(tmp_path):
+    cfg = FinetuneConfig(out=str(tmp_path), seeds=(0,), steps=100, depth=2)  # 43.7% when measured
+    result = finetune(cfg)
+    assert result["train_images"] == 100 and result["test_images"] == 1697
+    assert result["top1_mean"] > 30  # chance is 10%
+    assert json.loads((tmp_path / "results.json").read_text())["top1_mean"] == result["top1_mean"]
+
+
+def test_finetune_from_pretrain_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    pre = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--steps", "2", *TINY)
+    assert pre.returncode == 0, pre.stderr
+    result = run("train.finetune", "--checkpoint", str(out / "ckpt.pt"), "--steps", "5", "--seeds", "0,1",
+                 "--out", str(tmp_path / "ft"))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"top-1 \d+\.\d \+- \d+\.\d % over 2 seed\(s\)", result.stdout)
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        ("train.pretrain", ["--shards", "/nonexistent", "--out", "OUT"], "does not exist"),
+        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT"], "manifest.json is missing"),
+        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--bogus"], "No such option"),
+        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--preset", "gpu"], "unknown --preset"),
+        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--crop-scale", "2,1"], "crop"),
+        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--resume"], "no checkpoint"),
+        ("train.finetune", ["--checkpoint", "/nonexistent.pt"], "no such file"),
+        ("train.finetune", ["--checkpoint", "none", "--dataset", "cifar10", "--data-root", "EMPTY"],
+         "cifar-10-python.tar.gz"),
+        ("train.finetune", ["--checkpoint", "none", "--dataset", "imagenet"], "unknown --dataset"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(tmp_path, module, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("OUT", str(tmp_path / "out")) for a in args]
+    result = run(module, *args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_kill_and_resume_loses_at_most_the_steps_since_the_last_checkpoint(shards, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "train.pretrain", "--shards", str(shards), "--out", str(out), "--steps", "400",
+           *TINY, "--ckpt-every", "5", "--eval-every", "0", "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let it train past the checkpoint, then kill it without warning
+    proc.send_signal(signal.SIGKILL)
+    stdout, _ = proc.communicate()
+    logged = [int(s) for s in re.findall(r"^step (\d+)/400 \| LPCE", stdout, re.MULTILINE)]
+    saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)["step"]
+    assert saved % 5 == 0 and saved >= 5 and logged and max(logged) - saved <= 5
+
+    result = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from step {saved}" in result.stdout
+    assert f"done: {400 - saved} steps this run, at step 400" in result.stdout

@@ -1,0 +1,251 @@
+"""Fine-tune a pre-trained checkpoint (or a scratch model) on a downstream data set; report held-out top-1.
+
+Runbook
+  pre-trained vs scratch on 10 digits per class (CPU default, DESIGN.md section 9), 3 seeds each:
+    python -m train.finetune --checkpoint runs/cpu/ckpt.pt --out runs/cpu-digits
+    python -m train.finetune --checkpoint none --out runs/scratch-digits
+  CIFAR-100 from a local copy (download=False), the paper's resolution:
+    python -m train.finetune --checkpoint runs/paper/ckpt.pt --dataset cifar100 --data-root data \
+        --steps 50000 --batch 96 --randaug rand-m9-mstd0.5-inc1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --out runs/c100
+
+The recipe is DESIGN.md section 7 scaled to the data: SGD momentum 0.9, lr = blr x batch / 512, weight decay 1e-4,
+warm-up then cosine, RandomResizedCrop + horizontal flip (+ optional RandAugment, erasing, Mixup/CutMix), label
+smoothing, ImageNet mean/std, and a new head (the pretext head is dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from timm.data import Mixup
+from timm.data.mixup import one_hot
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from train import data, downstream
+from train import model as model_lib
+from train.pretrain import Config as PretrainConfig
+from train.runtime import TrainError, atomic_write_json, parse_float_pair, run_cli, seed_everything
+
+
+@dataclass
+class Config:
+    """Defaults are the CPU check of DESIGN.md section 9: 300 steps on 10 digits per class, 3 seeds."""
+
+    checkpoint: str = "none"  # a pretrain ckpt.pt, its run folder, or "none" for the scratch baseline
+    out: str = ""
+    dataset: str = "digits"
+    data_root: str = "data"
+    shots: int = 0  # images per class for training; 0 = --train-fraction, or the data set's default
+    train_fraction: float = 0.0
+    split_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 300
+    batch: int = 64
+    blr: float = 0.08  # lr per 512 images: 0.01 at batch 64 (best of 0.08 / 0.2 / 0.4 / 1.6 on digits)
+    weight_decay: float = 1e-4
+    warmup_steps: int = 30
+    crop: bool = True
+    crop_scale: tuple[float, float] | None = None  # None: (0.35, 1) on digits, the paper's (0.08, 1) elsewhere
+    flip: bool | None = None  # None: off on digits (not mirror-symmetric), on elsewhere as in the paper
+    randaug: str = ""
+    reprob: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    smoothing: float = 0.1
+    drop_path: float = 0.0
+    workers: int = 0
+    # Architecture for --checkpoint none (a pre-trained checkpoint brings its own); default: the pretrain CPU one.
+    model: str = PretrainConfig.model
+    img_size: int = PretrainConfig.img_size
+    patch_size: int = PretrainConfig.patch_size
+    depth: int = PretrainConfig.depth
+
+
+def load_pretrained(path: str):
+    """(model_name, model_args, num_classes, state_dict) from a pretrain checkpoint or run folder."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "ckpt.pt"
+    if not p.is_file():
+        raise TrainError(f"--checkpoint {path}: no such file (give RUN_DIR/ckpt.pt, RUN_DIR, or none)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        return ckpt["model_name"], ckpt["model_args"], ckpt["num_classes"], ckpt["model"]
+    except (KeyError, TypeError, RuntimeError, EOFError) as e:
+        raise TrainError(f"--checkpoint {p} is not a train.pretrain checkpoint ({type(e).__name__}: {e})") from None
+
+
+def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, pretrained, device) -> float:
+    """One fine-tuning run; returns top-1 (%) on the held-out set."""
+    seed_everything(seed)
+    if pretrained is None:
+        name = cfg.model
+        model_args = model_lib.architecture_args(cfg.img_size, cfg.patch_size or None, cfg.depth or None)
+        model = model_lib.create(name, num_classes, model_args, cfg.drop_path)
+    else:
+        name, model_args, pretext_classes, state = pretrained
+        model = model_lib.create(name, pretext_classes, model_args, cfg.drop_path)
+        model.load_state_dict(state, strict=True)  # strict: a silent partial load would look like "scratch"
+        model.reset_classifier(num_classes)  # new, freshly initialised head for the downstream classes
+    model.to(device)
+
+    lr = cfg.blr * cfg.batch / 512
+    optimizer = create_optimizer_v2(model, "sgd", lr=lr, weight_decay=cfg.weight_decay, momentum=0.9)
+    warmup = min(cfg.warmup_steps, cfg.steps // 2)
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.steps - warmup, warmup_t=warmup,
+                                  warmup_lr_init=lr / 100, warmup_prefix=True, t_in_epochs=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    mixup_fn = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                         num_classes=num_classes)
+    criterion = SoftTargetCrossEntropy()
+
+    batch = min(cfg.batch, len(train_set))
+    if mixup_fn is not None:
+        batch -= batch % 2
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=cfg.workers, generator=generator,
+                                         persistent_workers=cfg.workers > 0)
+    model.train()
+    step = 0
+    while step < cfg.steps:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            if mixup_fn is not None:
+                x, target = mixup_fn(x, y)
+            else:
+                off = cfg.smoothing / num_classes
+                target = one_hot(y, num_classes, on_value=1 - cfg.smoothing + off, off_value=off)
+            scheduler.step_update(step)
+            with autocast:
+                loss = criterion(model(x), target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == cfg.steps:
+                break
+
+    model.eval()
+    correct = 0
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=256, num_workers=cfg.workers)
+    with torch.no_grad(), autocast:
+        for x, y in test_loader:
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+    return 100 * correct / len(test_set)
+
+
+def finetune(cfg: Config) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pretrained = None if cfg.checkpoint.lower() == "none" else load_pretrained(cfg.checkpoint)
+    img_size = cfg.img_size if pretrained is None else pretrained[1].get("img_size", cfg.img_size)
+
+    train_base, test_base, num_classes = downstream.load(cfg.dataset, Path(cfg.data_root))
+    shots = cfg.shots or (10 if cfg.dataset == "digits" and not cfg.train_fraction else 0)
+    train_idx, rest_idx = downstream.split(downstream.targets_of(train_base), shots, cfg.train_fraction,
+                                           cfg.split_seed, has_test=test_base is not None)
+    # An 8x8 digit cropped to 8% of its area is no longer a digit, and a mirrored 2 is not a 2.
+    digits = cfg.dataset == "digits"
+    crop_scale = cfg.crop_scale or ((0.35, 1.0) if digits else (0.08, 1.0))
+    flip = (not digits) if cfg.flip is None else cfg.flip
+    train_tf = data.train_transform(img_size, crop=cfg.crop, crop_scale=crop_scale, flip=flip,
+                                    vflip=False, randaug=cfg.randaug or None, reprob=cfg.reprob,
+                                    mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
+    test_tf = data.eval_transform(img_size, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
+    train_set = downstream.Transformed(train_base, train_idx, train_tf)
+    if test_base is None:
+        test_set = downstream.Transformed(train_base, rest_idx, test_tf)
+    else:
+        test_set = downstream.Transformed(test_base, range(len(test_base)), test_tf)
+
+    source = "scratch" if pretrained is None else cfg.checkpoint
+    print(f"finetune: {cfg.dataset}, {num_classes} classes, {len(train_set)} training images"
+          f"{f' ({shots} per class)' if shots else ''}, {len(test_set)} test images, {img_size} px, "
+          f"{cfg.steps} steps at batch {cfg.batch}, lr {cfg.blr * cfg.batch / 512:.2e}, crop {crop_scale}, "
+          f"flip {'on' if flip else 'off'}, from {source}")
+    accuracies = []
+    for seed in cfg.seeds:
+        t0 = time.time()
+        acc = finetune_one(cfg, seed, train_set, test_set, num_classes, pretrained, device)
+        accuracies.append(acc)
+        print(f"seed {seed}: top-1 {acc:.1f}% ({time.time() - t0:.0f} s)", flush=True)
+    mean = statistics.mean(accuracies)
+    std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    result = {"dataset": cfg.dataset, "checkpoint": cfg.checkpoint, "top1_mean": mean, "top1_std": std,
+              "top1": dict(zip(map(str, cfg.seeds), accuracies, strict=True)), "train_images": len(train_set),
+              "test_images": len(test_set), "config": dataclasses.asdict(cfg)}
+    if cfg.out:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(result, Path(cfg.out) / "results.json")
+    print(f"top-1 {mean:.1f} +- {std:.1f} % over {len(accuracies)} seed(s) on {cfg.dataset} held-out "
+          f"({source})")
+    return result
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    checkpoint: Annotated[str, typer.Option(help="pretrain RUN_DIR/ckpt.pt (or RUN_DIR), or none for scratch")],
+    out: Annotated[Path | None, typer.Option(help="folder for results.json")] = None,
+    dataset: Annotated[str, typer.Option(help="digits, cifar10, cifar100 or an ImageFolder path")] = "digits",
+    data_root: Annotated[Path, typer.Option(help="folder holding the extracted CIFAR archives")] = Path("data"),
+    shots: Annotated[int, typer.Option(help="training images per class (digits default: 10)")] = 0,
+    train_fraction: Annotated[float, typer.Option(help="stratified fraction of the training pool")] = 0.0,
+    split_seed: Annotated[int, typer.Option(help="seed of the few-shot / train-test split")] = 0,
+    seeds: Annotated[str, typer.Option(help="comma-separated training seeds (mean +- std is reported)")] = "0,1,2",
+    steps: Annotated[int, typer.Option(help="SGD steps per seed")] = Config.steps,
+    batch: Annotated[int, typer.Option(help="batch size")] = Config.batch,
+    blr: Annotated[float, typer.Option(help="lr per 512 images (lr = blr x batch / 512)")] = Config.blr,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay")] = Config.weight_decay,
+    warmup_steps: Annotated[int, typer.Option(help="warm-up steps")] = Config.warmup_steps,
+    crop: Annotated[bool, typer.Option("--crop/--no-crop", help="RandomResizedCrop")] = True,
+    crop_scale: Annotated[str | None, typer.Option(help="crop area MIN,MAX (digits 0.35,1; else 0.08,1)")] = None,
+    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="horizontal flip (off on digits)")] = None,
+    randaug: Annotated[str, typer.Option(help="timm RandAugment string; empty = off")] = "",
+    reprob: Annotated[float, typer.Option(help="random erasing probability")] = 0.0,
+    mixup: Annotated[float, typer.Option(help="Mixup alpha (0 = off)")] = 0.0,
+    cutmix: Annotated[float, typer.Option(help="CutMix alpha (0 = off)")] = 0.0,
+    smoothing: Annotated[float, typer.Option(help="label smoothing")] = Config.smoothing,
+    drop_path: Annotated[float, typer.Option(help="stochastic depth rate")] = 0.0,
+    workers: Annotated[int, typer.Option(help="data loader worker processes")] = 0,
+    model: Annotated[str, typer.Option(help="timm model for --checkpoint none")] = Config.model,
+    img_size: Annotated[int, typer.Option(help="input size for --checkpoint none")] = Config.img_size,
+    patch_size: Annotated[int, typer.Option(help="patch size for --checkpoint none (0 = default)")] = 8,
+    depth: Annotated[int, typer.Option(help="depth for --checkpoint none (0 = default)")] = 6,
+) -> None:
+    """Fine-tune on a downstream data set and report held-out top-1 (mean +- std over seeds)."""
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise TrainError(f"--seeds {seeds!r} is not a comma-separated list of integers") from None
+    if steps < 1 or batch < 1:
+        raise TrainError("--steps and --batch must be at least 1")
+    if shots < 0 or not 0 <= train_fraction <= 1:
+        raise TrainError("--shots must be >= 0 and --train-fraction in [0, 1]")
+    cfg = Config(checkpoint=checkpoint, out=str(out or ""), dataset=dataset, data_root=str(data_root), shots=shots,
+                 train_fraction=train_fraction, split_seed=split_seed, seeds=seed_list, steps=steps, batch=batch,
+                 blr=blr, weight_decay=weight_decay, warmup_steps=warmup_steps, crop=crop,
+                 crop_scale=parse_float_pair(crop_scale) if crop_scale else None, flip=flip, randaug=randaug,
+                 reprob=reprob, mixup=mixup, cutmix=cutmix, smoothing=smoothing, drop_path=drop_path, workers=workers,
+                 model=model,
+                 img_size=img_size, patch_size=patch_size, depth=depth)
+    finetune(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(app)

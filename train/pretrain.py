@@ -1,0 +1,403 @@
+"""Pre-train a timm model on 1p-frac shards: C-way LPCE (soft-target cross-entropy) over the perturbation classes.
+
+Runbook
+  one process (CPU default, minutes on 2 cores):
+    python -m train.pretrain --shards /tmp/cpu-shards --out runs/cpu
+  the paper's recipe (ViT-Tiny, 224 px, ~240k steps) on one node with 8 GPUs:
+    torchrun --standalone --nproc_per_node=8 -m train.pretrain --preset paper --shards shards/ --out runs/paper
+  continue a killed run from its last checkpoint (loses at most --ckpt-every steps):
+    python -m train.pretrain --shards /tmp/cpu-shards --out runs/cpu --resume
+
+Every rank streams its own resampled shard stream and runs exactly --steps optimizer steps; rank 0 alone logs,
+evaluates the pretext accuracy and writes RUN_DIR/{ckpt.pt, model.pth, config.json, metrics.jsonl}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import torch.distributed as dist
+import typer
+from timm.data import Mixup
+from timm.data.mixup import one_hot
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from train import data
+from train import model as model_lib
+from train.runtime import (
+    TrainError,
+    atomic_save,
+    atomic_write_json,
+    parse_float_pair,
+    rng_states,
+    run_cli,
+    seed_everything,
+    set_rng_states,
+    setup_distributed,
+)
+
+
+@dataclass
+class Config:
+    """Defaults are the CPU preset (DESIGN.md section 9): a depth-6 ViT-Tiny at 32 px that learns in minutes."""
+
+    shards: str = ""
+    out: str = ""
+    preset: str = "cpu"
+    model: str = "vit_tiny_patch16_224"
+    img_size: int = 32
+    patch_size: int = 8  # 0 = the timm model's own default
+    depth: int = 6  # 0 = the timm model's own default
+    model_args: dict = field(default_factory=dict)  # any other timm create_model keyword
+    drop_path: float = 0.0
+    steps: int = 1500
+    batch: int = 128  # per rank and micro-step; global batch = batch x accum x world size
+    accum: int = 1
+    blr: float = 4e-3  # lr per 512 images of global batch (linear scaling): 1e-3 at batch 128
+    lr: float = 0.0  # absolute lr; 0 = blr x global_batch / 512
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_steps: int = 150  # used when warmup_epochs is 0
+    warmup_epochs: float = 0.0  # in passes over the manifest's num_samples (the paper counts epochs)
+    crop: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True  # horizontal and vertical, p 0.5 each
+    randaug: str = ""  # timm RandAugment config string, e.g. rand-m9-mstd0.5; "" = off
+    reprob: float = 0.0  # random erasing probability
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mix_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    shuffle_buffer: int = 1000
+    workers: int = 1
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500
+    eval_samples: int = 1000
+    ckpt_every: int = 500
+    compile: bool = False
+    resume: bool = False
+
+
+PRESETS = {
+    "cpu": {},
+    # DESIGN.md section 6: the reference scripts' recipe; base lr 1e-3 per 512 gives 5e-4 at batch 256.
+    "paper": dict(img_size=224, patch_size=16, depth=0, drop_path=0.1, steps=240_000, batch=256, blr=1e-3,
+                  warmup_epochs=5.0, randaug="rand-m9-mstd0.5", reprob=0.25, workers=8, log_every=100,
+                  eval_every=5000, ckpt_every=5000),
+}
+
+# Options that may differ on --resume (they do not change what is being trained).
+RESUMABLE = {"out", "shards", "resume", "steps", "workers", "log_every", "eval_every", "eval_samples",
+             "ckpt_every", "compile"}
+
+
+def pretrain(cfg: Config) -> dict:
+    rank, local_rank, world_size, device = setup_distributed()
+    master_process = rank == 0
+    log = functools.partial(print, flush=True) if master_process else (lambda *a, **k: None)
+
+    out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"
+    checkpoint = None
+    if cfg.resume:
+        if not ckpt_path.is_file():
+            raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    elif ckpt_path.exists():
+        raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+
+    manifest = data.read_manifest(Path(cfg.shards))
+    num_classes = manifest["num_classes"]
+    urls = data.shard_urls(Path(cfg.shards), manifest)
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    if mixing and cfg.batch % 2:
+        raise TrainError(f"--batch {cfg.batch} must be even with Mixup/CutMix (they pair images in a batch)")
+
+    global_batch = cfg.batch * cfg.accum * world_size
+    lr = cfg.lr or cfg.blr * global_batch / 512
+    if cfg.warmup_epochs:
+        warmup = round(cfg.warmup_epochs * manifest["num_samples"] / global_batch)
+    else:
+        warmup = cfg.warmup_steps
+    warmup = min(warmup, cfg.steps // 2)  # short runs (tests, smoke checks) still get a cosine phase
+
+    model_args = model_lib.architecture_args(cfg.img_size, cfg.patch_size or None, cfg.depth or None,
+                                             cfg.model_args)
+    model = model_lib.create(cfg.model, num_classes, model_args, cfg.drop_path).to(device)
+    # timm's AdamW factory leaves biases, norms, pos_embed and cls_token out of weight decay.
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay)
+    # warmup_prefix: the cosine starts after the warm-up, so the peak lr is actually reached.
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.steps - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
+                                  warmup_lr_init=lr / 1000, warmup_prefix=True, t_in_epochs=False)
+    # bf16 autocast on CUDA needs no loss scaling; the scaler is kept (disabled) so checkpoints look the same.
+    use_bf16 = device.type == "cuda"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+    step = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"], strict=True)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        step = checkpoint["step"]
+        if cfg.steps != checkpoint["config"]["steps"]:
+            # A new length means a new cosine; the schedule is a pure function of the step, so rebuilding is exact.
+            scheduler = CosineLRScheduler(optimizer, t_initial=cfg.steps - warmup, lr_min=cfg.min_lr,
+                                          warmup_t=warmup, warmup_lr_init=lr / 1000, warmup_prefix=True,
+                                          t_in_epochs=False)
+        saved_rng = checkpoint["rng"]
+        if rank < len(saved_rng):
+            set_rng_states(saved_rng[rank])
+        else:
+            seed_everything(cfg.seed + rank + 1_000_003 * step)
+        del checkpoint
+    else:
+        seed_everything(cfg.seed + rank)  # offset by rank: different dropout, mixing and erasing per rank
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    mixup_fn = None
+    if mixing:
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mix_switch_prob,
+                         label_smoothing=cfg.smoothing, num_classes=num_classes)
+    lpce = SoftTargetCrossEntropy()  # LPCE: cross-entropy against soft targets over the C perturbation classes
+
+    transform = data.train_transform(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip,
+                                     vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob)
+    # The stream seed includes the start step, so a resumed run draws new samples instead of replaying.
+    loader = data.train_loader(urls, cfg.batch, transform, batches=(cfg.steps - step) * cfg.accum,
+                               seed=cfg.seed + 7919 * step, shuffle_buffer=cfg.shuffle_buffer,
+                               workers=cfg.workers)
+    eval_tf = data.eval_transform(cfg.img_size)
+
+    def evaluate() -> dict:
+        """Pretext top-1 on clean, un-mixed images: has the network learned to tell the C classes apart?"""
+        raw_model.eval()
+        correct = total = 0
+        loss_sum = 0.0
+        with torch.no_grad(), autocast:
+            for x, y in data.eval_loader(urls, eval_tf, batch_size=256, max_samples=cfg.eval_samples):
+                x, y = x.to(device), y.to(device)
+                logits = raw_model(x).float()
+                loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+                correct += (logits.argmax(1) == y).sum().item()
+                total += len(y)
+        raw_model.train()
+        return {"pretext_acc": 100 * correct / total, "pretext_loss": loss_sum / total, "eval_samples": total}
+
+    def save_checkpoint() -> None:
+        states = [None] * world_size
+        if world_size > 1:
+            dist.all_gather_object(states, rng_states())  # every rank's RNG, so resume restores each one
+        else:
+            states = [rng_states()]
+        if master_process:
+            atomic_save({"model_name": cfg.model, "model_args": model_args, "num_classes": num_classes,
+                         "model": model_lib.clean_state_dict(raw_model), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                         "config": dataclasses.asdict(cfg), "rng": states, "world_size": world_size,
+                         "fracgen_settings": manifest.get("settings", {})}, ckpt_path)
+
+    if master_process:
+        out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in raw_model.parameters()) / 1e6
+        augs = [name for name, on in [("crop", cfg.crop), ("flips", cfg.flip), (cfg.randaug, cfg.randaug),
+                                      (f"erasing {cfg.reprob}", cfg.reprob), (f"mixup {cfg.mixup}", cfg.mixup),
+                                      (f"cutmix {cfg.cutmix}", cfg.cutmix),
+                                      (f"smoothing {cfg.smoothing}", cfg.smoothing)] if on]
+        log(f"pretrain: {cfg.model} {model_args} ({n_params:.2f}M params), {num_classes} classes, "
+            f"{manifest['num_samples']} images in {len(urls)} shards")
+        log(f"pretrain: {cfg.steps} steps, global batch {global_batch} ({world_size} x {cfg.batch} x {cfg.accum}),"
+            f" lr {lr:.2e}, warm-up {warmup} steps, device {device.type}"
+            f"{' bf16' if use_bf16 else ' fp32'}, augment: {', '.join(augs) or 'none'}")
+        if step:
+            log(f"pretrain: resumed from step {step}")
+    metrics_file = open(out / "metrics.jsonl", "a") if master_process else None  # noqa: SIM115
+
+    def record(entry: dict) -> None:
+        if metrics_file:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+
+    loss_window = torch.zeros((), device=device)
+    window_steps, first_loss, last_loss = 0, None, None
+    t_window = time.time()
+    start_step = step
+    for x, y in _micro_batches(loader, cfg.accum, device):
+        scheduler.step_update(step)
+        for micro, (xb, yb) in enumerate(zip(x, y, strict=True)):
+            if mixup_fn is not None:
+                xb, target = mixup_fn(xb, yb)
+            else:
+                off = cfg.smoothing / num_classes
+                target = one_hot(yb, num_classes, on_value=1 - cfg.smoothing + off, off_value=off)
+            if world_size > 1:
+                # nanoGPT's trick: all-reduce gradients only on the last micro-step of an accumulation.
+                model.require_backward_grad_sync = micro == cfg.accum - 1
+            with autocast:
+                loss = lpce(model(xb), target) / cfg.accum
+            scaler.scale(loss).backward()
+            loss_window += loss.detach()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            mean_loss = loss_window.item() / window_steps  # rank 0's mean LPCE over the window
+            elapsed = time.time() - t_window
+            rate = window_steps * global_batch / elapsed
+            first_loss = mean_loss if first_loss is None else first_loss
+            last_loss = mean_loss
+            lr_now = optimizer.param_groups[0]["lr"]
+            eta = (cfg.steps - step) * global_batch / rate
+            log(f"step {step}/{cfg.steps} | LPCE {mean_loss:.4f} | lr {lr_now:.2e} | {rate:.0f} samples/s"
+                f" | eta {eta / 60:.1f} min")
+            record({"step": step, "loss": mean_loss, "lr": lr_now, "samples_per_s": rate})
+            loss_window.zero_()
+            window_steps, t_window = 0, time.time()
+        if master_process and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            result = evaluate()
+            log(f"step {step}/{cfg.steps} | pretext top-1 {result['pretext_acc']:.1f}% "
+                f"(chance {100 / num_classes:.2g}%) | clean CE {result['pretext_loss']:.3f}")
+            record({"step": step, **result})
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != cfg.steps:
+            save_checkpoint()
+        if window_steps == 0:
+            t_window = time.time()  # evaluation and checkpoint time is not training throughput
+
+    # Every rank reports its own count: all ranks must have run the same number of steps (no DDP hang).
+    print(f"[rank {rank}] done: {step - start_step} steps this run, at step {step}", flush=True)
+    save_checkpoint()
+    summary = {}
+    if master_process:
+        result = evaluate()
+        torch.save(model_lib.clean_state_dict(raw_model), out / "model.pth")
+        atomic_write_json({"model_name": cfg.model, "num_classes": num_classes, "model_args": model_args,
+                           "step": step}, out / "config.json")
+        summary = {"step": step, "first_loss": first_loss, "last_loss": last_loss, **result,
+                   "chance_acc": 100 / num_classes}
+        record({"final": True, **summary})
+        atomic_write_json(summary, out / "summary.json")
+        loss_text = f"LPCE {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "no training steps"
+        log(f"done: {loss_text} | pretext top-1 {result['pretext_acc']:.1f}% on {result['eval_samples']} clean "
+            f"images (chance {100 / num_classes:.2g}%) | weights: {out / 'model.pth'}")
+        if result["pretext_acc"] < 5 * 100 / num_classes:
+            log("warning: pretext accuracy is near chance: the network has not learned to tell the perturbation"
+                " classes apart, and such a pre-training can transfer worse than none (DESIGN.md section 9).")
+        metrics_file.close()
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _micro_batches(loader, accum: int, device):
+    """Group the loader's batches into lists of `accum` micro-batches on `device`."""
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x.to(device, non_blocking=True))
+        ys.append(y.to(device, non_blocking=True))
+        if len(xs) == accum:
+            yield xs, ys
+            xs, ys = [], []
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise typer.BadParameter(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+@app.command()
+def main(
+    shards: Annotated[Path, typer.Option(help="folder written by `fracgen render --out` (has manifest.json)")],
+    out: Annotated[Path, typer.Option(help="run folder for checkpoints, weights and metrics")],
+    preset: Annotated[str, typer.Option(help="cpu (minutes on 2 cores) or paper (DESIGN.md section 6)")] = "cpu",
+    model: Annotated[str | None, typer.Option(help="timm model name")] = None,
+    img_size: Annotated[int | None, typer.Option(help="input resolution in pixels")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="ViT patch size (0 = model default)")] = None,
+    depth: Annotated[int | None, typer.Option(help="ViT depth (0 = model default)")] = None,
+    model_arg: Annotated[list[str] | None, typer.Option(help="extra timm create_model KEY=VALUE (repeat)")] = None,
+    drop_path: Annotated[float | None, typer.Option(help="stochastic depth rate")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    batch: Annotated[int | None, typer.Option(help="images per rank per micro-step")] = None,
+    accum: Annotated[int | None, typer.Option(help="gradient accumulation micro-steps")] = None,
+    blr: Annotated[float | None, typer.Option(help="lr per 512 images of global batch")] = None,
+    lr: Annotated[float | None, typer.Option(help="absolute lr (overrides --blr scaling)")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="warm-up steps")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="warm-up in passes over the shards")] = None,
+    crop: Annotated[bool | None, typer.Option("--crop/--no-crop", help="RandomResizedCrop")] = None,
+    crop_scale: Annotated[str | None, typer.Option(help="crop area range MIN,MAX")] = None,
+    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="horizontal + vertical flips")] = None,
+    randaug: Annotated[str | None, typer.Option(help="timm RandAugment string, e.g. rand-m9-mstd0.5")] = None,
+    no_randaug: Annotated[bool, typer.Option("--no-randaug", help="switch RandAugment off")] = False,
+    reprob: Annotated[float | None, typer.Option(help="random erasing probability")] = None,
+    mixup: Annotated[float | None, typer.Option(help="Mixup alpha (0 = off)")] = None,
+    cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 = off)")] = None,
+    smoothing: Annotated[float | None, typer.Option(help="label smoothing")] = None,
+    shuffle_buffer: Annotated[int | None, typer.Option(help="samples in the shuffle buffer")] = None,
+    workers: Annotated[int | None, typer.Option(help="data loader worker processes per rank")] = None,
+    seed: Annotated[int | None, typer.Option(help="base seed (offset by rank)")] = None,
+    log_every: Annotated[int | None, typer.Option(help="log a line every N steps")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="pretext accuracy every N steps (0 = only at end)")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="images used for pretext accuracy")] = None,
+    ckpt_every: Annotated[int | None, typer.Option(help="checkpoint every N steps (and at the end)")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/ckpt.pt")] = False,
+) -> None:
+    """Pre-train on 1p-frac shards (LIEP images, LPCE loss)."""
+    if preset not in PRESETS:
+        raise TrainError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+    explicit = {k: v for k, v in locals().items() if v is not None and k in Config.__dataclass_fields__}
+    explicit["crop_scale"] = parse_float_pair(crop_scale) if crop_scale else None
+    explicit["model_args"] = dict(_model_arg(a) for a in model_arg) if model_arg else None
+    explicit["randaug"] = "" if no_randaug else randaug
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    for key in ("steps", "batch", "accum", "img_size", "log_every", "eval_samples"):
+        if key in explicit and explicit[key] < 1:
+            raise TrainError(f"--{key.replace('_', '-')} must be at least 1")
+    explicit["shards"], explicit["out"] = str(shards), str(out)
+    if resume:
+        # The checkpoint's config defines the run; only the RESUMABLE options may be given again.
+        ckpt_path = out / "ckpt.pt"
+        if not ckpt_path.is_file():
+            raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)["config"]
+        changed = sorted(k for k, v in explicit.items() if k not in RESUMABLE and k != "preset" and v != saved[k])
+        if changed:
+            raise TrainError(f"--resume cannot change {', '.join(changed)} (fixed by {ckpt_path})")
+        cfg = Config(**{**saved, **{k: v for k, v in explicit.items() if k in RESUMABLE}})
+    else:
+        cfg = Config(**{**PRESETS[preset], **explicit})
+    pretrain(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(app)

@@ -1,0 +1,102 @@
+"""What both train scripts need around the training loop: one-line errors, DDP set-up, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torch.distributed as dist
+import typer
+
+
+class TrainError(Exception):
+    """A user-facing problem (bad path, bad option): printed as one line, exit code 1, no traceback."""
+
+
+def run_cli(app) -> None:
+    """Run a typer app so that every user error is one red line on stderr and exit code 1.
+
+    Click's own usage errors would exit 2 with a multi-line box; we want one convention for the whole tool.
+    """
+    try:
+        rc = app(standalone_mode=False)
+    except (click.exceptions.Abort, typer.Abort):
+        print("error: aborted", file=sys.stderr)
+        sys.exit(1)
+    # typer >= 0.2x vendors its own click (typer.TyperException); older ones raise click's own exceptions.
+    except (click.ClickException, typer.TyperException, TrainError) as e:
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def setup_distributed() -> tuple[int, int, int, torch.device]:
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE (nanoGPT style); plain `python` means one process.
+
+    Returns (rank, local_rank, world_size, device). Backend nccl on CUDA, gloo on CPU.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            device = torch.device("cpu")
+            dist.init_process_group("gloo")
+        return rank, local_rank, world_size, device
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return 0, 0, 1, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_float_pair(text: str) -> tuple[float, float]:
+    """A crop-scale style option, "0.08,1"."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not two comma-separated numbers like 0.08,1") from None
+    if not 0 < lo <= hi <= 1:
+        raise typer.BadParameter(f"{text!r}: crop area fractions need 0 < min <= max <= 1")
+    return lo, hi
