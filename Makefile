@@ -4,6 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
+# The CPU-sized default (DESIGN.md section 9): 1000 classes at 128 px, 50k points, from base seed SEED.
+SEED       ?= 4
+CPU_SHARDS ?= shards/cpu-seed$(SEED)
+RUN        ?= runs/cpu-seed$(SEED)
+
 .PHONY: install test test-slow lint bench pretrain finetune clean
 
 $(STAMP): pyproject.toml
@@ -23,6 +28,20 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check fracgen train tests
+
+bench: install
+	$(BIN)/python bench.py
+
+# Renders the shards if they are missing (or finishes an interrupted render), then pre-trains;
+# a second `make pretrain` resumes the run from its last checkpoint instead of starting over.
+pretrain: install
+	$(BIN)/fracgen render --classes 1000 --size 128 --points 50000 --seed $(SEED) --out $(CPU_SHARDS) --resume
+	$(BIN)/python -m train.pretrain --shards $(CPU_SHARDS) --out $(RUN) $(if $(wildcard $(RUN)/ckpt.pt),--resume)
+
+# Fine-tunes the pre-trained checkpoint and, as the baseline, the same network from scratch (digits, 3 seeds).
+finetune: install
+	$(BIN)/python -m train.finetune --checkpoint $(RUN)/ckpt.pt --out $(RUN)/digits
+	$(BIN)/python -m train.finetune --checkpoint none --out runs/scratch-digits
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -122,6 +123,8 @@ def test_finetune_from_pretrain_checkpoint(shards, tmp_path):
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--preset", "gpu"], "unknown --preset"),
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--crop-scale", "2,1"], "crop"),
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--resume"], "no checkpoint"),
+        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--ink-gain", "0"], "--ink-gain must be positive"),
+        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--mixup", "-1"], "--mixup must not be negative"),
         ("train.finetune", ["--checkpoint", "/nonexistent.pt"], "no such file"),
         ("train.finetune", ["--checkpoint", "none", "--dataset", "cifar10", "--data-root", "EMPTY"],
          "cifar-10-python.tar.gz"),
@@ -135,6 +138,15 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, module, args, message):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_ink_gain_stretches_strokes_and_clips():
+    from PIL import Image
+
+    image = Image.fromarray(np.array([[0, 64, 127, 200]], dtype=np.uint8))
+    out = np.asarray(data._ToRGBThen(lambda im: im, ink_gain=2.0)(image))
+    assert out.shape == (1, 4, 3) and out[0, :, 0].tolist() == [0, 128, 254, 255]
+    assert np.asarray(data._ToRGBThen(lambda im: im)(image))[0, :, 1].tolist() == [0, 64, 127, 200]
 
 
 @pytest.mark.slow

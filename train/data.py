@@ -111,20 +111,23 @@ def _per_worker_shuffle(bufsize: int, seed: int):
 
 
 class _ToRGBThen:
-    """Grayscale shard image -> RGB (ViTs and RandAugment expect 3 channels) -> `transform`.
+    """Grayscale shard image -> strokes x ink_gain -> RGB (ViTs and RandAugment expect 3 channels) -> `transform`.
 
     A class, not a lambda, so DataLoader workers can pickle it under any start method.
     """
 
-    def __init__(self, transform):
+    def __init__(self, transform, ink_gain: float = 1.0):
         self.transform = transform
+        self.lut = None if ink_gain == 1 else [min(255, round(v * ink_gain)) for v in range(256)]
 
     def __call__(self, image):
+        if self.lut is not None:
+            image = image.convert("L").point(self.lut)
         return self.transform(image.convert("RGB"))
 
 
 def train_loader(urls: list[str], batch_size: int, transform, batches: int, seed: int,
-                 shuffle_buffer: int = 1000, workers: int = 2) -> wds.WebLoader:
+                 shuffle_buffer: int = 1000, workers: int = 2, ink_gain: float = 1.0) -> wds.WebLoader:
     """An endless, resampled stream cut to exactly `batches` batches on every rank.
 
     `ResampledShards` draws shards with replacement, so every rank and worker always has data, even with fewer
@@ -140,21 +143,22 @@ def train_loader(urls: list[str], batch_size: int, transform, batches: int, seed
         _per_worker_shuffle(shuffle_buffer, seed),
         wds.decode("pill", handler=wds.reraise_exception),
         wds.to_tuple("png", "cls"),
-        wds.map_tuple(_ToRGBThen(transform), int),
+        wds.map_tuple(_ToRGBThen(transform, ink_gain), int),
         wds.batched(batch_size, partial=False, collation_fn=torch.utils.data.default_collate),
     )
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
     return loader.with_epoch(batches)
 
 
-def eval_loader(urls: list[str], transform, batch_size: int, max_samples: int | None = None):
+def eval_loader(urls: list[str], transform, batch_size: int, max_samples: int | None = None,
+                ink_gain: float = 1.0):
     """Every sample of the shards once, in order (no resampling, no node split: only rank 0 evaluates)."""
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.tarfile_to_samples(handler=wds.reraise_exception),
         wds.decode("pill", handler=wds.reraise_exception),
         wds.to_tuple("png", "cls"),
-        wds.map_tuple(_ToRGBThen(transform), int),
+        wds.map_tuple(_ToRGBThen(transform, ink_gain), int),
     )
     if max_samples:
         dataset.append(wds.slice(max_samples))

@@ -71,14 +71,18 @@ class Config:
     warmup_steps: int = 150  # used when warmup_epochs is 0
     warmup_epochs: float = 0.0  # in passes over the manifest's num_samples (the paper counts epochs)
     crop: bool = True
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # the paper's 0.08 crops away most of a 32 px fractal
     flip: bool = True  # horizontal and vertical, p 0.5 each
     randaug: str = ""  # timm RandAugment config string, e.g. rand-m9-mstd0.5; "" = off
     reprob: float = 0.0  # random erasing probability
     mixup: float = 0.8
-    cutmix: float = 1.0
+    cutmix: float = 0.0  # off in the CPU preset (DESIGN.md section 9 used Mixup alone); the paper's is 1.0
     mix_switch_prob: float = 0.5
     smoothing: float = 0.1
+    # fracgen draws strokes at 127 (the reference's value), which ToTensor maps to 0.5 and the 0.5/0.5
+    # normalisation to 0: half the contrast. At 32 px a small ViT then learns nothing in minutes; with
+    # strokes stretched to 255 it does (measured, README). The paper preset keeps the reference's 127.
+    ink_gain: float = 2.0
     shuffle_buffer: int = 1000
     workers: int = 1
     seed: int = 0
@@ -94,7 +98,8 @@ PRESETS = {
     "cpu": {},
     # DESIGN.md section 6: the reference scripts' recipe; base lr 1e-3 per 512 gives 5e-4 at batch 256.
     "paper": dict(img_size=224, patch_size=16, depth=0, drop_path=0.1, steps=240_000, batch=256, blr=1e-3,
-                  warmup_epochs=5.0, randaug="rand-m9-mstd0.5", reprob=0.25, workers=8, log_every=100,
+                  warmup_epochs=5.0, randaug="rand-m9-mstd0.5", reprob=0.25, ink_gain=1.0, crop_scale=(0.08, 1.0),
+                  cutmix=1.0, workers=8, log_every=100,
                   eval_every=5000, ckpt_every=5000),
 }
 
@@ -184,7 +189,7 @@ def pretrain(cfg: Config) -> dict:
     # The stream seed includes the start step, so a resumed run draws new samples instead of replaying.
     loader = data.train_loader(urls, cfg.batch, transform, batches=(cfg.steps - step) * cfg.accum,
                                seed=cfg.seed + 7919 * step, shuffle_buffer=cfg.shuffle_buffer,
-                               workers=cfg.workers)
+                               workers=cfg.workers, ink_gain=cfg.ink_gain)
     eval_tf = data.eval_transform(cfg.img_size)
 
     def evaluate() -> dict:
@@ -193,7 +198,8 @@ def pretrain(cfg: Config) -> dict:
         correct = total = 0
         loss_sum = 0.0
         with torch.no_grad(), autocast:
-            for x, y in data.eval_loader(urls, eval_tf, batch_size=256, max_samples=cfg.eval_samples):
+            for x, y in data.eval_loader(urls, eval_tf, batch_size=256, max_samples=cfg.eval_samples,
+                                            ink_gain=cfg.ink_gain):
                 x, y = x.to(device), y.to(device)
                 logits = raw_model(x).float()
                 loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
@@ -362,6 +368,7 @@ def main(
     mixup: Annotated[float | None, typer.Option(help="Mixup alpha (0 = off)")] = None,
     cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 = off)")] = None,
     smoothing: Annotated[float | None, typer.Option(help="label smoothing")] = None,
+    ink_gain: Annotated[float | None, typer.Option(help="multiply stroke values (127 -> 254 at 2)")] = None,
     shuffle_buffer: Annotated[int | None, typer.Option(help="samples in the shuffle buffer")] = None,
     workers: Annotated[int | None, typer.Option(help="data loader worker processes per rank")] = None,
     seed: Annotated[int | None, typer.Option(help="base seed (offset by rank)")] = None,
@@ -383,6 +390,12 @@ def main(
     for key in ("steps", "batch", "accum", "img_size", "log_every", "eval_samples"):
         if key in explicit and explicit[key] < 1:
             raise TrainError(f"--{key.replace('_', '-')} must be at least 1")
+    for key in ("ink_gain", "blr"):
+        if key in explicit and explicit[key] <= 0:
+            raise TrainError(f"--{key.replace('_', '-')} must be positive")
+    for key in ("mixup", "cutmix", "smoothing", "reprob", "lr"):
+        if key in explicit and explicit[key] < 0:
+            raise TrainError(f"--{key} must not be negative")
     explicit["shards"], explicit["out"] = str(shards), str(out)
     if resume:
         # The checkpoint's config defines the run; only the RESUMABLE options may be given again.
