@@ -27,7 +27,7 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow -q
 
 lint: install
-	$(BIN)/ruff check fracgen train tests
+	$(BIN)/ruff check fracgen train tests bench.py
 
 bench: install
 	$(BIN)/python bench.py

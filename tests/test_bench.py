@@ -24,3 +24,13 @@ def test_plain_render_follows_drawing_rules():
     assert set(np.unique(image)) <= {0, 127} and image.any()
     cols = np.nonzero(image)[1]
     assert cols.min() >= 6 and cols.max() <= 64 - 6 + 2
+
+
+def test_loader_throughput_reads_real_shards(tmp_path):
+    from fracgen.dataset import Settings, render_dataset
+    from train import data
+    from train.bench import samples_per_second
+
+    render_dataset(tmp_path, Settings(classes=40, size=64, points=5000, shard_size=20), workers=1)
+    transform = data.train_transform(16, crop_scale=(0.35, 1.0), gray=True)
+    assert samples_per_second(tmp_path, transform, ink_gain=2.0, workers=0, seconds=0.5, batch=8) > 0

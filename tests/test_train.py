@@ -91,7 +91,8 @@ def test_ddp_two_ranks_same_steps_with_fewer_shards_than_workers(tmp_path):
 def test_train_stream_differs_between_workers(shards):
     """Seeds per worker: two workers of one rank must not yield the same sample order."""
     urls = data.shard_urls(shards, data.read_manifest(shards))
-    loader = data.train_loader(urls, 8, data.eval_transform(16), batches=2, seed=0, shuffle_buffer=16, workers=2)
+    loader = data.train_loader(urls, 8, data.eval_transform(16, gray=True), batches=2, seed=0, shuffle_buffer=16,
+                               workers=2)
     (_, y0), (_, y1) = list(loader)  # batches alternate between worker 0 and worker 1
     assert y0.tolist() != y1.tolist()
 
@@ -144,9 +145,26 @@ def test_ink_gain_stretches_strokes_and_clips():
     from PIL import Image
 
     image = Image.fromarray(np.array([[0, 64, 127, 200]], dtype=np.uint8))
-    out = np.asarray(data._ToRGBThen(lambda im: im, ink_gain=2.0)(image))
-    assert out.shape == (1, 4, 3) and out[0, :, 0].tolist() == [0, 128, 254, 255]
-    assert np.asarray(data._ToRGBThen(lambda im: im)(image))[0, :, 1].tolist() == [0, 64, 127, 200]
+    assert np.asarray(data._Ink(lambda im: im, ink_gain=2.0)(image)).tolist() == [[0, 128, 254, 255]]
+    assert np.asarray(data._Ink(lambda im: im)(image.convert("RGB"))).tolist() == [[0, 64, 127, 200]]
+
+
+@pytest.mark.parametrize("randaug", [None, "rand-m9-mstd0.5"])
+def test_gray_pipeline_gives_the_rgb_pipelines_images(shards, randaug):
+    import random
+
+    import webdataset as wds
+
+    sample = next(iter(wds.WebDataset(data.shard_urls(shards, data.read_manifest(shards))[:1], shardshuffle=False)
+                       .decode("pil")))
+    image = sample["png"]
+    kw = dict(img_size=24, randaug=randaug, reprob=0.5)
+    outs = []
+    for gray, im in ((False, image.convert("RGB")), (True, image.convert("L"))):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        outs.append(torch.stack([data.train_transform(**kw, gray=gray)(im) for _ in range(20)]))
+    assert outs[0].shape == outs[1].shape == (20, 3, 24, 24)
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.slow

@@ -185,12 +185,12 @@ def pretrain(cfg: Config) -> dict:
     lpce = SoftTargetCrossEntropy()  # LPCE: cross-entropy against soft targets over the C perturbation classes
 
     transform = data.train_transform(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip,
-                                     vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob)
+                                     vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob, gray=True)
     # The stream seed includes the start step, so a resumed run draws new samples instead of replaying.
     loader = data.train_loader(urls, cfg.batch, transform, batches=(cfg.steps - step) * cfg.accum,
                                seed=cfg.seed + 7919 * step, shuffle_buffer=cfg.shuffle_buffer,
                                workers=cfg.workers, ink_gain=cfg.ink_gain)
-    eval_tf = data.eval_transform(cfg.img_size)
+    eval_tf = data.eval_transform(cfg.img_size, gray=True)
 
     def evaluate() -> dict:
         """Pretext top-1 on clean, un-mixed images: has the network learned to tell the C classes apart?"""
