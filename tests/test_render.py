@@ -25,6 +25,16 @@ def test_kernel_matches_reference(system, seed, points, size, pad):
     assert set(np.unique(image)) <= {0, 127}
 
 
+@pytest.mark.parametrize("system", list(systems()))
+def test_png_filter_column_stays_zero_with_the_smallest_pad(system):
+    # Patch rows are pasted as 4-byte words that keep their 4th byte: at pad 3 that byte is the next
+    # row's filter byte, which must come out 0 and leave the image equal to the reference.
+    out = np.full((48, 49), 255, dtype=np.uint8)
+    image, _ = render(system, 5, points=20_000, size=48, pad=3, out=out)
+    assert not out[:, 0].any()
+    np.testing.assert_array_equal(image, render_reference(system.coef, system.probabilities, 5, 20_000, 48, 3))
+
+
 def test_image_is_pure_function_of_seed():
     s = sample_sigma_system(3.5, 2, 5)[0]
     a, _ = render(s, 42, points=20_000, size=128)
