@@ -130,6 +130,7 @@ def test_finetune_from_pretrain_checkpoint(shards, tmp_path):
         ("train.finetune", ["--checkpoint", "none", "--dataset", "cifar10", "--data-root", "EMPTY"],
          "cifar-10-python.tar.gz"),
         ("train.finetune", ["--checkpoint", "none", "--dataset", "imagenet"], "unknown --dataset"),
+        ("train.finetune", ["--checkpoint", "none", "--opt", "lamb"], "unknown --opt"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(tmp_path, module, args, message):

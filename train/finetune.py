@@ -53,6 +53,7 @@ class Config:
     batch: int = 64
     blr: float = 0.08  # lr per 512 images: 0.01 at batch 64 (best of 0.08 / 0.2 / 0.4 / 1.6 on digits)
     weight_decay: float = 1e-4
+    opt: str = "sgd"  # the paper's fine-tuning optimizer (SGD, momentum 0.9); "adamw" for a second opinion
     warmup_steps: int = 30
     crop: bool = True
     crop_scale: tuple[float, float] | None = None  # None: (0.35, 1) on digits, the paper's (0.08, 1) elsewhere
@@ -100,7 +101,8 @@ def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, 
     model.to(device)
 
     lr = cfg.blr * cfg.batch / 512
-    optimizer = create_optimizer_v2(model, "sgd", lr=lr, weight_decay=cfg.weight_decay, momentum=0.9)
+    extra = {"momentum": 0.9} if cfg.opt == "sgd" else {}
+    optimizer = create_optimizer_v2(model, cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **extra)
     warmup = min(cfg.warmup_steps, cfg.steps // 2)
     scheduler = CosineLRScheduler(optimizer, t_initial=cfg.steps - warmup, warmup_t=warmup,
                                   warmup_lr_init=lr / 100, warmup_prefix=True, t_in_epochs=False)
@@ -174,7 +176,7 @@ def finetune(cfg: Config) -> dict:
     source = "scratch" if pretrained is None else cfg.checkpoint
     print(f"finetune: {cfg.dataset}, {num_classes} classes, {len(train_set)} training images"
           f"{f' ({shots} per class)' if shots else ''}, {len(test_set)} test images, {img_size} px, "
-          f"{cfg.steps} steps at batch {cfg.batch}, lr {cfg.blr * cfg.batch / 512:.2e}, crop {crop_scale}, "
+          f"{cfg.steps} steps at batch {cfg.batch}, {cfg.opt} lr {cfg.blr * cfg.batch / 512:.2e}, crop {crop_scale}, "
           f"flip {'on' if flip else 'off'}, from {source}")
     accuracies = []
     for seed in cfg.seeds:
@@ -211,7 +213,8 @@ def main(
     steps: Annotated[int, typer.Option(help="SGD steps per seed")] = Config.steps,
     batch: Annotated[int, typer.Option(help="batch size")] = Config.batch,
     blr: Annotated[float, typer.Option(help="lr per 512 images (lr = blr x batch / 512)")] = Config.blr,
-    weight_decay: Annotated[float, typer.Option(help="SGD weight decay")] = Config.weight_decay,
+    weight_decay: Annotated[float, typer.Option(help="weight decay")] = Config.weight_decay,
+    opt: Annotated[str, typer.Option(help="optimizer: sgd (momentum 0.9, the paper's) or adamw")] = Config.opt,
     warmup_steps: Annotated[int, typer.Option(help="warm-up steps")] = Config.warmup_steps,
     crop: Annotated[bool, typer.Option("--crop/--no-crop", help="RandomResizedCrop")] = True,
     crop_scale: Annotated[str | None, typer.Option(help="crop area MIN,MAX (digits 0.35,1; else 0.08,1)")] = None,
@@ -235,11 +238,13 @@ def main(
         raise TrainError(f"--seeds {seeds!r} is not a comma-separated list of integers") from None
     if steps < 1 or batch < 1:
         raise TrainError("--steps and --batch must be at least 1")
+    if opt not in ("sgd", "adamw"):
+        raise TrainError(f"unknown --opt {opt!r}; choose sgd or adamw")
     if shots < 0 or not 0 <= train_fraction <= 1:
         raise TrainError("--shots must be >= 0 and --train-fraction in [0, 1]")
     cfg = Config(checkpoint=checkpoint, out=str(out or ""), dataset=dataset, data_root=str(data_root), shots=shots,
                  train_fraction=train_fraction, split_seed=split_seed, seeds=seed_list, steps=steps, batch=batch,
-                 blr=blr, weight_decay=weight_decay, warmup_steps=warmup_steps, crop=crop,
+                 blr=blr, weight_decay=weight_decay, opt=opt, warmup_steps=warmup_steps, crop=crop,
                  crop_scale=parse_float_pair(crop_scale) if crop_scale else None, flip=flip, randaug=randaug,
                  reprob=reprob, mixup=mixup, cutmix=cutmix, smoothing=smoothing, drop_path=drop_path, workers=workers,
                  model=model,
