@@ -105,6 +105,36 @@ def test_finetune_digits_beats_chance(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["top1_mean"] == result["top1_mean"]
 
 
+def _digits_image_folder(root: Path, per_class: dict[str, int]) -> None:
+    """scikit-learn's digits written as PNGs, one folder per class (ImageFolder layout) under each split."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    start = 0
+    for split_name, n in per_class.items():
+        for label in range(10):
+            folder = root / split_name / f"digit{label}"
+            folder.mkdir(parents=True)
+            members = np.flatnonzero(digits.target == label)[start:start + n]
+            for i in members:
+                Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+        start += n
+
+
+def test_finetune_on_image_folders_with_and_without_a_test_split(tmp_path):
+    _digits_image_folder(tmp_path / "both", {"train": 30, "val": 20})
+    # digits' own augmentation: the generic defaults (8% crops, mirroring) destroy 8x8 digits
+    digit_aug = dict(crop_scale=(0.35, 1.0), flip=False, seeds=(0,), steps=100, depth=2)
+    result = finetune(FinetuneConfig(dataset=str(tmp_path / "both"), **digit_aug))
+    assert result["train_images"] == 300 and result["test_images"] == 200
+    assert result["top1_mean"] > 20  # chance is 10%; 34.5% when measured
+    _digits_image_folder(tmp_path / "one", {"all": 40})
+    result = finetune(FinetuneConfig(dataset=str(tmp_path / "one" / "all"), train_fraction=0.75, **digit_aug))
+    assert result["train_images"] == 300 and result["test_images"] == 100
+    assert result["top1_mean"] > 20  # 42.0% when measured
+
+
 def test_finetune_from_pretrain_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     pre = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--steps", "2", *TINY)
