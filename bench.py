@@ -102,6 +102,24 @@ def bench_renderer(n: int, plain_n: int, points: int, size: int) -> list[tuple]:
     return table
 
 
+def bench_scaling(counts: list[int], per_worker: int = 2000) -> list[tuple]:
+    """End-to-end images/s for each worker count, with the work growing with the workers (weak scaling)."""
+    rows, base = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        render_dataset(os.path.join(tmp, "warm"), Settings(classes=64), workers=1)  # fills the JIT cache
+        for workers in counts:
+            n = per_worker * workers
+            classes = min(1000, n)
+            s = Settings(classes=classes, per_class=n // classes, shard_size=100)
+            t0 = time.perf_counter()
+            render_dataset(os.path.join(tmp, f"w{workers}"), s, workers=workers)
+            rate = s.num_samples / (time.perf_counter() - t0)
+            base = base or rate / counts[0]
+            rows.append((str(workers), f"{s.num_samples:,}", f"{rate:,.0f}", f"{rate / workers:,.0f}",
+                         f"{rate / base:.2f}x"))
+    return rows
+
+
 def bench_png(size: int) -> list[tuple]:
     base, _ = sample_sigma_system(3.5, 2, derive_seed(0, 1, 0))
     images = [render(perturb(base, 0.1, "scale", i)[0], i, size=size)[0].copy() for i in range(20)]
@@ -146,7 +164,13 @@ def main():
     ap.add_argument("--points", type=int, default=100_000)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--loader-seconds", type=float, default=10.0)
+    ap.add_argument("--scaling", metavar="1,2,4", help="only the end-to-end scaling over these worker counts")
     args = ap.parse_args()
+    if args.scaling:
+        print("| workers | images | images/s | per worker | speed-up |\n|---|---|---|---|---|")
+        for r in bench_scaling([int(w) for w in args.scaling.split(",")]):
+            print("| " + " | ".join(r) + " |")
+        return
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
     print(f"# 1p-frac defaults: 2 maps, {args.points} points, {args.size} px, random 3x3 patches\n")
