@@ -32,8 +32,8 @@ def test_loader_throughput_reads_real_shards(tmp_path):
     from train.bench import samples_per_second
 
     render_dataset(tmp_path, Settings(classes=40, size=64, points=5000, shard_size=20), workers=1)
-    transform = data.train_transform(16, crop_scale=(0.35, 1.0), gray=True)
-    assert samples_per_second(tmp_path, transform, ink_gain=2.0, workers=0, seconds=0.5, batch=8) > 0
+    transform = data.train_transform(16, crop_scale=(0.35, 1.0), gray=True, ink_gain=2.0)
+    assert samples_per_second(tmp_path, transform, workers=0, seconds=0.5, batch=8) > 0
 
 
 def test_bench_scaling_table():

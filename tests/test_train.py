@@ -176,8 +176,10 @@ def test_ink_gain_stretches_strokes_and_clips():
     from PIL import Image
 
     image = Image.fromarray(np.array([[0, 64, 127, 200]], dtype=np.uint8))
-    assert np.asarray(data._Ink(lambda im: im, ink_gain=2.0)(image)).tolist() == [[0, 128, 254, 255]]
-    assert np.asarray(data._Ink(lambda im: im)(image.convert("RGB"))).tolist() == [[0, 64, 127, 200]]
+    assert np.asarray(data._Ink(gray=True, ink_gain=2.0)(image)).tolist() == [[0, 128, 254, 255]]
+    assert np.asarray(data._Ink(gray=True)(image.convert("RGB"))).tolist() == [[0, 64, 127, 200]]
+    rgb = np.asarray(data._Ink(gray=False, ink_gain=2.0)(image))
+    assert rgb.shape == (1, 4, 3) and rgb[0, :, 2].tolist() == [0, 128, 254, 255]
 
 
 @pytest.mark.parametrize("randaug", [None, "rand-m9-mstd0.5"])

@@ -67,15 +67,16 @@ def train_transform(
     mean=PRETRAIN_MEAN,
     std=PRETRAIN_STD,
     gray: bool = False,
+    ink_gain: float = 1.0,
 ) -> T.Compose:
     """The image half of the DESIGN.md section 6 augmentation (Mixup/CutMix act on batches, in the loop).
 
     Order as in timm's training transform: crop, flips, RandAugment on PIL, tensor + normalise, erasing.
-    `gray`: the input is a one-channel (L) image, as fracgen's are. Every step up to the tensor then runs on
-    one channel and the result is copied to three: the same images as converting to RGB first (a test checks
-    it), for about half the CPU time (`make bench`).
+    `gray`: the images are grayscale, as fracgen's are. Every step up to the tensor then runs on one (L)
+    channel and the result is copied to three: the same images as converting to RGB first (a test checks
+    it), for about half the CPU time (`make bench`). `ink_gain`: see `_Ink`.
     """
-    steps = []
+    steps = [_Ink(gray, ink_gain)]
     if crop:
         steps.append(T.RandomResizedCrop(img_size, scale=crop_scale, ratio=crop_ratio,
                                          interpolation=InterpolationMode.BICUBIC))
@@ -96,10 +97,27 @@ def train_transform(
     return T.Compose(steps)
 
 
-def eval_transform(img_size: int, mean=PRETRAIN_MEAN, std=PRETRAIN_STD, gray: bool = False) -> T.Compose:
+def eval_transform(img_size: int, mean=PRETRAIN_MEAN, std=PRETRAIN_STD, gray: bool = False,
+                   ink_gain: float = 1.0) -> T.Compose:
     """The whole image, resized: what "pretext accuracy" is measured on (no crop, no flip, no mixing)."""
-    return T.Compose([T.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC),
+    return T.Compose([_Ink(gray, ink_gain), T.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC),
                       *_to_tensor(mean, std, gray)])
+
+
+class _Ink:
+    """First step of every transform here: the image in the mode the rest expects (L with gray, else RGB),
+    with its values x ink_gain, clipped at 255 (fracgen's strokes are 127; see pretrain's `ink_gain`).
+
+    A class, not a lambda, so DataLoader workers can pickle it under any start method.
+    """
+
+    def __init__(self, gray: bool, ink_gain: float = 1.0):
+        self.mode = "L" if gray else "RGB"
+        self.lut = None if ink_gain == 1 else [min(255, round(v * ink_gain)) for v in range(256)]
+
+    def __call__(self, image):
+        image = image.convert(self.mode)
+        return image if self.lut is None else image.point(self.lut * len(self.mode))
 
 
 class _GrayToRGB:
@@ -130,25 +148,8 @@ def _per_worker_shuffle(bufsize: int, seed: int):
     return stage
 
 
-class _Ink:
-    """Shard image -> one channel -> strokes x ink_gain -> `transform` (built with gray=True).
-
-    A class, not a lambda, so DataLoader workers can pickle it under any start method.
-    """
-
-    def __init__(self, transform, ink_gain: float = 1.0):
-        self.transform = transform
-        self.lut = None if ink_gain == 1 else [min(255, round(v * ink_gain)) for v in range(256)]
-
-    def __call__(self, image):
-        image = image.convert("L")
-        if self.lut is not None:
-            image = image.point(self.lut)
-        return self.transform(image)
-
-
 def train_loader(urls: list[str], batch_size: int, transform, batches: int, seed: int,
-                 shuffle_buffer: int = 1000, workers: int = 2, ink_gain: float = 1.0) -> wds.WebLoader:
+                 shuffle_buffer: int = 1000, workers: int = 2) -> wds.WebLoader:
     """An endless, resampled stream cut to exactly `batches` batches on every rank.
 
     `ResampledShards` draws shards with replacement, so every rank and worker always has data, even with fewer
@@ -164,22 +165,21 @@ def train_loader(urls: list[str], batch_size: int, transform, batches: int, seed
         _per_worker_shuffle(shuffle_buffer, seed),
         wds.decode("pill", handler=wds.reraise_exception),
         wds.to_tuple("png", "cls"),
-        wds.map_tuple(_Ink(transform, ink_gain), int),
+        wds.map_tuple(transform, int),
         wds.batched(batch_size, partial=False, collation_fn=torch.utils.data.default_collate),
     )
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
     return loader.with_epoch(batches)
 
 
-def eval_loader(urls: list[str], transform, batch_size: int, max_samples: int | None = None,
-                ink_gain: float = 1.0):
+def eval_loader(urls: list[str], transform, batch_size: int, max_samples: int | None = None):
     """Every sample of the shards once, in order (no resampling, no node split: only rank 0 evaluates)."""
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.tarfile_to_samples(handler=wds.reraise_exception),
         wds.decode("pill", handler=wds.reraise_exception),
         wds.to_tuple("png", "cls"),
-        wds.map_tuple(_Ink(transform, ink_gain), int),
+        wds.map_tuple(transform, int),
     )
     if max_samples:
         dataset.append(wds.slice(max_samples))

@@ -50,7 +50,7 @@ class Transformed(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image, label = self.base[self.indices[i]]
-        return self.transform(image.convert("RGB")), label
+        return self.transform(image), label  # the transform converts to RGB
 
 
 def load(name: str, data_root: Path):

@@ -185,12 +185,13 @@ def pretrain(cfg: Config) -> dict:
     lpce = SoftTargetCrossEntropy()  # LPCE: cross-entropy against soft targets over the C perturbation classes
 
     transform = data.train_transform(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip,
-                                     vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob, gray=True)
+                                     vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob, gray=True,
+                                     ink_gain=cfg.ink_gain)
     # The stream seed includes the start step, so a resumed run draws new samples instead of replaying.
     loader = data.train_loader(urls, cfg.batch, transform, batches=(cfg.steps - step) * cfg.accum,
                                seed=cfg.seed + 7919 * step, shuffle_buffer=cfg.shuffle_buffer,
-                               workers=cfg.workers, ink_gain=cfg.ink_gain)
-    eval_tf = data.eval_transform(cfg.img_size, gray=True)
+                               workers=cfg.workers)
+    eval_tf = data.eval_transform(cfg.img_size, gray=True, ink_gain=cfg.ink_gain)
 
     def evaluate() -> dict:
         """Pretext top-1 on clean, un-mixed images: has the network learned to tell the C classes apart?"""
@@ -198,8 +199,7 @@ def pretrain(cfg: Config) -> dict:
         correct = total = 0
         loss_sum = 0.0
         with torch.no_grad(), autocast:
-            for x, y in data.eval_loader(urls, eval_tf, batch_size=256, max_samples=cfg.eval_samples,
-                                            ink_gain=cfg.ink_gain):
+            for x, y in data.eval_loader(urls, eval_tf, batch_size=256, max_samples=cfg.eval_samples):
                 x, y = x.to(device), y.to(device)
                 logits = raw_model(x).float()
                 loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
