@@ -141,7 +141,7 @@ def info(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.j
         s, b = m["settings"], m["base"]
         t = Table(title=f"{dataset}", show_header=False)
         rows = [
-            ("fracgen", f"{m['fracgen_version']} (format {m['format_version']})"),
+            ("fracgen", f"{m['fracgen_version']} (format {m['format_version']}, renderer {m.get('renderer', 1)})"),
             ("complete", str(m["complete"])),
             ("command", m.get("command") or "-"),
             ("samples", f"{m['num_samples']} = {m['num_classes']} classes x {s['per_class']}"),

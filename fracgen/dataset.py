@@ -34,7 +34,7 @@ from fracgen.ifs import (
     perturb,
     sample_sigma_system,
 )
-from fracgen.render import check_canvas, render
+from fracgen.render import RENDERER, check_canvas, render
 from fracgen.rng import TAG_BASE, TAG_RENDER, derive_seed
 from fracgen.shards import Sample, atomic_write, read_manifest, shard_entry, verify_shard, write_shard
 
@@ -225,6 +225,10 @@ def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict 
     if not (out / MANIFEST).exists():
         raise FracgenError(f"cannot --resume: {out} has shards but no {MANIFEST}")
     old = read_manifest(out)
+    if old.get("renderer", 1) != RENDERER:
+        raise FracgenError(f"cannot --resume: {out} was drawn by renderer {old.get('renderer', 1)} "
+                           f"(fracgen {old.get('fracgen_version')}), this fracgen draws renderer {RENDERER}, "
+                           "whose images differ; use --overwrite")
     if old["settings"] != _settings_json(s):
         diff = [f"{k}={old['settings'].get(k)!r}->{v!r}" for k, v in _settings_json(s).items()
                 if old["settings"].get(k) != v]
@@ -261,6 +265,7 @@ def render_dataset(
         "format": "fracgen-shards",
         "format_version": FORMAT_VERSION,
         "fracgen_version": fracgen.__version__,
+        "renderer": RENDERER,
         "command": command,
         "complete": False,
         "settings": _settings_json(s),

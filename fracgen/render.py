@@ -8,13 +8,20 @@ mask zeros erase earlier ink); the image is flipped top to bottom at the end.
 Where we differ, on purpose: the points come from CHAINS interleaved chaos games of n/CHAINS
 points each, every chain starting at the fixed point of map (chain mod N), which lies on the
 attractor (no stray early points, no burn-in), and the chains hide the latency of the serial
-update. Points are processed in blocks of BLOCK so that the random draws vectorise. Random
-numbers are counter-based (see rng.py), so an image is a pure function of (system, seed,
-settings). The kernel runs the game twice with the same numbers, once for the bounding box and
-once to draw, instead of storing 100k points.
+update. The game runs in float32 (the maps contract, so rounding does not accumulate, and a
+pixel is 1/500 of the attractor, far above float32's 1e-7). Random numbers are counter-based
+(see rng.py), so an image is a pure function of (system, seed, settings).
+
+How it is fast (`make bench`; the closing note of issue 4 has the measurements): points go in
+blocks of BLOCK through small loops that LLVM vectorises on 16 float32 / uint32 lanes (draws,
+map updates, bounds, pixel offsets and patch rows); pass 1 keeps every point (1.2 MB for 100k),
+pass 2 maps them to pixels once the bounding box is known; only the in-order scatter of patches,
+which cannot be vectorised, runs one point at a time, as two stores per patch row.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 from llvmlite import ir
@@ -24,44 +31,67 @@ from numba.extending import intrinsic
 from fracgen._jit import njit
 from fracgen.errors import FracgenError
 from fracgen.ifs import IFS
-from fracgen.rng import GOLDEN, _mix64
+from fracgen.rng import _lowbias32
 
+RENDERER = 2  # bumped whenever the same settings give different pixels (2: float32 game, lowbias32 draws)
 INK = 127  # the reference's stroke value
 PATCH = 3  # patch side: cell (r, c) is bit 3 r + c of the mask, row 0 at the top before the flip
-MIN_PAD = PATCH  # a patch pasted at the far edge (size - pad) needs PATCH cells of margin
+MIN_PAD = PATCH  # a patch pasted at the far edge (size - pad) needs its cells inside the canvas
 CHAINS = 64  # interleaved chaos games: independent updates that fill the SIMD lanes
 BLOCK = 1024  # points per block (a multiple of CHAINS); the block buffers stay in L1
 
-# PATCH_ROWS[3 m + r]: patch row r of mask m as the 3 bytes (little-endian) pasted at columns 0..2.
-PATCH_ROWS = np.array([[sum((INK if (m >> (PATCH * r + c)) & 1 else 0) << (8 * c) for c in range(PATCH))
-                        for r in range(PATCH)] for m in range(512)], dtype=np.uint32).ravel()
 
-_LOW32 = np.uint64(0xFFFFFFFF)
-_U32 = np.uint64(32)
-_GOLDEN = np.uint64(GOLDEN)
-
-
-def map_thresholds(probabilities: np.ndarray) -> np.ndarray:
-    """Cumulative probabilities as 32-bit integer cut points: map i is chosen when u32 falls in its band."""
-    cum = np.cumsum(probabilities)[:-1]
-    return np.minimum(np.floor(cum * 2.0**32), 2.0**32).astype(np.uint64)
+@njit
+def _thresholds(probabilities):
+    """Cumulative probabilities as 32-bit integer cut points: map i is chosen when the draw falls in
+    its band. (In the kernel: NumPy would spend longer on this than the kernel on 1,000 points.)"""
+    n = probabilities.shape[0] - 1
+    cut = np.empty(n, dtype=np.uint64)
+    cum = 0.0
+    for i in range(n):
+        cum += probabilities[i]
+        cut[i] = np.uint64(min(np.floor(cum * 2.0**32), 2.0**32))
+    return cut
 
 
 @intrinsic
 def _paste_row(typingctx, flat, offset, row):
-    """flat[offset:offset + 3] = the low 3 bytes of `row`, flat[offset + 3] kept: one unaligned 32-bit
-    load and store instead of three byte stores. The scatter of patches bounds the kernel, and this
-    halves its time (`make bench`). The caller guarantees offset + 3 is inside `flat`.
+    """flat[offset:offset + 3] = the low 3 bytes of `row`, as one 16-bit and one 8-bit store.
+    Stores only: a 32-bit read-modify-write that keeps the 4th byte measured 10% slower, and
+    nine byte stores twice as slow (`make bench`). The caller keeps offset + 2 inside `flat`.
     """
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        i32 = ir.IntType(32)
-        word = builder.bitcast(builder.gep(data, [args[1]]), i32.as_pointer())
-        kept = builder.and_(builder.load(word, align=1), ir.Constant(i32, 0xFF000000))
-        builder.store(builder.or_(kept, builder.trunc(args[2], i32)), word, align=1)
+        i8, i16 = ir.IntType(8), ir.IntType(16)
+        first = builder.bitcast(builder.gep(data, [args[1]]), i16.as_pointer())
+        builder.store(builder.trunc(args[2], i16), first, align=1)
+        third = builder.gep(data, [builder.add(args[1], ir.Constant(args[1].type, 2))])
+        builder.store(builder.trunc(builder.lshr(args[2], ir.Constant(args[2].type, 16)), i8), third)
         return context.get_dummy_value()
 
     return types.void(flat, offset, row), codegen
+
+
+@intrinsic
+def _popcount(typingctx, word):
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [i64])
+        return builder.call(fn, [builder.zext(args[0], i64) if args[0].type.width < 64 else args[0]])
+
+    return types.uint64(word), codegen
+
+
+@intrinsic
+def _mul32(typingctx, a, b):
+    """a * b on 32 bits, sign-extended: Numba widens integer products to 64 bits, and a 64-bit
+    vector multiply is several times slower than a 32-bit one. The caller keeps |a * b| < 2**31."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        x, y = (builder.trunc(v, i32) if v.type.width > 32 else v for v in args)
+        return builder.sext(builder.mul(x, y), ir.IntType(64))
+
+    return types.int64(a, b), codegen
 
 
 @njit
@@ -74,125 +104,201 @@ def _fixed_point(coef, i):
 
 
 @njit
-def _draws(seed, first, r):
-    """r[k] = the 64-bit draw of point first + k (vectorises: no dependency between k)."""
-    for k in range(r.shape[0]):
-        r[k] = _mix64(seed + np.uint64(first + k + 1) * _GOLDEN)
+def _draws(k1, k2, first, h1, h):
+    """The two 32-bit draws of points first .. first + BLOCK - 1 (counters from 1): h1 picks the
+    patch mask, h = a second round on h1 picks the map. Vectorises: no dependency between k."""
+    for k in range(h.shape[0]):
+        a = _lowbias32(np.uint64(first + k + 1) ^ k1)
+        h1[k] = a
+        h[k] = _lowbias32(a ^ k2)
 
 
 @njit
-def _advance(coef, thresholds, r, xs, ys, xb, yb, m, lo_x, hi_x, lo_y, hi_y):
-    """Advance the chains through draws r[:m] and store the new points in xb, yb; point k belongs
-    to chain k mod CHAINS. Whole rounds of CHAINS points are computed (BLOCK is a multiple of
-    CHAINS); points past m are never used and stay out of the per-chain bounds lo_*/hi_*.
-
-    Written so that LLVM vectorises the loop over chains: maps are chosen with selects, not
-    branches, and the bounds are kept per chain instead of as one running min/max (a reduction
-    it will not vectorise without fast-math). Two maps (1p-frac) get their own loop.
-    """
-    rounds = (m + CHAINS - 1) // CHAINS
-    two_maps = thresholds.shape[0] == 1
-    t0 = thresholds[0] if two_maps else np.uint64(0)
-    a0, b0, c0, d0, e0, f0 = coef[0, 0], coef[0, 1], coef[0, 2], coef[0, 3], coef[0, 4], coef[0, 5]
-    i1 = 1 if coef.shape[0] > 1 else 0
-    a1, b1, c1, d1, e1, f1 = coef[i1, 0], coef[i1, 1], coef[i1, 2], coef[i1, 3], coef[i1, 4], coef[i1, 5]
-    for j in range(rounds):
+def _advance2(cf, t0, h, xs, ys, xb, yb):
+    """Advance the chains of a two-map system through one block (point k belongs to chain k mod
+    CHAINS) and keep the points in xb, yb. Maps are chosen with selects, not branches, so LLVM
+    vectorises the loop over chains."""
+    a0, b0, c0, d0, e0, f0 = cf[0, 0], cf[0, 1], cf[0, 2], cf[0, 3], cf[0, 4], cf[0, 5]
+    a1, b1, c1, d1, e1, f1 = cf[1, 0], cf[1, 1], cf[1, 2], cf[1, 3], cf[1, 4], cf[1, 5]
+    for j in range(BLOCK // CHAINS):
         for c in range(CHAINS):
             k = j * CHAINS + c
+            s = h[k] >= t0
             x, y = xs[c], ys[c]
-            if two_maps:
-                s = (r[k] & _LOW32) >= t0
-                nx = (a1 if s else a0) * x + (b1 if s else b0) * y + (e1 if s else e0)
-                ny = (c1 if s else c0) * x + (d1 if s else d0) * y + (f1 if s else f0)
-            else:
-                u = r[k] & _LOW32
-                i = 0
-                for t in range(thresholds.shape[0]):
-                    i += np.int64(u >= thresholds[t])
-                nx = coef[i, 0] * x + coef[i, 1] * y + coef[i, 4]
-                ny = coef[i, 2] * x + coef[i, 3] * y + coef[i, 5]
+            nx = (a1 if s else a0) * x + (b1 if s else b0) * y + (e1 if s else e0)
+            ny = (c1 if s else c0) * x + (d1 if s else d0) * y + (f1 if s else f0)
             xs[c], ys[c] = nx, ny
             xb[k], yb[k] = nx, ny
-            valid = k < m
-            lo_x[c] = nx if valid and nx < lo_x[c] else lo_x[c]
-            hi_x[c] = nx if valid and nx > hi_x[c] else hi_x[c]
-            lo_y[c] = ny if valid and ny < lo_y[c] else lo_y[c]
-            hi_y[c] = ny if valid and ny > hi_y[c] else hi_y[c]
 
 
 @njit
-def _to_pixel(v, lo, scale, pad, hi):
-    p = (v - lo) * scale + pad
-    if not p >= pad:  # also catches NaN
-        p = pad
-    if p > hi:
-        p = hi
-    return int(p)
+def _advance(cf, thresholds, h, xs, ys, xb, yb):
+    """`_advance2` for any number of maps: the map index counts the cut points at or below the draw."""
+    for j in range(BLOCK // CHAINS):
+        for c in range(CHAINS):
+            k = j * CHAINS + c
+            u = np.uint64(h[k])
+            i = 0
+            for t in range(thresholds.shape[0]):
+                i += np.int64(u >= thresholds[t])
+            x, y = xs[c], ys[c]
+            nx = cf[i, 0] * x + cf[i, 1] * y + cf[i, 4]
+            ny = cf[i, 2] * x + cf[i, 3] * y + cf[i, 5]
+            xs[c], ys[c] = nx, ny
+            xb[k], yb[k] = nx, ny
 
 
 @njit
-def chaos_game_kernel(coef, thresholds, seed, n_points, pad, canvas, col0):
+def _bounds(xb, yb, m, lo_x, hi_x, lo_y, hi_y):
+    """Fold points xb[:m], yb[:m] into per-chain bounds (a running min/max over one variable is a
+    reduction LLVM will not vectorise without fast-math; 64 lanes of bounds are not). Full blocks
+    take the loop without a mask, which runs twice as fast."""
+    if m == BLOCK:
+        for j in range(BLOCK // CHAINS):
+            for c in range(CHAINS):
+                x, y = xb[j * CHAINS + c], yb[j * CHAINS + c]
+                lo_x[c] = x if x < lo_x[c] else lo_x[c]
+                hi_x[c] = x if x > hi_x[c] else hi_x[c]
+                lo_y[c] = y if y < lo_y[c] else lo_y[c]
+                hi_y[c] = y if y > hi_y[c] else hi_y[c]
+    else:
+        for k in range(m):
+            c = k % CHAINS
+            x, y = xb[k], yb[k]
+            lo_x[c] = x if x < lo_x[c] else lo_x[c]
+            hi_x[c] = x if x > hi_x[c] else hi_x[c]
+            lo_y[c] = y if y < lo_y[c] else lo_y[c]
+            hi_y[c] = y if y > hi_y[c] else hi_y[c]
+
+
+@njit
+def _row(bits):
+    """Three mask bits as the patch row's 3 bytes (little-endian), 127 where a bit is set."""
+    one = np.uint32(1)
+    return ((bits & one) | ((bits & np.uint32(2)) << np.uint32(7)) | ((bits & np.uint32(4)) << np.uint32(14))) \
+        * np.uint32(INK)
+
+
+@njit
+def _pixels(xb, yb, h1, xmin, sx, ymin, sy, pad, hi, base, stride, off, w0, w1, w2):
+    """Where each point's patch row 0 lands in the flat canvas (flipped top to bottom), and its
+    three patch rows. x and y are scaled independently (no aspect ratio), all in float32."""
+    for k in range(xb.shape[0]):
+        # Clamped as x86's max/min instructions compare (one instruction each); NaN, only in the
+        # unused tail of the last block, becomes pad.
+        px = (xb[k] - xmin) * sx + pad
+        px = px if px > pad else pad
+        px = px if px < hi else hi
+        py = (yb[k] - ymin) * sy + pad
+        py = py if py > pad else pad
+        py = py if py < hi else hi
+        off[k] = base - _mul32(np.int32(py), stride) + np.int32(px)
+        mask = np.uint32(1) + np.uint32(((h1[k] >> np.uint32(9)) * np.uint32(511)) >> np.uint32(23))  # 1..511
+        w0[k] = _row(mask & np.uint32(7))
+        w1[k] = _row((mask >> np.uint32(3)) & np.uint32(7))
+        w2[k] = _row(mask >> np.uint32(6))
+
+
+@njit
+def _scatter(flat, off, w0, w1, w2, m, stride):
+    """Paste the patches of one block in order, so later patches overwrite earlier ones."""
+    for k in range(m):
+        o = off[k]
+        _paste_row(flat, o, w0[k])
+        _paste_row(flat, o - stride, w1[k])
+        _paste_row(flat, o - 2 * stride, w2[k])
+
+
+@njit
+def _count_ink(flat):
+    """Non-zero bytes of a canvas holding only 0 and 127 (seven set bits each): popcount / 7."""
+    n8 = flat.shape[0] // 8
+    bits = np.uint64(0)
+    words = flat[: n8 * 8].view(np.uint64)
+    for k in range(n8):
+        bits += _popcount(words[k])
+    inked = np.int64(bits // np.uint64(7))
+    for k in range(n8 * 8, flat.shape[0]):
+        inked += np.int64(flat[k] != 0)
+    return inked
+
+
+@njit
+def chaos_game_kernel(coef, probabilities, seed, n_points, pad, canvas, col0, xbuf, ybuf, h1buf):
     """Render into canvas[:, col0:col0 + size] (overwritten, the rest zeroed); return the count of
     inked pixels, or -1 if the system is unbounded. `col0` lets the caller keep a PNG filter-byte
-    column in front of every row, so the canvas can go to the compressor as it is.
+    column in front of every row, so the canvas can go to the compressor as it is. The three
+    buffers hold the points and mask draws, at least n_points rounded up to BLOCK each.
     """
     size = canvas.shape[0]
     stride = canvas.shape[1]
     flat = canvas.ravel()
     seed = np.uint64(seed)
-    x0 = np.empty(CHAINS)
-    y0 = np.empty(CHAINS)
+    k1, k2 = seed & np.uint64(0xFFFFFFFF), seed >> np.uint64(32)
+    cf = coef.astype(np.float32)
+    thresholds = _thresholds(probabilities)
+    two_maps = thresholds.shape[0] == 1 and thresholds[0] < np.uint64(1 << 32)
+    t0 = np.uint32(thresholds[0]) if two_maps else np.uint32(0)
+    xs = np.empty(CHAINS, dtype=np.float32)
+    ys = np.empty(CHAINS, dtype=np.float32)
     for c in range(CHAINS):
-        x0[c], y0[c] = _fixed_point(coef, c % coef.shape[0])
-    r = np.empty(BLOCK, dtype=np.uint64)
-    xb = np.empty(BLOCK)
-    yb = np.empty(BLOCK)
-    lo_x = np.full(CHAINS, np.inf)
-    hi_x = np.full(CHAINS, -np.inf)
-    lo_y = np.full(CHAINS, np.inf)
-    hi_y = np.full(CHAINS, -np.inf)
+        x, y = _fixed_point(coef, c % coef.shape[0])
+        xs[c], ys[c] = np.float32(x), np.float32(y)
+    h = np.empty(BLOCK, dtype=np.uint32)
+    lo_x = np.full(CHAINS, np.inf, dtype=np.float32)
+    hi_x = np.full(CHAINS, -np.inf, dtype=np.float32)
+    lo_y = np.full(CHAINS, np.inf, dtype=np.float32)
+    hi_y = np.full(CHAINS, -np.inf, dtype=np.float32)
 
-    # Pass 1: the bounding box. A chain that overflows reaches inf before any NaN (finite
-    # arithmetic cannot make NaN), and inf enters the bounds, so finite bounds mean bounded points.
-    xs, ys = x0.copy(), y0.copy()
+    # Pass 1: the points and their bounding box. A chain that overflows reaches inf before any NaN
+    # (finite arithmetic cannot make NaN), and inf enters the bounds, so finite bounds mean
+    # bounded points. Whole blocks: points past n_points are computed, never used.
     for first in range(0, n_points, BLOCK):
-        m = min(BLOCK, n_points - first)
-        _draws(seed, first, r)  # whole blocks: points past n_points are computed, never used
-        _advance(coef, thresholds, r, xs, ys, xb, yb, m, lo_x, hi_x, lo_y, hi_y)
+        last = first + BLOCK
+        xb, yb = xbuf[first:last], ybuf[first:last]
+        _draws(k1, k2, first, h1buf[first:last], h)
+        if two_maps:
+            _advance2(cf, t0, h, xs, ys, xb, yb)
+        else:
+            _advance(cf, thresholds, h, xs, ys, xb, yb)
+        _bounds(xb, yb, min(BLOCK, n_points - first), lo_x, hi_x, lo_y, hi_y)
     xmin, xmax, ymin, ymax = lo_x.min(), hi_x.max(), lo_y.min(), hi_y.max()
     if not (np.isfinite(xmin) and np.isfinite(xmax) and np.isfinite(ymin) and np.isfinite(ymax)):
         return -1
 
-    # Pass 2: the same draws again, now drawn. x and y are scaled independently (no aspect ratio).
-    span = size - 2 * pad
-    sx = span / (xmax - xmin) if xmax > xmin else 0.0
-    sy = span / (ymax - ymin) if ymax > ymin else 0.0
-    sx = sx if np.isfinite(sx) else 0.0
-    sy = sy if np.isfinite(sy) else 0.0
-    hi = float(size - pad)
-    offset = np.empty(BLOCK, dtype=np.int64)  # where each point's patch row 0 lands in `flat`
-    table = np.empty(BLOCK, dtype=np.int64)  # where its mask's rows start in PATCH_ROWS
+    # Pass 2: pixels and patches, block by block.
+    span = np.float32(size - 2 * pad)
+    sx = span / (xmax - xmin) if xmax > xmin else np.float32(0)
+    sy = span / (ymax - ymin) if ymax > ymin else np.float32(0)
+    sx = sx if np.isfinite(sx) else np.float32(0)
+    sy = sy if np.isfinite(sy) else np.float32(0)
+    padf, hi = np.float32(pad), np.float32(size - pad)
+    base = (size - 1) * stride + col0
+    off = np.empty(BLOCK, dtype=np.int32)
+    w0 = np.empty(BLOCK, dtype=np.uint32)
+    w1 = np.empty(BLOCK, dtype=np.uint32)
+    w2 = np.empty(BLOCK, dtype=np.uint32)
     flat[:] = 0
-    xs, ys = x0.copy(), y0.copy()
     for first in range(0, n_points, BLOCK):
-        m = min(BLOCK, n_points - first)
-        _draws(seed, first, r)
-        _advance(coef, thresholds, r, xs, ys, xb, yb, m, lo_x, hi_x, lo_y, hi_y)
-        for k in range(m):  # vectorises; the scatter below cannot
-            px = _to_pixel(xb[k], xmin, sx, pad, hi)
-            py = _to_pixel(yb[k], ymin, sy, pad, hi)
-            offset[k] = (size - 1 - py) * stride + col0 + px  # flipped top to bottom
-            table[k] = PATCH * np.int64(1 + (((r[k] >> _U32) * np.uint64(511)) >> _U32))
-        # In order, so later patches overwrite earlier ones. The kept 4th byte is at most column
-        # size - pad + 3 <= size (pad >= 3): inside the row, or the next row's first byte.
-        for k in range(m):
-            o, p = offset[k], table[k]
-            for dr in range(PATCH):
-                _paste_row(flat, o - dr * stride, PATCH_ROWS[p + dr])
-    inked = 0
-    for k in range(flat.shape[0]):
-        inked += np.int64(flat[k] != 0)
-    return inked
+        last = first + BLOCK
+        _pixels(xbuf[first:last], ybuf[first:last], h1buf[first:last], xmin, sx, ymin, sy, padf, hi,
+                base, stride, off, w0, w1, w2)
+        _scatter(flat, off, w0, w1, w2, min(BLOCK, n_points - first), stride)
+    return _count_ink(flat)
+
+
+_workspace = threading.local()
+
+
+def _buffers(points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-thread point buffers, kept between calls: 1.2 MB freshly allocated per image would cost
+    more in page faults than the kernel's first pass."""
+    n = -(-points // BLOCK) * BLOCK
+    bufs = getattr(_workspace, "bufs", None)
+    if bufs is None or bufs[0].shape[0] < n:
+        bufs = (np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.uint32))
+        _workspace.bufs = bufs
+    return bufs
 
 
 def check_canvas(size: int, pad: int) -> None:
@@ -217,8 +323,8 @@ def render(system: IFS, seed: int, *, points: int = 100_000, size: int = 512, pa
     elif out.shape[0] != size or out.shape[1] < size or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError("out must be a C-contiguous uint8 array of shape (size, >= size)")
     col0 = out.shape[1] - size  # extra leading columns stay zero (PNG filter bytes)
-    inked = chaos_game_kernel(system.coef, map_thresholds(system.probabilities), np.uint64(seed),
-                              points, pad, out, col0)
+    inked = chaos_game_kernel(system.coef, system.probabilities, np.uint64(seed),
+                              points, pad, out, col0, *_buffers(points))
     if inked < 0:
         out[:] = 0
     image = out[:, col0:]

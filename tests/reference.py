@@ -16,40 +16,57 @@ def splitmix(seed: int, n: int) -> int:
     return z ^ (z >> 31)
 
 
+def lowbias32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def draws(seed: int, n: int) -> tuple[int, int]:
+    """Point n's draws (n from 1): h1 picks the patch mask, h (a second round) picks the map."""
+    h1 = lowbias32(n ^ (seed & 0xFFFFFFFF))
+    return h1, lowbias32(h1 ^ (seed >> 32))
+
+
+def fixed_point(row):
+    a, b, c, d, e, f = (float(v) for v in row)
+    det = (1 - a) * (1 - d) - b * c
+    if abs(det) < 1e-12:
+        return 0.0, 0.0
+    return ((1 - d) * e + b * f) / det, (c * e + (1 - a) * f) / det
+
+
 def chaos_points(coef, probabilities, seed, n_points, chains=64):
-    """Points of `chains` interleaved chaos games; also the random draw behind each point."""
-    n_maps = len(coef)
+    """float32 points of `chains` interleaved chaos games; also the mask draw behind each point."""
     cum = np.floor(np.cumsum(probabilities)[:-1] * 2.0**32)
-    state = []
-    for c in range(chains):
-        a, b, cc, d, e, f = coef[c % n_maps]
-        M = np.array([[1 - a, -b], [-cc, 1 - d]])
-        det = (1 - a) * (1 - d) - b * cc
-        state.append(np.zeros(2) if abs(det) < 1e-12 else np.linalg.solve(M, [e, f]))
-    pts, draws = np.empty((n_points, 2)), []
+    maps = np.asarray(coef, dtype=np.float32)
+    state = [np.array(fixed_point(coef[c % len(coef)]), dtype=np.float32) for c in range(chains)]
+    pts, masks = np.empty((n_points, 2), dtype=np.float32), []
     for n in range(n_points):
-        r = splitmix(seed, n + 1)
-        i = int(np.sum((r & 0xFFFFFFFF) >= cum))
-        a, b, cc, d, e, f = coef[i]
+        h1, h = draws(seed, n + 1)
+        a, b, cc, d, e, f = maps[int(np.sum(h >= cum))]
         x, y = state[n % chains]
-        state[n % chains] = np.array([a * x + b * y + e, cc * x + d * y + f])
+        state[n % chains] = np.array([a * x + b * y + e, cc * x + d * y + f], dtype=np.float32)
         pts[n] = state[n % chains]
-        draws.append(r)
-    return pts, draws
+        masks.append(1 + (((h1 >> 9) * 511) >> 23))
+    return pts, masks
 
 
 def render_reference(coef, probabilities, seed, n_points, size, pad):
-    pts, draws = chaos_points(np.asarray(coef), np.asarray(probabilities), seed, n_points)
+    pts, masks = chaos_points(np.asarray(coef), np.asarray(probabilities), seed, n_points)
     image = np.zeros((size, size), dtype=np.uint8)
     if not np.all(np.isfinite(pts)):
         return image
     lo, hi = pts.min(axis=0), pts.max(axis=0)
-    span = size - 2 * pad
-    with np.errstate(divide="ignore"):
-        scale = np.where(hi > lo, span / (hi - lo), 0.0)
-    pix = np.clip((pts - lo) * scale + pad, pad, size - pad).astype(int)
-    for (px, py), r in zip(pix, draws, strict=True):
-        mask = 1 + (((r >> 32) * 511) >> 32)
+    span = np.float32(size - 2 * pad)
+    with np.errstate(divide="ignore", over="ignore"):
+        scale = np.where(hi > lo, span / (hi - lo), np.float32(0)).astype(np.float32)
+    scale[~np.isfinite(scale)] = 0
+    pix = np.clip((pts - lo) * scale + np.float32(pad), pad, size - pad).astype(int)
+    for (px, py), mask in zip(pix, masks, strict=True):
         patch = np.array([(mask >> b) & 1 for b in range(9)]).reshape(3, 3) * 127
         image[py : py + 3, px : px + 3] = patch
     return image[::-1].copy()

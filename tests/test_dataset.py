@@ -117,6 +117,16 @@ def test_resume_completes_only_missing_shards(tmp_path, small_settings):
         render_dataset(tmp_path, small_settings, workers=1, resume=True, delta=0.3)
 
 
+def test_resume_refuses_another_renderers_images(tmp_path, small_settings):
+    render_dataset(tmp_path, small_settings, workers=1)
+    (tmp_path / "1p-frac-000001.tar").unlink()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["renderer"]  # as written by fracgen 0.1, whose renderer drew other pixels
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FracgenError, match="renderer 1 .* renderer 2"):
+        render_dataset(tmp_path, small_settings, workers=1, resume=True)
+
+
 def test_degenerate_base_fails_naming_it(tmp_path, small_settings):
     # a base whose perturbations never ink more than 90% of the canvas
     with pytest.raises(FracgenError, match="class 0: no perturbation .* base sampled from seed 3"):

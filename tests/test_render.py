@@ -27,8 +27,8 @@ def test_kernel_matches_reference(system, seed, points, size, pad):
 
 @pytest.mark.parametrize("system", list(systems()))
 def test_png_filter_column_stays_zero_with_the_smallest_pad(system):
-    # Patch rows are pasted as 4-byte words that keep their 4th byte: at pad 3 that byte is the next
-    # row's filter byte, which must come out 0 and leave the image equal to the reference.
+    # Patch rows are pasted as 16- and 8-bit stores: at pad 3 the last cell of a row sits right before
+    # the next row's filter byte, which must come out 0 and leave the image equal to the reference.
     out = np.full((48, 49), 255, dtype=np.uint8)
     image, _ = render(system, 5, points=20_000, size=48, pad=3, out=out)
     assert not out[:, 0].any()
