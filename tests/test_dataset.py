@@ -32,8 +32,9 @@ def test_shards_are_identical_for_any_worker_count(tmp_path, small_settings):
 
 def test_manifest_records_everything(tmp_path, small_settings):
     m = render_dataset(tmp_path, small_settings, workers=1, command="fracgen render ...")
-    on_disk = json.loads((tmp_path / "manifest.json").read_text())
-    assert on_disk == m
+    text = (tmp_path / "manifest.json").read_text()
+    assert json.loads(text) == m
+    assert sum(line.lstrip().startswith('{"class": ') for line in text.splitlines()) == 12  # a line each
     assert m["complete"] and m["format_version"] == 1 and m["fracgen_version"]
     assert m["num_classes"] == 12 and m["num_samples"] == 12 and m["command"] == "fracgen render ..."
     assert m["settings"]["sigma"] == 3.5 and m["settings"]["delta"] == 0.1
@@ -138,3 +139,18 @@ def test_base_from_file_is_reused(tmp_path, small_settings):
     m = render_dataset(tmp_path / "a", small_settings, workers=1)
     m2 = render_dataset(tmp_path / "b", small_settings, workers=1, base=m["base"]["ifs"], seed=99)
     assert m2["base"]["source"] == "file" and m2["base"]["ifs"] == m["base"]["ifs"]
+
+
+def test_shard_bytes_equal_pythons_tarfile(tmp_path, small_settings):
+    # write_shard builds USTAR headers itself (for speed); they must be the bytes tarfile writes
+    m = render_dataset(tmp_path, small_settings, workers=1)
+    path = tmp_path / m["shards"][0]["file"]
+    with tarfile.open(path) as tar:
+        members = [(ti.name, tar.extractfile(ti).read()) for ti in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
+            tar.addfile(ti, io.BytesIO(data))
+    assert buf.getvalue() == path.read_bytes()
