@@ -19,6 +19,7 @@ from fracgen.dataset import Settings, available_cores, render_dataset, verify_da
 from fracgen.errors import FracgenError
 from fracgen.ifs import load_base
 from fracgen.preview import contact_sheet
+from fracgen.render import RENDERER
 from fracgen.shards import read_manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -114,6 +115,10 @@ def render(
                                       command=_command(settings, out_dir, base))
         dt = time.perf_counter() - t0
         total = sum(e["bytes"] for e in manifest["shards"])
+        if manifest.get("renderer", 1) != RENDERER:
+            err.print(f"{out_dir} is complete (renderer {manifest.get('renderer', 1)}, fracgen "
+                      f"{manifest['fracgen_version']}): nothing to do")
+            return
         err.print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
                   f"({total / 1e6:.1f} MB) to {out_dir} in {dt:.1f} s "
                   f"({manifest['num_samples'] / dt:.0f} images/s)")

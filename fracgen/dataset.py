@@ -226,9 +226,11 @@ def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict 
         raise FracgenError(f"cannot --resume: {out} has shards but no {MANIFEST}")
     old = read_manifest(out)
     if old.get("renderer", 1) != RENDERER:
-        raise FracgenError(f"cannot --resume: {out} was drawn by renderer {old.get('renderer', 1)} "
-                           f"(fracgen {old.get('fracgen_version')}), this fracgen draws renderer {RENDERER}, "
-                           "whose images differ; use --overwrite")
+        finished = old.get("complete") and all((out / e["file"]).exists() for e in old["shards"])
+        if not finished:
+            raise FracgenError(f"cannot --resume: {out} was drawn by renderer {old.get('renderer', 1)} "
+                               f"(fracgen {old.get('fracgen_version')}), this fracgen draws renderer {RENDERER}, "
+                               "whose images differ; use --overwrite")
     if old["settings"] != _settings_json(s):
         diff = [f"{k}={old['settings'].get(k)!r}->{v!r}" for k, v in _settings_json(s).items()
                 if old["settings"].get(k) != v]
@@ -255,6 +257,8 @@ def render_dataset(
         raise FracgenError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     old = _prepare_out(out, s, overwrite, resume)
+    if old is not None and old.get("renderer", 1) != RENDERER:
+        return old  # a finished dataset of an older renderer: nothing to add, and its manifest stays true
 
     if old is not None:
         base_info, classes, pngs = old["base"], old["classes"], {}

@@ -118,12 +118,16 @@ def test_resume_completes_only_missing_shards(tmp_path, small_settings):
         render_dataset(tmp_path, small_settings, workers=1, resume=True, delta=0.3)
 
 
-def test_resume_refuses_another_renderers_images(tmp_path, small_settings):
+def test_resume_refuses_to_mix_renderers(tmp_path, small_settings):
     render_dataset(tmp_path, small_settings, workers=1)
-    (tmp_path / "1p-frac-000001.tar").unlink()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     del manifest["renderer"]  # as written by fracgen 0.1, whose renderer drew other pixels
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    before = (tmp_path / "manifest.json").read_bytes()
+    # finished: nothing to render, so --resume (as `make pretrain` passes) succeeds and changes nothing
+    assert render_dataset(tmp_path, small_settings, workers=1, resume=True) == manifest
+    assert (tmp_path / "manifest.json").read_bytes() == before
+    (tmp_path / "1p-frac-000001.tar").unlink()
     with pytest.raises(FracgenError, match="renderer 1 .* renderer 2"):
         render_dataset(tmp_path, small_settings, workers=1, resume=True)
 
