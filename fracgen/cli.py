@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fracgen import __version__
-from fracgen.dataset import Settings, available_cores, render_dataset, verify_dataset
+from fracgen.dataset import Settings, render_dataset, verify_dataset
 from fracgen.errors import FracgenError
 from fracgen.ifs import load_base
 from fracgen.preview import contact_sheet
@@ -90,7 +90,8 @@ def render(
     name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar.")] = D.name,
     png_level: Annotated[int, typer.Option(help="PNG deflate level 0..3 (ISA-L; lossless at every level).")]
     = D.png_level,
-    workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores).")] = 0,
+    workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores, but no more than one per "
+                                              "2000 images: a worker takes ~1 s to start).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in --out.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted render: write only missing shards.")] = False,
 ):
@@ -110,7 +111,7 @@ def render(
                     tasks[phase] = bar.add_task(phase, total=total)
                 bar.update(tasks[phase], completed=done)
 
-            manifest = render_dataset(out_dir, settings, workers=workers or available_cores(), overwrite=overwrite,
+            manifest = render_dataset(out_dir, settings, workers=workers or None, overwrite=overwrite,
                                       resume=resume, progress=report,
                                       command=_command(settings, out_dir, base))
         dt = time.perf_counter() - t0

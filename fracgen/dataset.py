@@ -105,6 +105,15 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+IMAGES_PER_WORKER = 2000  # starting a worker process costs ~1 s: the time one core renders ~2000 images
+
+
+def default_workers(s: Settings) -> int:
+    """All cores for big renders; fewer for small ones, whose worker start-up would cost more than the
+    extra cores save (the 1000-image 1p-frac set: 1.1 s on one worker, 2.0 s on two)."""
+    return max(1, min(available_cores(), s.num_samples // IMAGES_PER_WORKER))
+
+
 def render_seed(s: Settings, k: int, m: int, attempt: int) -> int:
     return derive_seed(s.seed, TAG_RENDER, k, m, attempt)
 
@@ -252,7 +261,7 @@ def render_dataset(
     """Render a dataset into `out` and return its manifest. `overrides` replace fields of `settings`."""
     s = dataclasses.replace(settings or Settings(), **overrides)
     validate(s)
-    workers = workers or available_cores()
+    workers = workers or default_workers(s)
     if workers < 1:
         raise FracgenError(f"--workers must be at least 1, got {workers}")
     out = Path(out)

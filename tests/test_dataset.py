@@ -158,3 +158,10 @@ def test_shard_bytes_equal_pythons_tarfile(tmp_path, small_settings):
             ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
             tar.addfile(ti, io.BytesIO(data))
     assert buf.getvalue() == path.read_bytes()
+
+
+def test_default_workers_grow_with_the_render():
+    from fracgen.dataset import Settings, available_cores, default_workers
+
+    assert default_workers(Settings(classes=1000)) == 1  # the 1p-frac set: start-up would cost more
+    assert default_workers(Settings(classes=1000, per_class=1000)) == available_cores()
