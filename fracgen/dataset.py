@@ -34,7 +34,7 @@ from fracgen.ifs import (
     perturb,
     sample_sigma_system,
 )
-from fracgen.render import RENDERER, check_canvas, render
+from fracgen.render import RENDERER, check_canvas, check_points, render
 from fracgen.rng import TAG_BASE, TAG_RENDER, derive_seed
 from fracgen.shards import Sample, atomic_write, read_manifest, shard_entry, verify_shard, write_shard
 
@@ -83,7 +83,7 @@ def validate(s: Settings) -> None:
         raise FracgenError(f"--delta must be >= 0, got {s.delta}")
     if s.perturb not in PERTURB_MODES:
         raise FracgenError(f"--perturb must be one of {', '.join(PERTURB_MODES)}, got {s.perturb!r}")
-    for label, value in (("--classes", s.classes), ("--per-class", s.per_class), ("--points", s.points),
+    for label, value in (("--classes", s.classes), ("--per-class", s.per_class),
                          ("--shard-size", s.shard_size), ("--max-retries", s.max_retries)):
         if value < 1:
             raise FracgenError(f"{label} must be at least 1, got {value}")
@@ -96,6 +96,7 @@ def validate(s: Settings) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-]+", s.name):
         raise FracgenError(f"--name may use letters, digits, '-' and '_' only, got {s.name!r}")
     check_canvas(s.size, s.pad)
+    check_points(s.points)
 
 
 def available_cores() -> int:

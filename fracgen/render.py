@@ -37,6 +37,8 @@ RENDERER = 2  # bumped whenever the same settings give different pixels (2: floa
 INK = 127  # the reference's stroke value
 PATCH = 3  # patch side: cell (r, c) is bit 3 r + c of the mask, row 0 at the top before the flip
 MIN_PAD = PATCH  # a patch pasted at the far edge (size - pad) needs its cells inside the canvas
+MAX_SIZE = 16384  # pixel offsets are 32-bit in the kernel: size * (size + 1) must stay below 2**31
+MAX_POINTS = 100_000_000  # the point buffers take 12 bytes per point
 CHAINS = 64  # interleaved chaos games: independent updates that fill the SIMD lanes
 BLOCK = 1024  # points per block (a multiple of CHAINS); the block buffers stay in L1
 
@@ -302,10 +304,17 @@ def _buffers(points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def check_canvas(size: int, pad: int) -> None:
+    if size > MAX_SIZE:
+        raise FracgenError(f"size must be at most {MAX_SIZE}, got {size}")
     if pad < MIN_PAD:
         raise FracgenError(f"pad must be at least {MIN_PAD} (a {PATCH}x{PATCH} patch at the far edge needs it)")
     if size < 2 * pad + 8:
         raise FracgenError(f"size {size} is too small for padding {pad}: need size >= 2 * pad + 8 = {2 * pad + 8}")
+
+
+def check_points(points: int) -> None:
+    if not 1 <= points <= MAX_POINTS:
+        raise FracgenError(f"points must be in 1..{MAX_POINTS:,}, got {points}")
 
 
 def render(system: IFS, seed: int, *, points: int = 100_000, size: int = 512, pad: int = 6,
@@ -316,8 +325,7 @@ def render(system: IFS, seed: int, *, points: int = 100_000, size: int = 512, pa
     wider than `size`: the image goes in its last `size` columns (see `png.py`).
     """
     check_canvas(size, pad)
-    if points < 1:
-        raise FracgenError(f"points must be at least 1, got {points}")
+    check_points(points)
     if out is None:
         out = np.empty((size, size), dtype=np.uint8)
     elif out.shape[0] != size or out.shape[1] < size or out.dtype != np.uint8 or not out.flags.c_contiguous:
