@@ -12,7 +12,7 @@ update. The game runs in float32 (the maps contract, so rounding does not accumu
 pixel is 1/500 of the attractor, far above float32's 1e-7). Random numbers are counter-based
 (see rng.py), so an image is a pure function of (system, seed, settings).
 
-How it is fast (`make bench`; the closing note of issue 4 has the measurements): points go in
+How it is fast (`make bench`; README "Speed" has the stage-by-stage figures): points go in
 blocks of BLOCK through small loops that LLVM vectorises on 16 float32 / uint32 lanes (draws,
 map updates, bounds, pixel offsets and patch rows); pass 1 keeps every point (1.2 MB for 100k),
 pass 2 maps them to pixels once the bounding box is known; only the in-order scatter of patches,
