@@ -13,6 +13,9 @@ def systems():
     yield perturb(sample_sigma_system(4.0, 2, 13)[0], 0.1, "scale", 99)[0]
     sierpinski = np.array([[0.5, 0, 0, 0.5, 0, 0], [0.5, 0, 0, 0.5, 0.5, 0], [0.5, 0, 0, 0.5, 0.25, 0.5]])
     yield make_ifs(sierpinski)
+    # two maps, one never drawn (cut point 2**32: the kernel's general path), and a single map
+    yield make_ifs(np.array([[0.6, 0.2, -0.1, 0.5, 0.3, 0.1], [0.5, 0.0, 0.0, 0.5, 0.5, 0.0]]), np.array([1.0, 0.0]))
+    yield make_ifs(np.array([[0.4, -0.3, 0.3, 0.4, 0.2, 0.1]]))
 
 
 @pytest.mark.parametrize("system", list(systems()))
