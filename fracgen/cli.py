@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fracgen import __version__
-from fracgen.dataset import Settings, render_dataset, verify_dataset
+from fracgen.dataset import Settings, render_dataset, renderer_of, verify_dataset
 from fracgen.errors import FracgenError
 from fracgen.ifs import load_base
 from fracgen.preview import contact_sheet
@@ -116,8 +116,8 @@ def render(
                                       command=_command(settings, out_dir, base))
         dt = time.perf_counter() - t0
         total = sum(e["bytes"] for e in manifest["shards"])
-        if manifest.get("renderer", 1) != RENDERER:
-            err.print(f"{out_dir} is complete (renderer {manifest.get('renderer', 1)}, fracgen "
+        if renderer_of(manifest) != RENDERER:
+            err.print(f"{out_dir} is complete (renderer {renderer_of(manifest)}, fracgen "
                       f"{manifest['fracgen_version']}): nothing to do")
             return
         err.print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
@@ -147,7 +147,7 @@ def info(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.j
         s, b = m["settings"], m["base"]
         t = Table(title=f"{dataset}", show_header=False)
         rows = [
-            ("fracgen", f"{m['fracgen_version']} (format {m['format_version']}, renderer {m.get('renderer', 1)})"),
+            ("fracgen", f"{m['fracgen_version']} (format {m['format_version']}, renderer {renderer_of(m)})"),
             ("complete", str(m["complete"])),
             ("command", m.get("command") or "-"),
             ("samples", f"{m['num_samples']} = {m['num_classes']} classes x {s['per_class']}"),

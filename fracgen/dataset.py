@@ -211,6 +211,11 @@ def _settings_json(s: Settings) -> dict:
     return dataclasses.asdict(s)
 
 
+def renderer_of(manifest: dict) -> int:
+    """The renderer that drew a dataset's images (fracgen 0.1 wrote no number: renderer 1)."""
+    return manifest.get("renderer", 1)
+
+
 def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict | None:
     """Check the output directory; return the existing manifest when resuming."""
     if overwrite and resume:
@@ -235,10 +240,10 @@ def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict 
     if not (out / MANIFEST).exists():
         raise FracgenError(f"cannot --resume: {out} has shards but no {MANIFEST}")
     old = read_manifest(out)
-    if old.get("renderer", 1) != RENDERER:
+    if renderer_of(old) != RENDERER:
         finished = old.get("complete") and all((out / e["file"]).exists() for e in old["shards"])
         if not finished:
-            raise FracgenError(f"cannot --resume: {out} was drawn by renderer {old.get('renderer', 1)} "
+            raise FracgenError(f"cannot --resume: {out} was drawn by renderer {renderer_of(old)} "
                                f"(fracgen {old.get('fracgen_version')}), this fracgen draws renderer {RENDERER}, "
                                "whose images differ; use --overwrite")
     if old["settings"] != _settings_json(s):
@@ -267,7 +272,7 @@ def render_dataset(
         raise FracgenError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     old = _prepare_out(out, s, overwrite, resume)
-    if old is not None and old.get("renderer", 1) != RENDERER:
+    if old is not None and renderer_of(old) != RENDERER:
         return old  # a finished dataset of an older renderer: nothing to add, and its manifest stays true
 
     if old is not None:

@@ -21,7 +21,6 @@ GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64 increment: 2**64 / golden ratio
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
-_MASK32 = (1 << 32) - 1
 # lowbias32 (C. Wellons' hash-prospector): xor-shift, multiply, xor-shift, multiply, xor-shift.
 _LOWBIAS32 = ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None))
 
@@ -45,16 +44,6 @@ def derive_seed(seed: int, *keys: int) -> int:
     for k in keys:
         h = mix64(h ^ mix64(int(k) + GOLDEN))
     return h
-
-
-def lowbias32(x: int) -> int:
-    """The 32-bit hash behind the chaos game's draws, on a Python int (the kernel's `_lowbias32`)."""
-    x &= _MASK32
-    for shift, mul in _LOWBIAS32:
-        x ^= x >> shift
-        if mul is not None:
-            x = (x * mul) & _MASK32
-    return x
 
 
 @intrinsic
