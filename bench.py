@@ -64,8 +64,10 @@ def timed(fn, n: int, blocks: int = 1) -> list[float]:
 def row(table, name, sec_per_image: list[float], points, baseline=None, note=""):
     """One table row: images/s of the best block (and the median when there are several)."""
     best, median = min(sec_per_image), statistics.median(sec_per_image)
-    rate = f"{1 / best:,.0f}" + (f" ({1 / median:,.0f})" if len(sec_per_image) > 1 else "") if best < 0.1 \
-        else f"{1 / best:,.1f}"
+    if best >= 0.1:  # the plain version: one block, about a second per image
+        rate = f"{1 / best:,.1f}"
+    else:
+        rate = f"{1 / best:,.0f}" + (f" ({1 / median:,.0f})" if len(sec_per_image) > 1 else "")
     ratio = f"{baseline / best:,.0f}x" if baseline else ""
     table.append((name, rate, f"{points / best / 1e6:,.1f}", ratio, note))
 
