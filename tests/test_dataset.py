@@ -165,3 +165,16 @@ def test_default_workers_grow_with_the_render():
 
     assert default_workers(Settings(classes=1000)) == 1  # the 1p-frac set: start-up would cost more
     assert default_workers(Settings(classes=1000, per_class=1000)) == available_cores()
+
+
+def test_png_decode_reads_fracgen_pngs_and_any_other_grayscale_png():
+    from fracgen import png
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((37, 53)) * 255).astype(np.uint8)
+    fast = png.decode(png.encode(image, level=1))
+    assert np.array_equal(fast, image) and fast.flags.writeable and fast.flags.c_contiguous
+    for mode in ("L", "RGB"):  # Pillow's PNGs use row filters: decoded through Pillow, to L
+        buf = io.BytesIO()
+        Image.fromarray(image).convert(mode).save(buf, format="PNG")
+        assert np.array_equal(png.decode(buf.getvalue()), image)
