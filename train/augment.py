@@ -1,0 +1,244 @@
+"""Augmentation on the training device: DESIGN.md section 6's recipe on whole batches, every sample its own draw.
+
+The loader hands over uint8 pixels (B, 1, H, W) (fracgen's images are grayscale) and everything else happens here,
+where the model runs, on CUDA or on the CPU by the same code: timm's RandomResizedCrop (box sampling, PIL's
+antialiased bicubic resampling), horizontal and vertical flips, timm's RandAugment (`train.randaugment`),
+normalisation, and timm's random erasing; Mixup/CutMix stay timm's own, in the training loop. Images stay one
+channel until the model's input. The random parameters of a batch (a few numbers per sample) are drawn on the
+host and sent over in one small copy, the pixel work runs on the device; the generators are seeded per rank and
+saved in checkpoints (`AugmentRNG`), so a resumed run continues the same stream of augmentations.
+
+Why written here rather than taken from a library (README "Training" has the measurements): torchvision's v2
+transforms draw one parameter set per call (a batch shares one crop); kornia draws per sample but resizes crops one
+sample at a time in a Python loop and picks RandAugment's ops once per batch; DALI is a ~0.5 GB dependency whose
+RandAugment is not timm's. Here the crop and resize of a whole batch are two batched matrix products: each sample's
+rows and columns are resampled by a weight matrix that holds PIL's bicubic filter, widened by the downscale factor
+(that is PIL's antialiasing: a 1-pixel fractal stroke keeps its mass instead of aliasing into dots), cut to the crop
+window and flipped when the sample is flipped. Nothing waits for the GPU: no decision depends on device values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from train.randaugment import RandAugment, to_device
+
+CROP_ATTEMPTS = 10  # timm's RandomResizedCrop tries 10 boxes before falling back to the centre crop
+
+
+def _uniform(low, high, u: torch.Tensor) -> torch.Tensor:
+    return low + (high - low) * u
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), *,
+                      generator: torch.Generator) -> torch.Tensor:
+    """(n, 4) float boxes (top, left, h, w), on the host, drawn as timm's RandomResizedCrop.get_params draws them.
+
+    10 attempts of area ~ U(scale) x image area and log aspect ~ U(log ratio); the first attempt that fits wins,
+    placed uniformly (randint over the whole range); none fits: the centre crop of timm's fallback.
+    """
+    u = torch.rand(n, CROP_ATTEMPTS, 4, generator=generator, dtype=torch.float64)
+    target_area = _uniform(scale[0], scale[1], u[..., 0]) * (height * width)
+    aspect = torch.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), u[..., 1]))
+    w = torch.round(torch.sqrt(target_area * aspect))
+    h = torch.round(torch.sqrt(target_area / aspect))
+    fits = (w <= width) & (h <= height)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first of equal maxima
+    pick = lambda t: t.gather(1, first).squeeze(1)  # noqa: E731
+    w, h = pick(w), pick(h)
+    top = torch.floor(pick(u[..., 2]) * (height - h + 1))
+    left = torch.floor(pick(u[..., 3]) * (width - w + 1))
+    # timm's fallback: the largest centred box whose aspect lies within `ratio`.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float64)
+    boxes = torch.stack([top, left, h, w], 1)
+    return torch.where(fits.any(1, keepdim=True), boxes, fallback).float()
+
+
+def _bicubic(t: torch.Tensor) -> torch.Tensor:
+    """PIL's bicubic kernel (a = -0.5; torch's grid_sample uses -0.75)."""
+    a = -0.5
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = (((t - 5) * t + 8) * t - 4) * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int,
+                     flip: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, out_size, in_size): row o holds the weights with which output pixel o averages the input pixels, for a
+    window [start, start + length) of each sample resized to out_size, the way PIL's `resize(BICUBIC)` computes
+    them after a crop: the kernel widened by the downscale factor (antialiasing), cut to the window, normalised.
+    `flip`: (B,) bool, reverse the output order of those samples.
+
+    The kernel is evaluated only on the taps it can reach (at most 4 x in_size / out_size + 2 per output pixel) and
+    scattered into the dense matrix the batched matmul wants.
+    """
+    device = start.device
+    scale = (length / out_size)[:, None, None]
+    stretch = scale.clamp(min=1.0)
+    centres = start[:, None, None] + (torch.arange(out_size, device=device) + 0.5)[None, :, None] * scale
+    reach = math.ceil(4 * max(1.0, in_size / out_size)) + 2
+    taps = torch.floor(centres - 0.5 - 2 * stretch) + torch.arange(reach, device=device)  # (B, out, reach)
+    weights = _bicubic((taps + 0.5 - centres) / stretch)
+    inside = (taps >= start[:, None, None]) & (taps < (start + length)[:, None, None])
+    weights = torch.where(inside, weights, 0.0)
+    weights = weights / weights.sum(-1, keepdim=True)
+    dense = torch.zeros(len(start), out_size, in_size, device=device)
+    dense.scatter_add_(2, taps.clamp_(0, in_size - 1).long(), weights.float())
+    if flip is not None:
+        dense = torch.where(flip[:, None, None], dense.flip(1), dense)
+    return dense
+
+
+def pil_vertical_first(h: torch.Tensor, w: torch.Tensor, out_size: int) -> torch.Tensor:
+    """Pillow (13) resizes vertically first when the height shrinks by more than twice what the width does;
+    the order matters because the intermediate image is rounded and clipped to 8 bits."""
+    return (h - out_size > 0) & (h - out_size > 2 * (w - out_size))
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: int, hflip: torch.Tensor | None = None,
+                 vflip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop every (H, W) image of a (B, H, W) float batch to its own box (top, left, h, w), resize it to
+    out_size x out_size with PIL's antialiased bicubic filter, and flip it where asked: two batched matmuls.
+    Gives 8-bit values (integers in 0..255), as PIL does. `boxes` (B, 4) and the (B,) bool flips are host tensors.
+
+    PIL resizes in two passes and rounds and clips the intermediate 8-bit image: clipping cuts the kernel's
+    negative lobes beside thin strokes, which changes the result by up to ~25 grey levels there, so each sample
+    takes PIL's order of passes (`pil_vertical_first`).
+    """
+    batch, height, width = images.shape
+    no = torch.zeros(batch, dtype=torch.bool)
+    flips = torch.stack([no if hflip is None else hflip, no if vflip is None else vflip], 1)
+    params = to_device(torch.cat([boxes.float(), flips.float()], 1), images.device)
+    rows = resample_weights(params[:, 0], params[:, 2], out_size, height, params[:, 5] > 0)
+    cols = resample_weights(params[:, 1], params[:, 3], out_size, width, params[:, 4] > 0).transpose(1, 2)
+    vertical = pil_vertical_first(boxes[:, 2], boxes[:, 3], out_size)
+    if not vertical.any():
+        return _round8(rows @ _round8(images @ cols))
+    if vertical.all():
+        return _round8(_round8(rows @ images) @ cols)
+    out = torch.empty(batch, out_size, out_size, device=images.device)
+    for first_rows, mask in ((False, ~vertical), (True, vertical)):
+        idx = to_device(mask.nonzero().squeeze(1), images.device)
+        x, r, c = images.index_select(0, idx), rows.index_select(0, idx), cols.index_select(0, idx)
+        out.index_copy_(0, idx, _round8(_round8(r @ x) @ c) if first_rows else _round8(r @ _round8(x @ c)))
+    return out
+
+
+def _round8(x: torch.Tensor) -> torch.Tensor:
+    """To the 8-bit value PIL stores: round half up, clip to 0..255."""
+    return torch.floor(x + 0.5).clamp_(0, 255)
+
+
+def erase_boxes(batch: int, height: int, width: int, probability: float, *, generator: torch.Generator,
+                min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3) -> torch.Tensor:
+    """(B, 4) float64 boxes (top, left, h, w) of timm's RandomErasing (one box), h = 0 where a sample is not erased.
+
+    With `probability` a sample gets up to 10 attempts at a box of area U(min_area, max_area) and log aspect
+    U(log min_aspect, -log min_aspect) that fits strictly inside, placed uniformly."""
+    u = torch.rand(batch, CROP_ATTEMPTS, 4, generator=generator, dtype=torch.float64)
+    target_area = _uniform(min_area, max_area, u[..., 0]) * (height * width)
+    aspect = torch.exp(_uniform(math.log(min_aspect), -math.log(min_aspect), u[..., 1]))
+    h = torch.round(torch.sqrt(target_area * aspect))
+    w = torch.round(torch.sqrt(target_area / aspect))
+    fits = (w < width) & (h < height)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)
+    pick = lambda t: t.gather(1, first).squeeze(1)  # noqa: E731
+    h, w = pick(h), pick(w)
+    top = torch.floor(pick(u[..., 2]) * (height - h + 1))
+    left = torch.floor(pick(u[..., 3]) * (width - w + 1))
+    erase = (torch.rand(batch, generator=generator, dtype=torch.float64) < probability) & fits.any(1)
+    return torch.stack([top, left, torch.where(erase, h, 0.0), w], 1)
+
+
+def random_erase(x: torch.Tensor, boxes: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+    """Fill each sample's box (from `erase_boxes`, on x's device) of a normalised (B, C, H, W) batch with per-pixel,
+    per-channel N(0, 1) noise (timm's mode 'pixel'), drawn on the device."""
+    _, _, height, width = x.shape
+    rows = torch.arange(height, device=x.device, dtype=boxes.dtype)[None, :, None]
+    cols = torch.arange(width, device=x.device, dtype=boxes.dtype)[None, None, :]
+    top, left, h, w = (boxes[:, i, None, None] for i in range(4))
+    box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.where(box[:, None], noise, x)
+
+
+class AugmentRNG:
+    """The random streams of one rank's augmentation. Parameters (crop and erasing boxes, flips, RandAugment's ops
+    and magnitudes) come from a host generator: the batch can then be split by op without asking the device
+    anything. Pixel noise (erasing) comes from a generator on the device. Both are saved in checkpoints."""
+
+    def __init__(self, seed: int, device):
+        self.host = torch.Generator().manual_seed(seed)
+        self.device = torch.Generator(device=device)
+        self.device.manual_seed(seed)
+
+    def state(self) -> dict:
+        return {"host": self.host.get_state(), "device": self.device.get_state()}
+
+    def load(self, state: dict) -> None:
+        self.host.set_state(state["host"])
+        self.device.set_state(state["device"])
+
+
+class DeviceAugment:
+    """The training transform of a pre-training run, applied to a batch of uint8 grayscale images.
+
+    Same steps, order and parameters as `train.data.train_transform` (the PIL path, `--augment cpu`): ink gain,
+    RandomResizedCrop (bicubic), flips, RandAugment, to [0, 1] and normalise, copy to 3 channels, random erasing.
+    """
+
+    def __init__(self, img_size: int, *, crop: bool = True, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                 hflip: float = 0.5, vflip: float = 0.5, randaug: str | None = None, reprob: float = 0.0,
+                 mean: float = 0.5, std: float = 0.5, ink_gain: float = 1.0, channels: int = 3):
+        self.img_size, self.crop, self.crop_scale, self.crop_ratio = img_size, crop, crop_scale, crop_ratio
+        self.hflip, self.vflip, self.reprob = hflip, vflip, reprob
+        self.mean, self.std, self.ink_gain, self.channels = mean, std, ink_gain, channels
+        # timm's training transform gives RandAugment the mean as fill and the resize interpolation (bicubic).
+        self.randaug = RandAugment(randaug, fill=round(255 * mean)) if randaug else None
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        x = images[:, 0].float()
+        if self.ink_gain != 1:  # `_Ink`'s lookup table: round(v x gain), clipped at 255
+            x.mul_(self.ink_gain)
+            if not float(self.ink_gain).is_integer():
+                x.round_()
+            x.clamp_(max=255)
+        return x
+
+    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x / 255 - self.mean) / self.std
+        return x[:, None].expand(-1, self.channels, -1, -1)
+
+    def __call__(self, images: torch.Tensor, rng: AugmentRNG) -> torch.Tensor:
+        x = self._pixels(images)
+        batch, height, width = x.shape
+        if self.crop:
+            boxes = sample_crop_boxes(batch, height, width, self.crop_scale, self.crop_ratio, generator=rng.host)
+        else:
+            boxes = torch.tensor([[0.0, 0.0, height, width]]).expand(batch, 4)
+        flips = torch.rand(2, batch, generator=rng.host) < torch.tensor([[self.hflip], [self.vflip]])
+        x = resized_crop(x, boxes, self.img_size, hflip=flips[0], vflip=flips[1])
+        if self.randaug is not None:
+            x = self.randaug(x, rng.host)
+        x = self._to_model(x)
+        if self.reprob > 0:
+            erase = erase_boxes(batch, self.img_size, self.img_size, self.reprob, generator=rng.host)
+            return random_erase(x, to_device(erase, x.device), generator=rng.device)
+        return x.contiguous()
+
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
+        """The clean view pretext accuracy is measured on: the whole image resized (as `eval_transform`)."""
+        x = self._pixels(images)
+        batch, height, width = x.shape
+        boxes = torch.tensor([[0.0, 0.0, height, width]]).expand(batch, 4)
+        return self._to_model(resized_crop(x, boxes, self.img_size)).contiguous()
