@@ -167,12 +167,25 @@ def bench_png(size: int) -> list[tuple]:
     return out
 
 
-def bench_loader(seconds: float) -> list[tuple]:
-    try:
-        from train.bench import loader_throughput
-    except ImportError:
-        return []
-    return loader_throughput(seconds)
+def bench_trainer(args) -> None:
+    """The trainer's rows: data paths against the model alone, augmentation per batch, PIL loader alone."""
+    from train import bench as tb
+
+    what = ("CPU preset trained through (real pretrain runs, 1000 classes at 128 px)" if args.preset == "cpu" else
+            "paper preset trained through (real pretrain runs, 1p-frac at 512 px; streamed set larger)")
+    print(f"\n| {what} | samples/s | of model only | note |\n|---|---|---|---|")
+    for r in tb.training_rows(args.preset, args.train_steps, stream_images=args.stream_images):
+        print("| " + " | ".join(r) + " |")
+    print("\n| paper preset augmentation, one batch of 256 (512 px -> 224 px, RandAugment m9 inc1, erasing 0.5) | "
+          "ms/batch | device |\n|---|---|---|")
+    for r in tb.augmentation_rows():
+        print("| " + " | ".join(r) + " |")
+    print("\n| device memory, in-memory path | MiB | note |\n|---|---|---|")
+    for r in tb.memory_rows():
+        print("| " + " | ".join(r) + " |")
+    print("\n| trainer data loader, PIL path (from shards) | samples/s | note |\n|---|---|---|")
+    for r in tb.loader_throughput(args.loader_seconds):
+        print("| " + " | ".join(r) + " |")
 
 
 def main():
@@ -184,7 +197,12 @@ def main():
     ap.add_argument("--points", type=int, default=100_000)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--loader-seconds", type=float, default=10.0)
+    ap.add_argument("--train-steps", type=int, default=100, help="steps of each timed pre-training run")
+    ap.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
+                    help="trainer rows for this preset (paper: for a GPU machine)")
+    ap.add_argument("--stream-images", type=int, default=20_000, help="images of the streamed set (paper preset)")
     ap.add_argument("--scaling", metavar="1,2,4", help="only the end-to-end scaling over these worker counts")
+    ap.add_argument("--only", choices=("renderer", "trainer"), help="only fracgen's rows or only the trainer's")
     args = ap.parse_args()
     if args.scaling:
         print("| workers | images | images/s | per worker | speed-up |\n|---|---|---|---|---|")
@@ -193,18 +211,16 @@ def main():
         return
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
-    print(f"# 1p-frac defaults: 2 maps, {args.points} points, {args.size} px, random 3x3 patches\n")
-    print("| what | images/s, best (median) | Mpoints/s, best | vs plain | note |\n|---|---|---|---|---|")
-    for r in bench_renderer(args.images, args.plain_images, args.points, args.size, args.blocks, args.e2e_runs):
-        print("| " + " | ".join(r) + " |")
-    print("\n| PNG encoder (512 px 1p-frac image) | ms/image | KB/image |\n|---|---|---|")
-    for r in bench_png(args.size):
-        print("| " + " | ".join(r) + " |")
-    loader = bench_loader(args.loader_seconds)
-    if loader:
-        print("\n| trainer data loader (from shards) | samples/s | note |\n|---|---|---|")
-        for r in loader:
+    if args.only != "trainer":
+        print(f"# 1p-frac defaults: 2 maps, {args.points} points, {args.size} px, random 3x3 patches\n")
+        print("| what | images/s, best (median) | Mpoints/s, best | vs plain | note |\n|---|---|---|---|---|")
+        for r in bench_renderer(args.images, args.plain_images, args.points, args.size, args.blocks, args.e2e_runs):
             print("| " + " | ".join(r) + " |")
+        print("\n| PNG encoder (512 px 1p-frac image) | ms/image | KB/image |\n|---|---|---|")
+        for r in bench_png(args.size):
+            print("| " + " | ".join(r) + " |")
+    if args.only != "renderer":
+        bench_trainer(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """fracgen: the 1p-frac dataset (one fractal, C perturbed copies) rendered fast into WebDataset shards."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from fracgen.errors import FracgenError  # noqa: E402
 from fracgen.ifs import IFS, perturb, sample_sigma_system  # noqa: E402

@@ -41,3 +41,12 @@ def test_bench_scaling_table():
     rows = bench.bench_scaling([1, 2], per_worker=10)
     assert [r[0] for r in rows] == ["1", "2"] and [r[1] for r in rows] == ["10", "20"]
     assert rows[0][4] == "1.00x"
+
+
+def test_trainer_rows_run_every_data_path():
+    from train.bench import training_rows
+
+    rows = training_rows("cpu", steps=4, window=2)
+    assert [r[0].split(" ")[0] for r in rows] == ["model", "in-memory", "streaming,", "PIL"]
+    assert all(float(r[1].replace(",", "")) > 0 for r in rows)
+    assert "in-memory cache" in rows[1][3] and "with PIL" in rows[3][3]

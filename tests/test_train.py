@@ -73,19 +73,23 @@ def test_pretrain_checkpoint_loads_into_timm_and_resumes(shards, tmp_path):
     assert steps_logged == [1, 2, 3, 4, 5]
 
 
-def test_ddp_two_ranks_same_steps_with_fewer_shards_than_workers(tmp_path):
+@pytest.mark.parametrize("path", ["memory", "stream"])
+def test_ddp_two_ranks_same_steps_with_fewer_shards_than_workers(tmp_path, path):
     shards = tmp_path / "shards"
     render_shards(shards, classes=4, shard_size=4)  # 1 shard for 2 ranks x 2 workers: resampling must cope
     assert len(data.read_manifest(shards)["shards"]) == 1
     out = tmp_path / "run"
     result = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--steps", "4", *TINY,
-                 "--accum", "2", "--workers", "2", "--ckpt-every", "2", torchrun=2)
+                 "--accum", "2", "--workers", "2", "--ckpt-every", "2", "--cache", "on" if path == "memory" else "off",
+                 torchrun=2)
     assert result.returncode == 0, result.stderr
+    assert ("in-memory cache" if path == "memory" else "streaming 1 shards") in result.stdout
     counts = dict(re.findall(r"\[rank (\d)\] done: (\d+) steps", result.stdout))
     assert counts == {"0": "4", "1": "4"}
     assert "global batch 64 (2 x 16 x 2)" in result.stdout
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert all("augment" in states for states in ckpt["rng"])
 
 
 def test_train_stream_differs_between_workers(shards):
@@ -156,6 +160,15 @@ def test_finetune_from_pretrain_checkpoint(shards, tmp_path):
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--resume"], "no checkpoint"),
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--ink-gain", "0"], "--ink-gain must be positive"),
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--mixup", "-1"], "--mixup must not be negative"),
+        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--augment", "gpu"], "unknown --augment"),
+        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--cache", "yes"], "unknown --cache"),
+        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--stop-after", "-1"], "--stop-after must not be"),
+        ("train.pretrain", ["--shards", "SHARDS", "--out", "OUT", "--cache", "on", "--cache-budget", "1e-6"],
+         "the decoded set needs 0.00 GiB (16 images of 64^2 bytes)"),
+        ("train.pretrain", ["--shards", "SHARDS", "--out", "OUT", "--cache", "on", "--augment", "cpu"],
+         "--cache on needs --augment device"),
+        ("train.pretrain", ["--shards", "SHARDS", "--out", "OUT", "--global-batch", "30", "--accum", "4"],
+         "--global-batch 30 does not divide"),
         ("train.finetune", ["--checkpoint", "/nonexistent.pt"], "no such file"),
         ("train.finetune", ["--checkpoint", "none", "--dataset", "cifar10", "--data-root", "EMPTY"],
          "cifar-10-python.tar.gz"),
@@ -163,9 +176,10 @@ def test_finetune_from_pretrain_checkpoint(shards, tmp_path):
         ("train.finetune", ["--checkpoint", "none", "--opt", "lamb"], "unknown --opt"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_1(tmp_path, module, args, message):
+def test_bad_input_is_one_line_and_exit_1(shards, tmp_path, module, args, message):
     (tmp_path / "empty").mkdir()
-    args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("OUT", str(tmp_path / "out")) for a in args]
+    args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("OUT", str(tmp_path / "out"))
+            .replace("SHARDS", str(shards)) for a in args]
     result = run(module, *args)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -224,3 +238,86 @@ def test_kill_and_resume_loses_at_most_the_steps_since_the_last_checkpoint(shard
     assert result.returncode == 0, result.stderr
     assert f"resumed from step {saved}" in result.stdout
     assert f"done: {400 - saved} steps this run, at step 400" in result.stdout
+
+
+AUGMENTED = ["--randaug", "rand-m9-mstd0.5-inc1", "--reprob", "0.5", "--cutmix", "1.0", "--drop-path", "0.1"]
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(shards, tmp_path):
+    """In-memory data path: batches are a function of the step and every random stream (augmentation parameters,
+    erasing noise, Mixup/CutMix, drop-path) is restored from the checkpoint, so stopping and resuming changes
+    nothing: the weights are bit for bit those of a run that never stopped."""
+    args = ["--shards", str(shards), "--steps", "6", *TINY, "--eval-every", "0", *AUGMENTED]
+    straight = run("train.pretrain", *args, "--out", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr
+    assert "in-memory cache on cpu" in straight.stdout
+    first = run("train.pretrain", *args, "--out", str(tmp_path / "b"), "--stop-after", "4")
+    assert first.returncode == 0, first.stderr
+    assert "stopped at step 4 of 6" in first.stdout and not (tmp_path / "b" / "model.pth").exists()
+    second = run("train.pretrain", "--shards", str(shards), "--out", str(tmp_path / "b"), "--resume")
+    assert second.returncode == 0, second.stderr
+    a = torch.load(tmp_path / "a" / "model.pth")
+    b = torch.load(tmp_path / "b" / "model.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("args", "says"), [(["--cache", "off"], "1 loader worker(s) decoding; augmentation on the"),
+                                            (["--augment", "cpu"], "decoding and augmenting with PIL")])
+def test_streaming_and_pil_paths_train(shards, tmp_path, args, says):
+    result = run("train.pretrain", "--shards", str(shards), "--out", str(tmp_path / "run"), "--steps", "3", *TINY,
+                 "--eval-every", "2", "--workers", "1", *AUGMENTED, *args)
+    assert result.returncode == 0, result.stderr
+    assert says in result.stdout and "[rank 0] done: 3 steps" in result.stdout and "pretext top-1" in result.stdout
+
+
+def test_paper_preset_follows_the_reference_script():
+    from train.pretrain import PRESETS, Config, per_rank_batch
+
+    paper = Config(**PRESETS["paper"])
+    assert (paper.randaug, paper.reprob, paper.global_batch) == ("rand-m9-mstd0.5-inc1", 0.5, 256)
+    assert [per_rank_batch(paper, ranks) for ranks in (1, 8)] == [256, 32]  # the reference: 8 GPUs x 32
+
+
+def test_load_images_decodes_what_webdataset_reads(shards):
+    import webdataset as wds
+
+    manifest = data.read_manifest(shards)
+    images, labels = data.load_images(shards, manifest)
+    assert images.shape == (16, 1, 64, 64) and images.dtype == torch.uint8
+    samples = list(wds.WebDataset(data.shard_urls(shards, manifest), shardshuffle=False).decode("l8"))
+    assert labels.tolist() == [int(s["cls"]) for s in samples]
+    assert all(np.array_equal(images[i, 0].numpy(), s["png"]) for i, s in enumerate(samples))
+
+
+def test_load_images_refuses_a_shard_that_does_not_match_its_manifest(tmp_path):
+    shards = tmp_path / "shards"
+    manifest = render_shards(shards, classes=8, shard_size=4)
+    path = shards / manifest["shards"][1]["file"]
+    raw = bytearray(path.read_bytes())
+    raw[700] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(data.TrainError, match=re.escape(f"shard {path} does not match its manifest")):
+        data.load_images(shards, manifest)
+
+
+def test_memory_source_deals_out_epochs_like_a_distributed_sampler():
+    n, batch, ranks = 10, 3, 2
+    sources = [data.MemorySource(torch.zeros(n, 1, 2, 2), torch.arange(n), batch, seed=7, rank=r, world_size=ranks)
+               for r in range(ranks)]
+    drawn = torch.cat([torch.cat([s.indices(t) for s in sources]) for t in range(5)])  # 30 = three epochs
+    for epoch in range(3):
+        assert sorted(drawn[epoch * n:(epoch + 1) * n].tolist()) == list(range(n))
+    assert drawn[:n].tolist() != drawn[n:2 * n].tolist()  # a new permutation each epoch
+    again = data.MemorySource(torch.zeros(n, 1, 2, 2), torch.arange(n), batch, seed=7, rank=1, world_size=ranks)
+    assert torch.equal(again.indices(3), sources[1].indices(3))  # a pure function of the step
+
+
+def test_pil_path_survives_zero_bit_posterize():
+    """rand-...-inc1 at magnitude 10 asks Posterize for 0 bits: Pillow 13 raises, the paper's Pillow gave black."""
+    from PIL import Image
+
+    transform = data.train_transform(32, randaug="rand-m10-n3-p1.0-inc1", gray=True)
+    image = Image.fromarray((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64))
+    for _ in range(60):  # 3 ops of 15 per call: Posterize is drawn ~12 times
+        transform(image)
+    assert data._posterize(image, 0).getextrema() == (0, 0)

@@ -1,29 +1,56 @@
-"""Data loader throughput for `make bench`: decoded and augmented samples/s read from real shards.
+"""Trainer speed for `make bench`: data paths against the model alone, and the loaders and augmentations apart.
 
-Mixup/CutMix are left out: they act on whole batches in the training loop, not in the loader workers.
+- training rows: real `train.pretrain` runs of the CPU preset on real shards, one per data path (in-memory cache
+  with augmentation on the device, streaming with augmentation on the device, the PIL path of loader workers),
+  beside the same model, batch, optimizer and threads trained on random tensors (the model-only rate);
+- augmentation rows: one batch of the paper preset's recipe (512 px -> 224 px, RandAugment, erasing), PIL per
+  sample against `train.augment` on the whole batch, on this machine's device;
+- loader rows: decoded + PIL-augmented samples/s of the old loader alone (Mixup/CutMix act in the loop).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
 from fracgen.dataset import Settings, render_dataset
 from train import data
+from train.augment import AugmentRNG
+from train.pretrain import (
+    PRESETS,
+    Config,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    device_augment,
+    pretrain,
+)
 
 # (label, shard image size, train_transform arguments): the two presets' image pipelines.
 PIPELINES = [
     ("CPU preset: 128 px shards -> 32 px, crop, flips, ink gain 2", 128,
      dict(img_size=32, crop_scale=(0.35, 1.0), ink_gain=2.0)),
-    ("paper preset: 512 px shards -> 224 px, crop, flips, RandAugment m9, erasing 0.25", 512,
-     dict(img_size=224, randaug="rand-m9-mstd0.5", reprob=0.25)),
+    ("paper preset: 512 px shards -> 224 px, crop, flips, RandAugment m9 inc1, erasing 0.5", 512,
+     dict(img_size=224, randaug="rand-m9-mstd0.5-inc1", reprob=0.5)),
 ]
+CPU_SHARDS = Settings(classes=1000, size=128, points=50_000, seed=4)  # what `make pretrain` renders
+PAPER = dict(img_size=224, patch_size=16, depth=0, crop_scale=(0.08, 1.0), randaug="rand-m9-mstd0.5-inc1",
+             reprob=0.5, ink_gain=1.0, cutmix=1.0, drop_path=0.1)
 
 
 def samples_per_second(shards: Path, transform, workers: int, seconds: float, batch: int = 64) -> float:
-    """Samples/s of the training loader after its first batch (worker start-up and buffer fill excluded)."""
+    """Samples/s of the PIL training loader after its first batch (worker start-up and buffer fill excluded)."""
     manifest = data.read_manifest(shards)
     loader = data.train_loader(data.shard_urls(shards, manifest), batch, transform, batches=10**9, seed=0,
                                shuffle_buffer=200, workers=workers)
@@ -52,3 +79,159 @@ def loader_throughput(seconds: float = 10.0, cores: int | None = None) -> list[t
                 how = "1 worker (in the main process)" if workers == 0 else f"{workers} worker processes"
                 rows.append((label, f"{rate:,.0f}", how))
     return rows
+
+
+def model_only_rate(cfg: Config, num_classes: int, steps: int, window: int = 20) -> list[float]:
+    """Samples/s per window of `window` steps of the model alone: pretrain's model, optimizer, schedule, batch
+    and loss on a fixed random batch (no data, no augmentation, no Mixup), with the loss read once per window
+    as pretrain reads it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, num_classes, device)
+    optimizer = build_optimizer(cfg, model, 1e-3)
+    scheduler = build_scheduler(cfg, optimizer, 1e-3, min(cfg.warmup_steps, cfg.steps // 2))
+    batch = cfg.global_batch or cfg.batch  # one process
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    target = torch.softmax(torch.randn(batch, num_classes, device=device), 1)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    rates, total, t0 = [], torch.zeros((), device=device), time.perf_counter()
+    for step in range(steps):
+        scheduler.step_update(step)
+        with autocast:
+            loss = torch.sum(-target * torch.log_softmax(model(x), -1), -1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.detach()
+        if (step + 1) % window == 0:
+            total.item()
+            rates.append(window * batch / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+    return rates
+
+
+def run_rates(cfg: Config) -> tuple[list[float], str]:
+    """Samples/s per logged window of a real pretrain run, and its 'data:' line."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pretrain(cfg)
+    lines = out.getvalue().splitlines()
+    rates = [json.loads(line)["samples_per_s"] for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
+             if "samples_per_s" in line]
+    return rates, next((line for line in lines if line.startswith("data:")), "")
+
+
+def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20,
+                  stream_images: int = 0) -> list[tuple[str, str, str, str]]:
+    """A preset trained through each data path and on random tensors, in this one process. Each figure is the
+    median samples/s of the windows after the first (start-up, worker spawn and buffer fill excluded).
+
+    cpu: the CPU preset on `make pretrain`'s shards, 1 loader worker where there are workers (its default).
+    paper: the paper preset on the 1p-frac set (1000 x 512 px) and, streamed, on `stream_images` images (a
+    FractalDB-sized set streams the same way; the rate does not depend on its length); loader workers: all
+    cores but one. Meant for a GPU machine.
+    """
+    rows = []
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
+        if preset == "cpu":
+            render_dataset(shards, CPU_SHARDS)
+            base = dict(shards=str(shards), steps=steps, log_every=window, eval_every=0, ckpt_every=0)
+            workers, big = 1, shards
+        else:
+            render_dataset(shards, Settings(), workers=cores)  # the 1p-frac set
+            big = Path(tmp) / "big"
+            n = stream_images or 20_000
+            render_dataset(big, Settings(classes=1000, per_class=-(-n // 1000), shard_size=1000), workers=cores)
+            base = dict(PRESETS["paper"], shards=str(shards), steps=steps, warmup_epochs=0.0, warmup_steps=10,
+                        log_every=window, eval_every=0, ckpt_every=0)
+            workers = max(1, cores - 1)
+        num_classes = data.read_manifest(shards)["num_classes"]
+        model_only = statistics.median(model_only_rate(Config(**base), num_classes, steps, window)[1:])
+        rows.append(("model only (random tensors, same model, batch, optimizer, threads)", f"{model_only:,.0f}",
+                     "100%", f"{torch.get_num_threads()} threads"))
+        paths = [("in-memory cache, augmentation on the device (new default)", dict(cache="on")),
+                 (f"streaming, {workers} worker(s) decoding, augmentation on the device",
+                  dict(cache="off", workers=workers, shards=str(big))),
+                 (f"PIL path (`--augment cpu`), {workers} worker(s) decoding and augmenting (old default)",
+                  dict(augment="cpu", workers=workers, shards=str(big)))]
+        for i, (label, args) in enumerate(paths):
+            rates, line = run_rates(Config(**{**base, **args}, out=str(Path(tmp) / f"run{i}")))
+            rate = statistics.median(rates[1:])
+            rows.append((label, f"{rate:,.0f}", f"{100 * rate / model_only:.0f}%",
+                         line.removeprefix("data: ").split(";")[0].split(" (")[0]))
+    return rows
+
+
+def augmentation_rows(batch: int = 256, repeats: int = 3) -> list[tuple[str, str, str]]:
+    """ms per batch of the paper preset's image augmentation: timm/PIL one sample at a time (one process) against
+    `train.augment` on the whole batch, on this machine's device."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        render_dataset(Path(tmp), Settings(classes=batch, size=512, shard_size=batch), workers=1)
+        images, _ = data.load_images(Path(tmp), data.read_manifest(Path(tmp)))
+    pil = [Image.fromarray(im[0].numpy()) for im in images]
+    transform = data.train_transform(**PIPELINES[1][2], gray=True)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.stack([transform(im) for im in pil])
+        times.append(time.perf_counter() - t0)
+    rows = [("timm/PIL transform, one sample at a time, 1 process", f"{1e3 * min(times):,.0f}", "cpu")]
+    augment = device_augment(Config(**PAPER))
+    rng = AugmentRNG(0, device)
+    images = images.to(device)
+    augment(images, rng)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        augment(images, rng)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    rows.append((f"train.augment, whole batch, {torch.get_num_threads()} threads", f"{1e3 * min(times):,.0f}",
+                 device.type))
+    return rows
+
+
+def _peak_bytes(device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:  # the process's resident high-water mark (Linux)
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def augmentation_memory(batch: int = 256) -> dict:
+    """Device memory of the paper preset's in-memory path: the cached 1p-frac set (1000 x 512 px, uint8) and the
+    peak that augmenting one batch of `batch` at 224 px adds (CUDA: max_memory_allocated; CPU: the growth of the
+    process's resident high-water mark, run in a fresh process so nothing earlier hides it)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        render_dataset(Path(tmp), Settings(), workers=os.cpu_count() or 1)
+        images, _ = data.load_images(Path(tmp), data.read_manifest(Path(tmp)))
+    images = images.to(device)
+    augment, rng = device_augment(Config(**PAPER)), AugmentRNG(0, device)
+    index = torch.arange(batch, device=device)
+    before = _peak_bytes(device)
+    for _ in range(3):
+        augment(images[index], rng)
+    return {"device": device.type, "cache_mib": images.numel() / 2**20,
+            "augment_peak_mib": (_peak_bytes(device) - before) / 2**20}
+
+
+def memory_rows() -> list[tuple[str, str, str]]:
+    import subprocess
+    import sys
+
+    code = "import json; from train.bench import augmentation_memory; print(json.dumps(augmentation_memory()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    m = json.loads(out.strip().splitlines()[-1])
+    how = "max_memory_allocated" if m["device"] == "cuda" else "growth of the resident high-water mark"
+    return [("cached 1p-frac set (1000 x 512 x 512, uint8)", f"{m['cache_mib']:,.0f}", m["device"]),
+            ("augmenting one batch of 256 at 224 px (paper preset), peak", f"{m['augment_peak_mib']:,.0f}",
+             f"{m['device']}, {how}")]

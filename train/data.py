@@ -1,14 +1,24 @@
-"""Pre-training data: read a `fracgen render` shard folder and stream augmented LIEP images from it.
+"""Pre-training data: read a `fracgen render` shard folder and hand its LIEP images to the training loop.
 
 Shard format (written by fracgen, documented in the README): DIR/manifest.json with `num_classes`,
-`num_samples`, `shards` (file, samples, bytes, sha256) and `settings`; each tar sample has `__key__`,
-`.png` (8-bit grayscale), `.cls` (class index as ASCII) and `.json` (that class's IFS parameters).
+`num_samples`, `image` (`size`), `shards` (file, samples, bytes, sha256) and `settings`; each tar sample has
+`__key__`, `.png` (8-bit grayscale), `.cls` (class index as ASCII) and `.json` (that class's IFS parameters).
+
+Three ways in, one per pre-training data path (`train.pretrain --cache / --augment`):
+- `load_images` + `MemorySource`: the whole set decoded once into one uint8 tensor on the device, batches drawn by
+  index; augmentation on the device (`train.augment`). No loader processes.
+- `uint8_loader`: shards streamed by webdataset workers that only decode and collate uint8 pixels; augmentation
+  on the device. For sets too large to hold.
+- `train_loader` with `train_transform`: the PIL path (`--augment cpu`): workers decode and augment each image.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import random
+import tarfile
 from pathlib import Path
 
 import torch
@@ -18,6 +28,7 @@ from timm.data import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import InterpolationMode
 
+from fracgen import png
 from train.runtime import TrainError
 
 PRETRAIN_MEAN = PRETRAIN_STD = (0.5, 0.5, 0.5)  # the 1p-frac reference scripts normalise with 0.5 / 0.5
@@ -89,7 +100,7 @@ def train_transform(
     if randaug:
         fill = tuple(round(255 * m) for m in mean)
         hparams = {"translate_const": int(img_size * 0.45), "img_mean": fill[0] if gray else fill}
-        steps.append(rand_augment_transform(randaug, hparams))
+        steps.append(_zero_bit_posterize(rand_augment_transform(randaug, hparams)))
     steps += _to_tensor(mean, std, gray)
     if reprob > 0:
         # 'pixel' mode fills the erased box with per-pixel normal noise, as timm's training default does.
@@ -102,6 +113,22 @@ def eval_transform(img_size: int, mean=PRETRAIN_MEAN, std=PRETRAIN_STD, gray: bo
     """The whole image, resized: what "pretext accuracy" is measured on (no crop, no flip, no mixing)."""
     return T.Compose([_Ink(gray, ink_gain), T.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC),
                       *_to_tensor(mean, std, gray)])
+
+
+def _posterize(image, bits_to_keep, **_):
+    """timm's posterize, but 0 bits gives the black image older Pillow gave (and the paper's runs got): Pillow
+    13 (ours) refuses 0 bits, which "rand-...-inc1" asks for whenever the noisy magnitude reaches 10."""
+    if bits_to_keep >= 8:
+        return image
+    mask = ~(2 ** (8 - bits_to_keep) - 1) & 0xFF
+    return image.point([v & mask for v in range(256)] * len(image.getbands()))
+
+
+def _zero_bit_posterize(randaug):
+    for op in randaug.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return randaug
 
 
 class _Ink:
@@ -184,3 +211,129 @@ def eval_loader(urls: list[str], transform, batch_size: int, max_samples: int | 
     if max_samples:
         dataset.append(wds.slice(max_samples))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
+
+
+def image_size(manifest: dict) -> int:
+    """The side of the (square) images of a shard folder."""
+    size = manifest.get("image", {}).get("size") or manifest.get("settings", {}).get("size")
+    if not isinstance(size, int) or size < 1:
+        raise TrainError("the manifest gives no image size (image.size): not a fracgen shard folder")
+    return size
+
+
+def decoded_bytes(manifest: dict) -> int:
+    """Bytes the decoded set takes as one uint8 tensor (1 channel): what the in-memory cache needs."""
+    return manifest["num_samples"] * image_size(manifest) ** 2
+
+
+def _shard_bytes(path: Path, entry: dict) -> bytes:
+    """A shard's bytes, trusted only when their size and sha256 equal the manifest's."""
+    data = path.read_bytes()
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        what = "size" if len(data) != entry["bytes"] else "sha256"
+        raise TrainError(f"shard {path} does not match its manifest ({what} differs): re-render it with "
+                         "`fracgen render ... --resume` or check it with `fracgen verify`")
+    return data
+
+
+def load_images(shards_dir: Path, manifest: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample of a shard folder decoded: (N, 1, size, size) uint8 images and (N,) int64 labels, in shard
+    order. Each shard is read once, checked against the manifest's size and sha256, and decoded from memory."""
+    size = image_size(manifest)
+    images = torch.empty(manifest["num_samples"], 1, size, size, dtype=torch.uint8)
+    labels = torch.empty(manifest["num_samples"], dtype=torch.int64)
+    n = 0
+    for entry in manifest["shards"]:
+        path = Path(shards_dir) / entry["file"]
+        with tarfile.open(fileobj=io.BytesIO(_shard_bytes(path, entry)), mode="r:") as tar:
+            for member in tar:
+                if not member.name.endswith((".png", ".cls")):
+                    continue
+                payload = tar.extractfile(member).read()
+                if member.name.endswith(".cls"):
+                    labels[n] = int(payload)
+                    continue
+                pixels = png.decode(payload)
+                if pixels.shape != (size, size):
+                    raise TrainError(f"{path}: {member.name} is {pixels.shape[1]}x{pixels.shape[0]} px, the manifest "
+                                     f"says {size}")
+                images[n, 0] = torch.from_numpy(pixels)
+                n += 1  # .cls precedes .png in a fracgen sample, so its label is already in place
+    if n != manifest["num_samples"]:
+        raise TrainError(f"{shards_dir} holds {n} images, its manifest says {manifest['num_samples']}")
+    return images, labels
+
+
+class MemorySource:
+    """Batches by index from images held on the device, like a DistributedSampler over epochs.
+
+    Epoch e is one permutation of all N images, drawn from (seed, e) and the same on every rank; micro-batch t of
+    rank r holds positions [(t * ranks + r) * batch, ... + batch) of the endless sequence of epochs. A batch is a
+    pure function of (seed, t, rank), so a resumed run continues exactly where the checkpoint stopped.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.images, self.labels = images, labels
+        self.batch, self.seed, self.rank, self.world_size = batch, seed, rank, world_size
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = torch.randperm(len(self.labels), generator=g)
+        return self._perms[epoch]
+
+    def indices(self, micro_step: int) -> torch.Tensor:
+        n = len(self.labels)
+        start = (micro_step * self.world_size + self.rank) * self.batch
+        positions = torch.arange(start, start + self.batch)
+        epochs = positions // n
+        out = torch.empty(self.batch, dtype=torch.int64)
+        for epoch in epochs.unique().tolist():
+            where = epochs == epoch
+            out[where] = self._perm(epoch)[positions[where] % n]
+        return out
+
+    def __call__(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.indices(micro_step).to(self.images.device)
+        return self.images[idx], self.labels[idx]
+
+
+def _decode_uint8(sample: dict) -> tuple[torch.Tensor, int]:
+    return torch.from_numpy(png.decode(sample["png"]))[None], int(sample["cls"])
+
+
+def _collate_uint8(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*samples, strict=True)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def uint8_loader(urls: list[str], batch_size: int, batches: int, seed: int, shuffle_buffer: int = 1000,
+                 workers: int = 2, pin_memory: bool = False) -> wds.WebLoader:
+    """`train_loader`'s endless, resampled stream, but the workers only decode: (B, 1, H, W) uint8 batches for
+    augmentation on the device. Pinned memory (on CUDA) lets the copy to the device run beside the model."""
+    dataset = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        _per_worker_shuffle(shuffle_buffer, seed),  # shuffles compressed samples: the buffer stays small
+        wds.map(_decode_uint8, handler=wds.reraise_exception),
+        wds.batched(batch_size, partial=False, collation_fn=_collate_uint8),
+    )
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                           pin_memory=pin_memory)
+    return loader.with_epoch(batches)
+
+
+def eval_images(urls: list[str], batch_size: int, max_samples: int | None = None):
+    """The first `max_samples` samples of the shards in order, as (uint8 images, labels) batches."""
+    dataset = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        wds.map(_decode_uint8, handler=wds.reraise_exception),
+    )
+    if max_samples:
+        dataset.append(wds.slice(max_samples))
+    dataset.append(wds.batched(batch_size, partial=True, collation_fn=_collate_uint8))
+    return dataset

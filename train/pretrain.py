@@ -8,8 +8,11 @@ Runbook
   continue a killed run from its last checkpoint (loses at most --ckpt-every steps):
     python -m train.pretrain --shards /tmp/cpu-shards --out runs/cpu --resume
 
-Every rank streams its own resampled shard stream and runs exactly --steps optimizer steps; rank 0 alone logs,
-evaluates the pretext accuracy and writes RUN_DIR/{ckpt.pt, model.pth, config.json, metrics.jsonl}.
+Data: a set whose decoded pixels fit the cache budget (1p-frac: 1000 images) is decoded once into device memory
+and batches are drawn by index; a larger one is streamed from the shards by loader workers that only decode. Either
+way the augmentation runs on the device, batched (`train.augment`); `--augment cpu` is the PIL path instead.
+Every rank runs exactly --steps optimizer steps; rank 0 alone logs, evaluates the pretext accuracy and writes
+RUN_DIR/{ckpt.pt, model.pth, config.json, metrics.jsonl}.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import data
 from train import model as model_lib
+from train.augment import AugmentRNG, DeviceAugment
 from train.runtime import (
     TrainError,
     atomic_save,
@@ -63,6 +68,7 @@ class Config:
     drop_path: float = 0.0
     steps: int = 1500
     batch: int = 128  # per rank and micro-step; global batch = batch x accum x world size
+    global_batch: int = 0  # > 0: fixes the global batch, and batch = global_batch / (accum x world size)
     accum: int = 1
     blr: float = 4e-3  # lr per 512 images of global batch (linear scaling): 1e-3 at batch 128
     lr: float = 0.0  # absolute lr; 0 = blr x global_batch / 512
@@ -83,13 +89,17 @@ class Config:
     # normalisation to 0: half the contrast. At 32 px a small ViT then learns nothing in minutes; with
     # strokes stretched to 255 it does (measured, README). The paper preset keeps the reference's 127.
     ink_gain: float = 2.0
-    shuffle_buffer: int = 1000
-    workers: int = 1
+    augment: str = "device"  # device: batched on the training device (train.augment); cpu: PIL in loader workers
+    cache: str = "auto"  # on: decode the set into device memory; off: stream the shards; auto: on if it fits
+    cache_budget: float = 0.0  # GiB the decoded set may take per rank; 0 = a quarter of the device's memory
+    shuffle_buffer: int = 1000  # streaming only
+    workers: int = 1  # loader processes per rank; streaming only
     seed: int = 0
     log_every: int = 50
     eval_every: int = 500
     eval_samples: int = 1000
     ckpt_every: int = 500
+    stop_after: int = 0  # > 0: end this run after that many steps with a checkpoint (job time limits); --resume
     compile: bool = False
     resume: bool = False
 
@@ -97,15 +107,83 @@ class Config:
 PRESETS = {
     "cpu": {},
     # DESIGN.md section 6: the reference scripts' recipe; base lr 1e-3 per 512 gives 5e-4 at batch 256.
-    "paper": dict(img_size=224, patch_size=16, depth=0, drop_path=0.1, steps=240_000, batch=256, blr=1e-3,
-                  warmup_epochs=5.0, randaug="rand-m9-mstd0.5", reprob=0.25, ink_gain=1.0, crop_scale=(0.08, 1.0),
-                  cutmix=1.0, workers=8, log_every=100,
-                  eval_every=5000, ckpt_every=5000),
+    # The official training script (1p-frac repository, train/pre-train.sh): 8 GPUs x batch 32 = 256, RandAugment
+    # rand-m9-mstd0.5-inc1, random erasing 0.5 ('pixel'), colour jitter off (timm disables it under RandAugment).
+    "paper": dict(img_size=224, patch_size=16, depth=0, drop_path=0.1, steps=240_000, global_batch=256, blr=1e-3,
+                  warmup_epochs=5.0, randaug="rand-m9-mstd0.5-inc1", reprob=0.5, ink_gain=1.0,
+                  crop_scale=(0.08, 1.0), cutmix=1.0, workers=8, log_every=100, eval_every=5000, ckpt_every=5000),
 }
 
 # Options that may differ on --resume (they do not change what is being trained).
 RESUMABLE = {"out", "shards", "resume", "steps", "workers", "log_every", "eval_every", "eval_samples",
-             "ckpt_every", "compile"}
+             "ckpt_every", "stop_after", "compile", "cache", "cache_budget", "augment", "shuffle_buffer"}
+GiB = 1024**3
+
+
+def per_rank_batch(cfg: Config, world_size: int) -> int:
+    """Images per rank and micro-step: --batch, or --global-batch shared out over accumulation and ranks."""
+    if not cfg.global_batch:
+        return cfg.batch
+    share = cfg.accum * world_size
+    if cfg.global_batch % share:
+        raise TrainError(f"--global-batch {cfg.global_batch} does not divide into {cfg.accum} accumulation step(s) x "
+                         f"{world_size} rank(s)")
+    return cfg.global_batch // share
+
+
+def build_model(cfg: Config, num_classes: int, device) -> tuple[torch.nn.Module, dict]:
+    model_args = model_lib.architecture_args(cfg.img_size, cfg.patch_size or None, cfg.depth or None,
+                                             cfg.model_args)
+    return model_lib.create(cfg.model, num_classes, model_args, cfg.drop_path).to(device), model_args
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    # timm's AdamW factory leaves biases, norms, pos_embed and cls_token out of weight decay.
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer, lr: float, warmup: int) -> CosineLRScheduler:
+    # warmup_prefix: the cosine starts after the warm-up, so the peak lr is actually reached.
+    return CosineLRScheduler(optimizer, t_initial=cfg.steps - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
+                             warmup_lr_init=lr / 1000, warmup_prefix=True, t_in_epochs=False)
+
+
+def device_augment(cfg: Config) -> DeviceAugment:
+    return DeviceAugment(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, hflip=0.5 * cfg.flip,
+                         vflip=0.5 * cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob,
+                         mean=data.PRETRAIN_MEAN[0], std=data.PRETRAIN_STD[0], ink_gain=cfg.ink_gain)
+
+
+def cache_budget(cfg: Config, device) -> int:
+    """Bytes the decoded set may take on this rank: --cache-budget, else a quarter of the device's memory
+    (on the CPU, of the memory available now, shared by the ranks of this node)."""
+    if cfg.cache_budget:
+        return int(cfg.cache_budget * GiB)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: assume 16 GiB free
+        available = 16 * GiB
+    return available // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def choose_data_path(cfg: Config, manifest: dict, device) -> tuple[str, str]:
+    """("memory" | "stream" | "pil", why): which way the images reach the model."""
+    if cfg.augment == "cpu":
+        if cfg.cache == "on":
+            raise TrainError("--cache on needs --augment device (the PIL path streams and augments in workers)")
+        return "pil", "--augment cpu"
+    need, budget = data.decoded_bytes(manifest), cache_budget(cfg, device)
+    fits = need <= budget
+    if cfg.cache == "on" and not fits:
+        raise TrainError(f"--cache on: the decoded set needs {need / GiB:.2f} GiB ({manifest['num_samples']} images of "
+                         f"{data.image_size(manifest)}^2 bytes) per rank, more than the cache budget of "
+                         f"{budget / GiB:.2f} GiB; raise --cache-budget or stream it with --cache off")
+    why = f"decoded set {need / GiB:.3g} GiB, cache budget {budget / GiB:.3g} GiB"
+    if cfg.cache == "off" or (cfg.cache == "auto" and not fits):
+        return "stream", why + ("" if cfg.cache == "off" else ": too large to hold")
+    return "memory", why
 
 
 def pretrain(cfg: Config) -> dict:
@@ -126,11 +204,13 @@ def pretrain(cfg: Config) -> dict:
     manifest = data.read_manifest(Path(cfg.shards))
     num_classes = manifest["num_classes"]
     urls = data.shard_urls(Path(cfg.shards), manifest)
+    batch = per_rank_batch(cfg, world_size)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
-    if mixing and cfg.batch % 2:
-        raise TrainError(f"--batch {cfg.batch} must be even with Mixup/CutMix (they pair images in a batch)")
+    if mixing and batch % 2:
+        raise TrainError(f"the batch per rank ({batch}) must be even with Mixup/CutMix (they pair images in a batch)")
+    path, why = choose_data_path(cfg, manifest, device)
 
-    global_batch = cfg.batch * cfg.accum * world_size
+    global_batch = batch * cfg.accum * world_size
     lr = cfg.lr or cfg.blr * global_batch / 512
     if cfg.warmup_epochs:
         warmup = round(cfg.warmup_epochs * manifest["num_samples"] / global_batch)
@@ -138,18 +218,17 @@ def pretrain(cfg: Config) -> dict:
         warmup = cfg.warmup_steps
     warmup = min(warmup, cfg.steps // 2)  # short runs (tests, smoke checks) still get a cosine phase
 
-    model_args = model_lib.architecture_args(cfg.img_size, cfg.patch_size or None, cfg.depth or None,
-                                             cfg.model_args)
-    model = model_lib.create(cfg.model, num_classes, model_args, cfg.drop_path).to(device)
-    # timm's AdamW factory leaves biases, norms, pos_embed and cls_token out of weight decay.
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay)
-    # warmup_prefix: the cosine starts after the warm-up, so the peak lr is actually reached.
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.steps - warmup, lr_min=cfg.min_lr, warmup_t=warmup,
-                                  warmup_lr_init=lr / 1000, warmup_prefix=True, t_in_epochs=False)
+    seed_everything(cfg.seed)  # one initialisation on every rank (DDP would broadcast rank 0's anyway)
+    model, model_args = build_model(cfg, num_classes, device)
+    seed_everything(cfg.seed + rank)  # then offset by rank: different dropout and mixing per rank
+    optimizer = build_optimizer(cfg, model, lr)
+    scheduler = build_scheduler(cfg, optimizer, lr, warmup)
     # bf16 autocast on CUDA needs no loss scaling; the scaler is kept (disabled) so checkpoints look the same.
     use_bf16 = device.type == "cuda"
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=False)
+    # The augmentation's own random streams, per rank, saved in checkpoints.
+    augment_rng = AugmentRNG(cfg.seed * 1_000_003 + rank, device)
 
     step = 0
     if checkpoint is not None:
@@ -160,17 +239,16 @@ def pretrain(cfg: Config) -> dict:
         step = checkpoint["step"]
         if cfg.steps != checkpoint["config"]["steps"]:
             # A new length means a new cosine; the schedule is a pure function of the step, so rebuilding is exact.
-            scheduler = CosineLRScheduler(optimizer, t_initial=cfg.steps - warmup, lr_min=cfg.min_lr,
-                                          warmup_t=warmup, warmup_lr_init=lr / 1000, warmup_prefix=True,
-                                          t_in_epochs=False)
+            scheduler = build_scheduler(cfg, optimizer, lr, warmup)
         saved_rng = checkpoint["rng"]
         if rank < len(saved_rng):
             set_rng_states(saved_rng[rank])
-        else:
+            if "augment" in saved_rng[rank]:
+                augment_rng.load(saved_rng[rank]["augment"])
+        else:  # more ranks than the checkpoint had: new streams for the new ranks
             seed_everything(cfg.seed + rank + 1_000_003 * step)
+            augment_rng = AugmentRNG(cfg.seed * 1_000_003 + rank + 7919 * step, device)
         del checkpoint
-    else:
-        seed_everything(cfg.seed + rank)  # offset by rank: different dropout, mixing and erasing per rank
 
     raw_model = model
     if cfg.compile:
@@ -184,14 +262,40 @@ def pretrain(cfg: Config) -> dict:
                          label_smoothing=cfg.smoothing, num_classes=num_classes)
     lpce = SoftTargetCrossEntropy()  # LPCE: cross-entropy against soft targets over the C perturbation classes
 
-    transform = data.train_transform(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip,
-                                     vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob, gray=True,
-                                     ink_gain=cfg.ink_gain)
-    # The stream seed includes the start step, so a resumed run draws new samples instead of replaying.
-    loader = data.train_loader(urls, cfg.batch, transform, batches=(cfg.steps - step) * cfg.accum,
-                               seed=cfg.seed + 7919 * step, shuffle_buffer=cfg.shuffle_buffer,
-                               workers=cfg.workers)
-    eval_tf = data.eval_transform(cfg.img_size, gray=True, ink_gain=cfg.ink_gain)
+    augment = device_augment(cfg)
+    t_data = time.time()
+    end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps  # where this run stops
+    first_micro, last_micro = step * cfg.accum, end * cfg.accum
+    if path == "memory":
+        images, labels = data.load_images(Path(cfg.shards), manifest)
+        images, labels = images.to(device), labels.to(device)
+        source = data.MemorySource(images, labels, batch, cfg.seed, rank, world_size)
+        micro_batches = (source(t) for t in range(first_micro, last_micro))
+        how = (f"in-memory cache on {device.type}: {len(labels)} images, {images.numel() / 2**20:.0f} MiB, decoded in "
+               f"{time.time() - t_data:.1f} s; augmentation on the device, no loader processes")
+        eval_batches = lambda: ((images[i:i + 256], labels[i:i + 256])  # noqa: E731
+                                for i in range(0, min(cfg.eval_samples, len(labels)), 256))
+    else:
+        # The stream seed includes the start step, so a resumed run draws new samples instead of replaying.
+        seed = cfg.seed + 7919 * step
+        if path == "stream":
+            micro_batches = data.uint8_loader(urls, batch, last_micro - first_micro, seed, cfg.shuffle_buffer,
+                                              cfg.workers, pin_memory=device.type == "cuda")
+            how = f"streaming {len(urls)} shards, {cfg.workers} loader worker(s) decoding; augmentation on the device"
+        else:
+            transform = data.train_transform(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip,
+                                             vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob,
+                                             gray=True, ink_gain=cfg.ink_gain)
+            micro_batches = data.train_loader(urls, batch, transform, last_micro - first_micro, seed,
+                                              cfg.shuffle_buffer, cfg.workers)
+            how = f"streaming {len(urls)} shards, {cfg.workers} loader worker(s) decoding and augmenting with PIL"
+        eval_batches = lambda: data.eval_images(urls, 256, cfg.eval_samples)  # noqa: E731
+
+    def training_batches():
+        """(augmented images, labels) on the device, one per micro-step."""
+        for x, y in micro_batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            yield (x if path == "pil" else augment(x, augment_rng)), y
 
     def evaluate() -> dict:
         """Pretext top-1 on clean, un-mixed images: has the network learned to tell the C classes apart?"""
@@ -199,8 +303,8 @@ def pretrain(cfg: Config) -> dict:
         correct = total = 0
         loss_sum = 0.0
         with torch.no_grad(), autocast:
-            for x, y in data.eval_loader(urls, eval_tf, batch_size=256, max_samples=cfg.eval_samples):
-                x, y = x.to(device), y.to(device)
+            for x, y in eval_batches():
+                x, y = augment.evaluate(x.to(device)), y.to(device)
                 logits = raw_model(x).float()
                 loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
                 correct += (logits.argmax(1) == y).sum().item()
@@ -210,10 +314,11 @@ def pretrain(cfg: Config) -> dict:
 
     def save_checkpoint() -> None:
         states = [None] * world_size
+        mine = {**rng_states(), "augment": augment_rng.state()}
         if world_size > 1:
-            dist.all_gather_object(states, rng_states())  # every rank's RNG, so resume restores each one
+            dist.all_gather_object(states, mine)  # every rank's RNG, so resume restores each one
         else:
-            states = [rng_states()]
+            states = [mine]
         if master_process:
             atomic_save({"model_name": cfg.model, "model_args": model_args, "num_classes": num_classes,
                          "model": model_lib.clean_state_dict(raw_model), "optimizer": optimizer.state_dict(),
@@ -230,9 +335,10 @@ def pretrain(cfg: Config) -> dict:
                                       (f"smoothing {cfg.smoothing}", cfg.smoothing)] if on]
         log(f"pretrain: {cfg.model} {model_args} ({n_params:.2f}M params), {num_classes} classes, "
             f"{manifest['num_samples']} images in {len(urls)} shards")
-        log(f"pretrain: {cfg.steps} steps, global batch {global_batch} ({world_size} x {cfg.batch} x {cfg.accum}),"
+        log(f"pretrain: {cfg.steps} steps, global batch {global_batch} ({world_size} x {batch} x {cfg.accum}),"
             f" lr {lr:.2e}, warm-up {warmup} steps, device {device.type}"
             f"{' bf16' if use_bf16 else ' fp32'}, augment: {', '.join(augs) or 'none'}")
+        log(f"data: {how} ({why})")
         if step:
             log(f"pretrain: resumed from step {step}")
     metrics_file = open(out / "metrics.jsonl", "a") if master_process else None  # noqa: SIM115
@@ -246,9 +352,11 @@ def pretrain(cfg: Config) -> dict:
     window_steps, first_loss, last_loss = 0, None, None
     t_window = time.time()
     start_step = step
-    for x, y in _micro_batches(loader, cfg.accum, device):
+    batches = training_batches()
+    while step < end:
         scheduler.step_update(step)
-        for micro, (xb, yb) in enumerate(zip(x, y, strict=True)):
+        for micro in range(cfg.accum):
+            xb, yb = next(batches)
             if mixup_fn is not None:
                 xb, target = mixup_fn(xb, yb)
             else:
@@ -267,7 +375,7 @@ def pretrain(cfg: Config) -> dict:
         step += 1
         window_steps += 1
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == end:
             mean_loss = loss_window.item() / window_steps  # rank 0's mean LPCE over the window
             elapsed = time.time() - t_window
             rate = window_steps * global_batch / elapsed
@@ -289,12 +397,17 @@ def pretrain(cfg: Config) -> dict:
             save_checkpoint()
         if window_steps == 0:
             t_window = time.time()  # evaluation and checkpoint time is not training throughput
+    batches.close()
 
     # Every rank reports its own count: all ranks must have run the same number of steps (no DDP hang).
     print(f"[rank {rank}] done: {step - start_step} steps this run, at step {step}", flush=True)
     save_checkpoint()
     summary = {}
-    if master_process:
+    if step < cfg.steps:
+        log(f"stopped at step {step} of {cfg.steps} (--stop-after {cfg.stop_after}): continue with --resume")
+        if metrics_file:
+            metrics_file.close()
+    elif master_process:
         result = evaluate()
         torch.save(model_lib.clean_state_dict(raw_model), out / "model.pth")
         atomic_write_json({"model_name": cfg.model, "num_classes": num_classes, "model_args": model_args,
@@ -314,17 +427,6 @@ def pretrain(cfg: Config) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
-
-
-def _micro_batches(loader, accum: int, device):
-    """Group the loader's batches into lists of `accum` micro-batches on `device`."""
-    xs, ys = [], []
-    for x, y in loader:
-        xs.append(x.to(device, non_blocking=True))
-        ys.append(y.to(device, non_blocking=True))
-        if len(xs) == accum:
-            yield xs, ys
-            xs, ys = [], []
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -353,6 +455,8 @@ def main(
     drop_path: Annotated[float | None, typer.Option(help="stochastic depth rate")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     batch: Annotated[int | None, typer.Option(help="images per rank per micro-step")] = None,
+    global_batch: Annotated[int | None, typer.Option(help="images per optimizer step over all ranks and micro-steps "
+                                                          "(sets the per-rank batch; the paper preset's 256)")] = None,
     accum: Annotated[int | None, typer.Option(help="gradient accumulation micro-steps")] = None,
     blr: Annotated[float | None, typer.Option(help="lr per 512 images of global batch")] = None,
     lr: Annotated[float | None, typer.Option(help="absolute lr (overrides --blr scaling)")] = None,
@@ -369,13 +473,22 @@ def main(
     cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 = off)")] = None,
     smoothing: Annotated[float | None, typer.Option(help="label smoothing")] = None,
     ink_gain: Annotated[float | None, typer.Option(help="multiply stroke values (127 -> 254 at 2)")] = None,
-    shuffle_buffer: Annotated[int | None, typer.Option(help="samples in the shuffle buffer")] = None,
-    workers: Annotated[int | None, typer.Option(help="data loader worker processes per rank")] = None,
+    augment: Annotated[str | None, typer.Option(help="device: batched augmentation on the training device; cpu: "
+                                                      "PIL in loader workers (the old path)")] = None,
+    cache: Annotated[str | None, typer.Option(help="auto: hold the decoded set in device memory if it fits the "
+                                                   "budget, else stream; on; off")] = None,
+    cache_budget: Annotated[float | None, typer.Option(help="GiB the decoded set may take per rank (default: a "
+                                                            "quarter of the device's memory)")] = None,
+    shuffle_buffer: Annotated[int | None, typer.Option(help="samples in the shuffle buffer (streaming)")] = None,
+    workers: Annotated[int | None, typer.Option(help="data loader worker processes per rank (streaming)")] = None,
     seed: Annotated[int | None, typer.Option(help="base seed (offset by rank)")] = None,
     log_every: Annotated[int | None, typer.Option(help="log a line every N steps")] = None,
     eval_every: Annotated[int | None, typer.Option(help="pretext accuracy every N steps (0 = only at end)")] = None,
     eval_samples: Annotated[int | None, typer.Option(help="images used for pretext accuracy")] = None,
     ckpt_every: Annotated[int | None, typer.Option(help="checkpoint every N steps (and at the end)")] = None,
+    stop_after: Annotated[int | None, typer.Option(help="end this run after N steps with a checkpoint, for job "
+                                                        "time limits; --resume continues (the schedule is --steps')")]
+    = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/ckpt.pt")] = False,
 ) -> None:
@@ -387,6 +500,15 @@ def main(
     explicit["model_args"] = dict(_model_arg(a) for a in model_arg) if model_arg else None
     explicit["randaug"] = "" if no_randaug else randaug
     explicit = {k: v for k, v in explicit.items() if v is not None}
+    if "batch" in explicit and "global_batch" not in explicit:
+        explicit["global_batch"] = 0  # an explicit --batch wins over a preset's global batch
+    if augment not in (None, "device", "cpu"):
+        raise TrainError(f"unknown --augment {augment!r}; choose device or cpu")
+    if cache not in (None, "auto", "on", "off"):
+        raise TrainError(f"unknown --cache {cache!r}; choose auto, on or off")
+    for key, value in (("cache-budget", cache_budget), ("stop-after", stop_after)):
+        if value is not None and value < 0:
+            raise TrainError(f"--{key} must not be negative")
     for key in ("steps", "batch", "accum", "img_size", "log_every", "eval_samples"):
         if key in explicit and explicit[key] < 1:
             raise TrainError(f"--{key.replace('_', '-')} must be at least 1")
