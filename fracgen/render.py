@@ -1,9 +1,10 @@
 """The chaos-game renderer: a pure Numba kernel and the plain-Python function that guards it.
 
 Drawing rules follow the 1p-frac reference generator (DESIGN.md section 4): the attractor's x and y
-are rescaled independently onto [pad, size - pad] and truncated; every point pastes a whole 3x3
-patch whose cells are 127 where a random non-zero 9-bit mask is set and 0 where it is not (so
-mask zeros erase earlier ink); the image is flipped top to bottom at the end.
+are rescaled independently onto [pad, size - pad] and truncated; every point (x, y) pastes a whole 3x3
+patch with its top-left cell at (x + 1, y + 1) (the reference's `image.paste(patch, (x + 1, y + 1))`), whose
+cells are 127 where a random non-zero 9-bit mask is set and 0 where it is not (so mask zeros erase earlier
+ink); the image is flipped top to bottom at the end.
 
 Where we differ, on purpose: the points come from CHAINS interleaved chaos games of n/CHAINS
 points each, every chain starting at the fixed point of map (chain mod N), which lies on the
@@ -33,10 +34,10 @@ from fracgen.errors import FracgenError
 from fracgen.ifs import IFS
 from fracgen.rng import _lowbias32
 
-RENDERER = 2  # bumped whenever the same settings give different pixels (2: float32 game, lowbias32 draws)
+RENDERER = 3  # bumped whenever the same settings give other pixels (2: float32 game, lowbias32; 3: patch at +1, +1)
 INK = 127  # the reference's stroke value
 PATCH = 3  # patch side: cell (r, c) is bit 3 r + c of the mask, row 0 at the top before the flip
-MIN_PAD = PATCH  # a patch pasted at the far edge (size - pad) needs its cells inside the canvas
+MIN_PAD = PATCH + 1  # a patch pasted at (x + 1, y + 1) from the far edge (size - pad) stays inside the canvas
 MAX_SIZE = 16384  # pixel offsets are 32-bit in the kernel: size * (size + 1) must stay below 2**31
 MAX_POINTS = 100_000_000  # the point buffers take 12 bytes per point
 CHAINS = 64  # interleaved chaos games: independent updates that fill the SIMD lanes
@@ -275,7 +276,7 @@ def chaos_game_kernel(coef, probabilities, seed, n_points, pad, canvas, col0, xb
     sx = sx if np.isfinite(sx) else np.float32(0)
     sy = sy if np.isfinite(sy) else np.float32(0)
     padf, hi = np.float32(pad), np.float32(size - pad)
-    base = (size - 1) * stride + col0
+    base = (size - 2) * stride + col0 + 1  # patch row 0 of a point at (0, 0): row 1, column 1, flipped
     off = np.empty(BLOCK, dtype=np.int32)
     w0 = np.empty(BLOCK, dtype=np.uint32)
     w1 = np.empty(BLOCK, dtype=np.uint32)
@@ -307,7 +308,8 @@ def check_canvas(size: int, pad: int) -> None:
     if size > MAX_SIZE:
         raise FracgenError(f"size must be at most {MAX_SIZE}, got {size}")
     if pad < MIN_PAD:
-        raise FracgenError(f"pad must be at least {MIN_PAD} (a {PATCH}x{PATCH} patch at the far edge needs it)")
+        raise FracgenError(f"pad must be at least {MIN_PAD} (a {PATCH}x{PATCH} patch pasted one pixel past the far "
+                           "edge needs it)")
     if size < 2 * pad + 8:
         raise FracgenError(f"size {size} is too small for padding {pad}: need size >= 2 * pad + 8 = {2 * pad + 8}")
 

@@ -68,5 +68,5 @@ def render_reference(coef, probabilities, seed, n_points, size, pad):
     pix = np.clip((pts - lo) * scale + np.float32(pad), pad, size - pad).astype(int)
     for (px, py), mask in zip(pix, masks, strict=True):
         patch = np.array([(mask >> b) & 1 for b in range(9)]).reshape(3, 3) * 127
-        image[py : py + 3, px : px + 3] = patch
+        image[py + 1 : py + 4, px + 1 : px + 4] = patch  # the reference pastes at (x + 1, y + 1)
     return image[::-1].copy()

@@ -19,7 +19,7 @@ def systems():
 
 
 @pytest.mark.parametrize("system", list(systems()))
-@pytest.mark.parametrize("seed,points,size,pad", [(0, 2000, 64, 6), (123456789, 5000, 96, 3), (7, 1, 32, 6)])
+@pytest.mark.parametrize("seed,points,size,pad", [(0, 2000, 64, 6), (123456789, 5000, 96, 4), (7, 1, 32, 6)])
 def test_kernel_matches_reference(system, seed, points, size, pad):
     image, fill = render(system, seed, points=points, size=size, pad=pad)
     ref = render_reference(system.coef, system.probabilities, seed, points, size, pad)
@@ -30,12 +30,12 @@ def test_kernel_matches_reference(system, seed, points, size, pad):
 
 @pytest.mark.parametrize("system", list(systems()))
 def test_png_filter_column_stays_zero_with_the_smallest_pad(system):
-    # Patch rows are pasted as 16- and 8-bit stores: at pad 3 the last cell of a row sits right before
+    # Patch rows are pasted as 16- and 8-bit stores: at pad 4 the last cell of a row sits right before
     # the next row's filter byte, which must come out 0 and leave the image equal to the reference.
     out = np.full((48, 49), 255, dtype=np.uint8)
-    image, _ = render(system, 5, points=20_000, size=48, pad=3, out=out)
+    image, _ = render(system, 5, points=20_000, size=48, pad=4, out=out)
     assert not out[:, 0].any()
-    np.testing.assert_array_equal(image, render_reference(system.coef, system.probabilities, 5, 20_000, 48, 3))
+    np.testing.assert_array_equal(image, render_reference(system.coef, system.probabilities, 5, 20_000, 48, 4))
 
 
 def test_image_is_pure_function_of_seed():
@@ -52,8 +52,8 @@ def test_default_render_fills_canvas_edges():
     image, fill = render(s, 1)
     assert image.shape == (512, 512) and image.dtype == np.uint8
     rows, cols = np.nonzero(image)
-    # per-axis rescale onto [pad, size - pad] plus the 3x3 patch, flipped top to bottom
-    assert cols.min() == 6 and cols.max() <= 508 and rows.min() >= 3 and rows.max() == 505
+    # per-axis rescale onto [pad, size - pad], the 3x3 patch pasted at (x + 1, y + 1), flipped top to bottom
+    assert cols.min() == 7 and cols.max() <= 509 and rows.min() >= 2 and rows.max() == 504
     assert 0 < fill < 1
 
 
@@ -67,7 +67,7 @@ def test_render_rejects_bad_canvas():
     s = sample_sigma_system(3.5, 2, 5)[0]
     with pytest.raises(FracgenError, match="too small"):
         render(s, 0, size=16, pad=6)
-    with pytest.raises(FracgenError, match="pad must be at least 3"):
+    with pytest.raises(FracgenError, match="pad must be at least 4"):
         render(s, 0, size=64, pad=1)
 
 
