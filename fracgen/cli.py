@@ -17,9 +17,8 @@ from rich.table import Table
 from fracgen import __version__
 from fracgen.dataset import Settings, render_dataset, renderer_of, verify_dataset
 from fracgen.errors import FracgenError
-from fracgen.ifs import load_base
+from fracgen.ifs import IFS, load_base
 from fracgen.preview import contact_sheet
-from fracgen.render import RENDERER
 from fracgen.shards import read_manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -103,6 +102,7 @@ def render(
                             max_retries=max_retries, shard_size=shard_size, name=name, png_level=png_level,
                             base=base_json)
         t0 = time.perf_counter()
+        stats: dict = {}
         with _progress() as bar:
             tasks = {}
 
@@ -112,17 +112,19 @@ def render(
                 bar.update(tasks[phase], completed=done)
 
             manifest = render_dataset(out_dir, settings, workers=workers or None, overwrite=overwrite,
-                                      resume=resume, progress=report,
-                                      command=_command(settings, out_dir, base))
+                                      resume=resume, progress=report, note=lambda text: err.print(f"note: {text}"),
+                                      stats=stats, command=_command(settings, out_dir, base))
         dt = time.perf_counter() - t0
         total = sum(e["bytes"] for e in manifest["shards"])
-        if renderer_of(manifest) != RENDERER:
+        if not stats["rendered"]:
+            repaired = f", {len(stats['repaired'])} shard(s) re-rendered" if stats["repaired"] else ""
             err.print(f"{out_dir} is complete (renderer {renderer_of(manifest)}, fracgen "
-                      f"{manifest['fracgen_version']}): nothing to do")
+                      f"{manifest['fracgen_version']}){repaired}: every shard matches the manifest")
             return
-        err.print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
-                  f"({total / 1e6:.1f} MB) to {out_dir} in {dt:.1f} s "
-                  f"({manifest['num_samples'] / dt:.0f} images/s)")
+        n = len(manifest["shards"])
+        what = f"{manifest['num_samples']} samples in {n} shards" if stats["rendered"] == n else \
+            f"{stats['rendered']} of {n} shards ({manifest['num_samples']} samples in all)"
+        err.print(f"wrote {what} ({total / 1e6:.1f} MB) to {out_dir} in {dt:.1f} s")
 
 
 @app.command()
@@ -145,6 +147,7 @@ def info(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.j
     with _errors():
         m = read_manifest(dataset)
         s, b = m["settings"], m["base"]
+        drawn = f"{b['sigma_drawn']:.4f}" if isinstance(b.get("sigma_drawn"), (int, float)) else "-"
         t = Table(title=f"{dataset}", show_header=False)
         rows = [
             ("fracgen", f"{m['fracgen_version']} (format {m['format_version']}, renderer {renderer_of(m)})"),
@@ -155,14 +158,16 @@ def info(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.j
                        f"{sum(e['bytes'] for e in m['shards']) / 1e6:.1f} MB"),
             ("image", f"{s['size']} px, {s['points']} points, pad {s['pad']}, PNG level {s['png_level']}"),
             ("perturbation", f"{s['perturb']}, delta {s['delta']}, fill > {s['fill']}, seed {s['seed']}"),
-            ("base", f"{b['source']}, sigma {s['sigma']} (drawn {b['sigma_drawn']}), attempt {b['attempt']}, "
-                     f"fill {b['fill']:.3f}"),
+            ("base", f"{b.get('source', '?')}, sigma {s['sigma']} (drawn {drawn}), attempt {b.get('attempt', '?')}, "
+                     f"fill {b.get('fill', float('nan')):.3f}"),
         ]
-        for i, (mp, p) in enumerate(zip(b["ifs"]["maps"], b["ifs"]["probabilities"], strict=True)):
-            rows.append((f"map {i}", "  ".join(f"{k}={v:+.4f}" for k, v in mp.items()) + f"  p={p:.4f}"))
+        system = IFS.from_json(b["ifs"])  # checks the base; a malformed one is a one-line error
+        for i, (row, p) in enumerate(zip(system.coef, system.probabilities, strict=True)):
+            rows.append((f"map {i}", "  ".join(f"{k}={v:+.4f}" for k, v in zip("abcdef", row, strict=True))
+                         + f"  p={p:.4f}"))
         if m["classes"]:
-            fills = [c["fill"] for c in m["classes"]]
-            retries = sum(c["attempt"] for c in m["classes"])
+            fills = [c.get("fill", float("nan")) for c in m["classes"]]
+            retries = sum(c.get("attempt", 0) for c in m["classes"])
             rows.append(("class fill", f"min {min(fills):.3f}, mean {sum(fills) / len(fills):.3f}, "
                                        f"max {max(fills):.3f}; {retries} redraws in all"))
         for k, v in rows:

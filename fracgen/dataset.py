@@ -15,6 +15,8 @@ import dataclasses
 import json
 import os
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +36,23 @@ from fracgen.ifs import (
     perturb,
     sample_sigma_system,
 )
+from fracgen.lock import LOCK_NAME, FolderLock
 from fracgen.render import RENDERER, check_canvas, check_points, render
 from fracgen.rng import TAG_BASE, TAG_RENDER, derive_seed
-from fracgen.shards import Sample, atomic_write, read_manifest, shard_entry, verify_shard, write_shard
+from fracgen.shards import (
+    FORMAT_VERSION,
+    Sample,
+    atomic_write,
+    matches,
+    read_manifest,
+    verify_shard,
+    write_shard_unfinished,
+)
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+JOURNAL = ".fracgen-journal.jsonl"  # an unfinished render's record of the shards it finished, one line each
+MAX_CLASSES = 100_000
+MAX_NAME = 100  # a shard's file name and its tar members' names must stay short
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -91,10 +104,14 @@ def validate(s: Settings) -> None:
         raise FracgenError(f"--fill must be in [0, 1), got {s.fill}")
     if s.png_level not in png.LEVELS:
         raise FracgenError(f"--png-level must be one of {', '.join(map(str, png.LEVELS))}, got {s.png_level}")
-    if s.seed < 0:
-        raise FracgenError(f"--seed must be >= 0, got {s.seed}")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", s.name):
-        raise FracgenError(f"--name may use letters, digits, '-' and '_' only, got {s.name!r}")
+    if not 0 <= s.seed < 2**64:
+        raise FracgenError(f"--seed must be in [0, 2^64) (seeds are 64-bit), got {s.seed}")
+    if s.classes > MAX_CLASSES:
+        raise FracgenError(f"--classes must be at most {MAX_CLASSES:,} (the manifest holds every class's system; "
+                           f"FractalDB-10k has 10,000), got {s.classes:,}")
+    if not (re.fullmatch(r"[A-Za-z0-9_-]+", s.name) and len(s.name) <= MAX_NAME):
+        raise FracgenError(f"--name must be 1 to {MAX_NAME} letters, digits, '-' and '_', got {s.name[:40]!r}"
+                           + ("..." if len(s.name) > 40 else ""))
     check_canvas(s.size, s.pad)
     check_points(s.points)
 
@@ -138,9 +155,10 @@ def resolve_base(s: Settings) -> dict:
                        f"{s.max_retries} draws from seed {s.seed}; try another --seed or a lower --fill")
 
 
-def _resolve_classes(s: Settings, base: IFS, ks: range) -> tuple[list[dict], dict[int, bytes]]:
+def _resolve_classes(s: Settings, base: IFS, ks: range, parent_pid: int) -> tuple[list[dict], dict[int, bytes]]:
     """Accepted perturbations of classes `ks`, and the PNG of each one's instance 0 (the image
     that passed the fill check), kept so the shard writer need not render it again."""
+    _watch_parent(parent_pid)
     out, pngs = [], {}
     rows = png.row_buffer(s.size)
     for k in ks:
@@ -167,7 +185,7 @@ def resolve_classes(s: Settings, base_info: dict, workers: int,
     chunks = [range(i, min(i + chunk, s.classes)) for i in range(0, s.classes, chunk)]
     classes: list[dict] = []
     pngs: dict[int, bytes] = {}
-    jobs = (delayed(_resolve_classes)(s, base, ks) for ks in chunks)
+    jobs = (delayed(_resolve_classes)(s, base, ks, os.getpid()) for ks in chunks)
     for part, part_pngs in Parallel(n_jobs=workers, return_as="generator_unordered")(jobs):
         if part and part[0].get("failed"):
             where = (f"sampled from seed {s.seed} (attempt {base_info['attempt']})" if base_info["source"] ==
@@ -202,9 +220,11 @@ def _shard_samples(s: Settings, classes: dict[int, dict], index: int, cached: di
         yield Sample(f"c{k:06d}-i{m:06d}", data, k, meta)
 
 
-def _write_shard(out: Path, s: Settings, classes: dict[int, dict], index: int,
-                 cached: dict[int, bytes]) -> tuple[int, dict]:
-    return index, write_shard(out / s.shard_name(index), _shard_samples(s, classes, index, cached))
+def _write_shard(out: Path, s: Settings, classes: dict[int, dict], index: int, cached: dict[int, bytes],
+                 parent_pid: int) -> tuple[int, Path, dict]:
+    _watch_parent(parent_pid)
+    tmp, entry = write_shard_unfinished(out / s.shard_name(index), _shard_samples(s, classes, index, cached))
+    return index, tmp, entry
 
 
 def _settings_json(s: Settings) -> dict:
@@ -216,41 +236,76 @@ def renderer_of(manifest: dict) -> int:
     return manifest.get("renderer", 1)
 
 
-def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict | None:
-    """Check the output directory; return the existing manifest when resuming."""
-    if overwrite and resume:
-        raise FracgenError("--overwrite and --resume exclude each other")
+def _make_folder(out: Path) -> bool:
+    """Create --out if needed; True when this call created it (a failed render then removes it again)."""
     if out.exists() and not out.is_dir():
         raise FracgenError(f"--out {out} exists and is not a directory")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FracgenError(f"cannot create --out {out}: {e.strerror}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise FracgenError(f"--out {out} is not writable")
-    for tmp in out.glob(f".{s.name}-*.tar.*.tmp"):  # half-written shards of a killed run
+    return created
+
+
+def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict | None:
+    """Check the output folder (this run holds its lock); return the existing manifest when resuming."""
+    for tmp in out.glob(f".{s.name}-*.tar.*.tmp"):  # half-written shards of a run that died: nobody else's
         tmp.unlink()
     existing = (out / MANIFEST).exists() or any(out.glob(f"{s.name}-*.tar"))
-    if not existing:
-        return None
-    if overwrite:
+    if not existing or overwrite:
         return None
     if not resume:
         raise FracgenError(f"{out} already holds a dataset; pass --overwrite to replace it or --resume to finish it")
     if not (out / MANIFEST).exists():
         raise FracgenError(f"cannot --resume: {out} has shards but no {MANIFEST}")
     old = read_manifest(out)
-    if renderer_of(old) != RENDERER:
-        finished = old.get("complete") and all((out / e["file"]).exists() for e in old["shards"])
-        if not finished:
-            raise FracgenError(f"cannot --resume: {out} was drawn by renderer {renderer_of(old)} "
-                               f"(fracgen {old.get('fracgen_version')}), this fracgen draws renderer {RENDERER}, "
-                               "whose images differ; use --overwrite")
-    if old["settings"] != _settings_json(s):
+    if renderer_of(old) != RENDERER and not old["complete"]:
+        raise FracgenError(f"cannot --resume: {out} was drawn by renderer {renderer_of(old)} "
+                           f"(fracgen {old.get('fracgen_version')}), this fracgen draws renderer {RENDERER}, "
+                           "whose images differ; use --overwrite")
+    if renderer_of(old) == RENDERER and old["settings"] != _settings_json(s):
         diff = [f"{k}={old['settings'].get(k)!r}->{v!r}" for k, v in _settings_json(s).items()
                 if old["settings"].get(k) != v]
         raise FracgenError(f"cannot --resume with different settings ({', '.join(diff)}); use --overwrite")
     return old
+
+
+def _read_journal(out: Path) -> dict[str, dict]:
+    """The shards an unfinished run recorded as finished (a torn last line, from a kill mid-write, is skipped)."""
+    recorded = {}
+    try:
+        lines = (out / JOURNAL).read_text().splitlines()
+    except FileNotFoundError:
+        return recorded
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            recorded[entry["file"]] = entry
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return recorded
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """In a worker process: exit at once when the render that started it dies (kill -9 included), instead of
+    rendering on for nothing. Files a worker writes are only temporaries; the parent renames them."""
+    global _watched
+    if _watched == parent_pid or os.getpid() == parent_pid:
+        return
+    _watched = parent_pid
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fracgen-parent-watch", daemon=True).start()
+
+
+_watched: int | None = None
 
 
 def render_dataset(
@@ -262,22 +317,50 @@ def render_dataset(
     resume: bool = False,
     command: str | None = None,
     progress: Progress | None = None,
+    note: Callable[[str], None] | None = None,
+    stats: dict | None = None,
     **overrides,
 ) -> dict:
-    """Render a dataset into `out` and return its manifest. `overrides` replace fields of `settings`."""
+    """Render a dataset into `out` and return its manifest. `overrides` replace fields of `settings`.
+
+    One writer per folder: the run holds `out`'s lock throughout (FolderLock). With `resume`, a shard already on
+    disk is kept only when its size and sha256 are those recorded for it (by the finished manifest, or by the
+    unfinished run's journal); anything else is rendered again. A finished dataset is never rewritten: shards that
+    no longer match it are re-rendered and must come out with the recorded bytes. `note` receives one-line
+    messages (a stale lock taken over, shards repaired); `stats`, if given, gets {"rendered": shards rendered,
+    "repaired": names of shards a finished dataset had to have re-rendered}.
+    """
     s = dataclasses.replace(settings or Settings(), **overrides)
     validate(s)
     workers = workers or default_workers(s)
     if workers < 1:
         raise FracgenError(f"--workers must be at least 1, got {workers}")
+    if overwrite and resume:
+        raise FracgenError("--overwrite and --resume exclude each other")
     out = Path(out)
-    old = _prepare_out(out, s, overwrite, resume)
-    if old is not None and renderer_of(old) != RENDERER:
-        return old  # a finished dataset of an older renderer: nothing to add, and its manifest stays true
+    created = _make_folder(out)
+    stats = {} if stats is None else stats
+    stats.update(rendered=0, repaired=[])
+    try:
+        with FolderLock(out, command or "fracgen render", note):
+            return _render_locked(out, s, workers, overwrite, resume, command, progress, note, stats)
+    except BaseException:
+        if created and {p.name for p in out.iterdir()} <= {LOCK_NAME}:  # nothing of ours worth keeping
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            out.rmdir()
+        raise
 
+
+def _render_locked(out: Path, s: Settings, workers: int, overwrite: bool, resume: bool, command: str | None,
+                   progress: Progress | None, note, stats: dict) -> dict:
+    old = _prepare_out(out, s, overwrite, resume)
+    if old is not None and old["complete"]:
+        return _repair_finished(out, s, old, workers, progress, note, stats)
+    recorded = _read_journal(out) if old is not None else {}
     if old is not None:
         base_info, classes, pngs = old["base"], old["classes"], {}
     else:
+        (out / JOURNAL).unlink(missing_ok=True)
         base_info = resolve_base(s)
         classes, pngs = resolve_classes(s, base_info, workers, progress)
     manifest = {
@@ -299,15 +382,37 @@ def render_dataset(
     _write_manifest(out, manifest)
 
     done: dict[int, dict] = {}
-    todo = []
     for index in range(s.num_shards):
-        path = out / s.shard_name(index)
-        if old is not None and path.exists():
-            done[index] = shard_entry(path)  # renamed into place only when complete
-        else:
-            todo.append(index)
+        entry = recorded.get(s.shard_name(index))
+        if entry is not None and matches(out / entry["file"], entry):
+            done[index] = entry  # finished by the earlier run, and still the bytes it recorded
+    todo = [i for i in range(s.num_shards) if i not in done]
     if progress:
         progress("shards", len(done), s.num_shards)
+    with open(out / JOURNAL, "a") as journal:
+        for index, entry in _render_shards(out, s, classes, pngs, todo, workers):
+            journal.write(json.dumps(entry) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+            done[index] = entry
+            stats["rendered"] += 1
+            if progress:
+                progress("shards", len(done), s.num_shards)
+
+    manifest["shards"] = [done[i] for i in range(s.num_shards)]
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+    (out / JOURNAL).unlink(missing_ok=True)
+    keep = {e["file"] for e in manifest["shards"]}
+    for stale in out.glob(f"{s.name}-*.tar"):  # left over from an --overwrite'n larger dataset
+        if stale.name not in keep:
+            stale.unlink()
+    return manifest
+
+
+def _render_shards(out: Path, s: Settings, classes: list[dict], pngs: dict[int, bytes], todo: list[int],
+                   workers: int):
+    """Render shards `todo` in parallel; yield (index, entry) as each is renamed into place by this process."""
     def cached(index):  # instance-0 images this shard holds, already rendered by the fill check
         return {i: pngs[i] for i in _shard_range(s, index) if i < s.classes and i in pngs}
 
@@ -315,19 +420,38 @@ def render_dataset(
         # parent pickle ~0.5 MB per shard at 1000 classes, which capped the speed-up of 2 workers at 1.2x)
         return {k: classes[k] for k in sorted({i % s.classes for i in _shard_range(s, index)})}
 
-    jobs = (delayed(_write_shard)(out, s, needed(index), index, cached(index)) for index in todo)
-    for index, entry in Parallel(n_jobs=min(workers, max(1, len(todo))), return_as="generator_unordered")(jobs):
-        done[index] = entry
-        if progress:
-            progress("shards", len(done), s.num_shards)
+    jobs = (delayed(_write_shard)(out, s, needed(index), index, cached(index), os.getpid()) for index in todo)
+    for index, tmp, entry in Parallel(n_jobs=min(workers, max(1, len(todo))), return_as="generator_unordered")(jobs):
+        os.replace(tmp, out / entry["file"])
+        yield index, entry
 
-    manifest["shards"] = [done[i] for i in range(s.num_shards)]
-    manifest["complete"] = True
-    _write_manifest(out, manifest)
-    keep = {e["file"] for e in manifest["shards"]}
-    for stale in out.glob(f"{s.name}-*.tar"):  # left over from an --overwrite'n larger dataset
-        if stale.name not in keep:
-            stale.unlink()
+
+def _repair_finished(out: Path, s: Settings, manifest: dict, workers: int, progress, note, stats: dict) -> dict:
+    """--resume on a finished dataset: check every shard against the manifest; re-render the ones that differ,
+    which must come out as the recorded bytes. The manifest itself is left as it is."""
+    bad = [i for i, entry in enumerate(manifest["shards"]) if not matches(out / entry["file"], entry)]
+    if progress:
+        progress("check", len(manifest["shards"]), len(manifest["shards"]))
+    if not bad:
+        return manifest
+    names = ", ".join(manifest["shards"][i]["file"] for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    if renderer_of(manifest) != RENDERER:
+        raise FracgenError(f"{len(bad)} shard(s) of {out} do not match its manifest ({names}) and were drawn by "
+                           f"renderer {renderer_of(manifest)}, which this fracgen cannot draw again; use --overwrite")
+    s = dataclasses.replace(s, **{k: v for k, v in manifest["settings"].items() if k in Settings.__dataclass_fields__})
+    classes = {c["class"]: c for c in manifest["classes"]}
+    jobs = (delayed(_write_shard)(out, s, {k: classes[k] for k in {i % s.classes for i in _shard_range(s, index)}},
+                                  index, {}, os.getpid()) for index in bad)
+    for index, tmp, entry in Parallel(n_jobs=min(workers, len(bad)), return_as="generator_unordered")(jobs):
+        recorded = manifest["shards"][index]
+        if (entry["bytes"], entry["sha256"]) != (recorded["bytes"], recorded["sha256"]):
+            tmp.unlink(missing_ok=True)
+            raise FracgenError(f"re-rendering {entry['file']} gave other bytes than {out / MANIFEST} records: the "
+                               "folder was written by another fracgen or edited; use --overwrite")
+        os.replace(tmp, out / entry["file"])
+        stats["repaired"].append(entry["file"])
+    if note:
+        note(f"re-rendered {len(bad)} shard(s) that did not match the manifest: {names}")
     return manifest
 
 

@@ -19,6 +19,7 @@ from fracgen.rng import TAG_PERTURB, derive_seed, uniforms
 
 COEFFICIENTS = ("a", "b", "c", "d", "e", "f")
 PERTURB_MODES = ("scale", "shift")
+MAX_COEFFICIENT = 1e3  # a contraction's coefficients are near 1; beyond this it is a typo (1e308 overflows)
 SIGMA_HALF_WIDTH = 0.1  # the sigma-factor actually used is drawn from U(sigma - 0.1, sigma + 0.1)
 
 
@@ -44,7 +45,13 @@ class IFS:
         except (KeyError, TypeError, ValueError) as e:
             raise FracgenError(f"malformed IFS: expected 'maps' of objects with keys a..f ({e})") from None
         probs = obj.get("probabilities")
-        return make_ifs(coef, None if probs is None else np.asarray(probs, dtype=np.float64))
+        if probs is not None:
+            if not isinstance(probs, list) or not all(
+                    isinstance(p, (int, float)) and not isinstance(p, bool) for p in probs):
+                raise FracgenError(f"malformed IFS: 'probabilities' must be a list of numbers, one per map, "
+                                   f"not {json.dumps(probs)[:60]}")
+            probs = np.asarray(probs, dtype=np.float64)
+        return make_ifs(coef, probs)
 
 
 def determinant_probabilities(coef: np.ndarray) -> np.ndarray:
@@ -61,8 +68,10 @@ def make_ifs(coef: np.ndarray, probabilities: np.ndarray | None = None) -> IFS:
     coef = np.ascontiguousarray(coef, dtype=np.float64)
     if coef.ndim != 2 or coef.shape[1] != 6 or coef.shape[0] < 1:
         raise FracgenError(f"an IFS needs N >= 1 maps of 6 coefficients, got shape {coef.shape}")
-    if not np.all(np.isfinite(coef)):
-        raise FracgenError("IFS coefficients must be finite numbers")
+    if not np.all(np.isfinite(coef)) or np.abs(coef).max() > MAX_COEFFICIENT:
+        worst = np.unravel_index(np.argmax(np.where(np.isfinite(coef), np.abs(coef), np.inf)), coef.shape)
+        raise FracgenError(f"IFS coefficients must be finite and within +-{MAX_COEFFICIENT:g} (a contraction's are "
+                           f"near 1): map {worst[0]} has {COEFFICIENTS[worst[1]]} = {coef[worst]:g}")
     if probabilities is None:
         probabilities = determinant_probabilities(coef)
     probabilities = np.ascontiguousarray(probabilities, dtype=np.float64)

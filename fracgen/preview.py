@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from itertools import islice
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
 from fracgen.errors import FracgenError
-from fracgen.shards import atomic_write, iter_samples, read_manifest
+from fracgen.shards import atomic_write, check_sample, iter_samples, read_manifest
 
 
 def contact_sheet(dataset: str | Path, out: str | Path, *, count: int = 16, columns: int = 4,
@@ -21,9 +22,16 @@ def contact_sheet(dataset: str | Path, out: str | Path, *, count: int = 16, colu
     manifest = read_manifest(dataset)
     tiles = []
     for entry in manifest["shards"]:
-        for _key, parts in islice(iter_samples(dataset / entry["file"]), count - len(tiles)):
-            with Image.open(io.BytesIO(parts["png"])) as im:
-                tiles.append((int(parts["cls"]), ImageOps.autocontrast(im.convert("L")).resize((tile, tile))))
+        path = dataset / entry["file"]
+        try:
+            for key, parts in islice(iter_samples(path), count - len(tiles)):
+                problem = check_sample(key, parts, manifest["num_classes"])
+                if problem:
+                    raise FracgenError(f"{path}: {problem} (`fracgen verify` checks every shard)")
+                with Image.open(io.BytesIO(parts["png"])) as im:
+                    tiles.append((int(parts["cls"]), ImageOps.autocontrast(im.convert("L")).resize((tile, tile))))
+        except (tarfile.TarError, OSError) as e:
+            raise FracgenError(f"{path} is not a readable shard ({e}); `fracgen verify` checks every shard") from None
         if len(tiles) >= count:
             break
     if not tiles:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -97,23 +98,46 @@ def atomic_write(path: Path, write) -> object:
     return result
 
 
-def write_shard(path: Path, samples: Iterable[Sample]) -> dict:
-    """Write one shard atomically; return its manifest entry (file, samples, bytes, sha256)."""
+def _write_samples(f, samples: Iterable[Sample], name: str) -> dict:
+    hw = _HashingWriter(f)
+    n = 0
+    for s in samples:
+        payload = {"cls": str(s.label).encode(), "json": encode_json(s.meta), "png": s.png}
+        for ext in EXTENSIONS:
+            data = payload[ext]
+            hw.write(ustar_header(f"{s.key}.{ext}", len(data)) + data + bytes(-len(data) % BLOCK))
+        n += 1
+    hw.write(bytes(2 * BLOCK))  # end of archive
+    hw.write(bytes(-hw.size % RECORD))
+    return {"file": name, "samples": n, "bytes": hw.size, "sha256": hw.sha.hexdigest()}
 
-    def write(f):
-        hw = _HashingWriter(f)
-        n = 0
-        for s in samples:
-            payload = {"cls": str(s.label).encode(), "json": encode_json(s.meta), "png": s.png}
-            for ext in EXTENSIONS:
-                data = payload[ext]
-                hw.write(ustar_header(f"{s.key}.{ext}", len(data)) + data + bytes(-len(data) % BLOCK))
-            n += 1
-        hw.write(bytes(2 * BLOCK))  # end of archive
-        hw.write(bytes(-hw.size % RECORD))
-        return {"file": Path(path).name, "samples": n, "bytes": hw.size, "sha256": hw.sha.hexdigest()}
 
-    return atomic_write(path, write)
+def write_shard_unfinished(path: Path, samples: Iterable[Sample]) -> tuple[Path, dict]:
+    """Write one shard under a temporary name beside `path` and return (that name, its manifest entry). The caller
+    renames it into place once it has recorded it, so only the process that keeps the records ever makes a file
+    under a final name (a render's worker that outlives its parent cannot)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            entry = _write_samples(f, samples, path.name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp), entry
+
+
+def matches(path: Path, entry: dict) -> bool:
+    """A shard on disk is what a record says only when its size and sha256 are the recorded ones."""
+    try:
+        if path.stat().st_size != entry["bytes"]:
+            return False
+    except OSError:
+        return False
+    return file_sha256(path) == (entry["sha256"], entry["bytes"])
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -123,13 +147,6 @@ def file_sha256(path: Path) -> tuple[str, int]:
             sha.update(chunk)
             size += len(chunk)
     return sha.hexdigest(), size
-
-
-def shard_entry(path: Path) -> dict:
-    """The manifest entry of a finished shard already on disk."""
-    digest, size = file_sha256(path)
-    return {"file": Path(path).name, "samples": sum(1 for _ in iter_samples(path)), "bytes": size,
-            "sha256": digest}
 
 
 def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -192,6 +209,58 @@ def verify_shard(path: Path, entry: dict, num_classes: int) -> str | None:
     return None
 
 
+FORMAT_VERSION = 1  # of the shard folder: manifest.json + tar shards, as the README documents it
+SHARD_FILE = re.compile(r"[A-Za-z0-9_-]+\.tar")  # a plain name in the folder: no path, not hidden
+SETTINGS_USED = ("sigma", "delta", "perturb", "classes", "per_class", "points", "size", "pad", "fill", "seed",
+                 "shard_size", "name", "png_level")
+
+
+def check_manifest(manifest: object, path: Path) -> dict:
+    """The manifest if it has the shape every reader relies on; else one FracgenError line saying what is wrong.
+    The one place a manifest is checked: fracgen's commands and the trainer read it through here."""
+
+    def fail(what: str):
+        raise FracgenError(f"{path} is not a usable fracgen manifest: {what}")
+
+    def need(obj: dict, key: str, kind, where: str = ""):
+        value = obj.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            fail(f"{where}'{key}' is {'missing' if key not in obj else type(value).__name__}, not "
+                 f"{getattr(kind, '__name__', 'a number')}")
+        return value
+
+    if not isinstance(manifest, dict) or manifest.get("format") != "fracgen-shards":
+        fail("its 'format' is not fracgen-shards")
+    if need(manifest, "format_version", int) > FORMAT_VERSION:
+        fail(f"format_version {manifest['format_version']} is newer than this fracgen reads ({FORMAT_VERSION})")
+    need(manifest, "complete", bool)
+    settings = need(manifest, "settings", dict)
+    for key in SETTINGS_USED:
+        if key not in settings:
+            fail(f"settings lack '{key}'")
+    if need(manifest, "num_classes", int) < 1 or need(manifest, "num_samples", int) < 0:
+        fail("num_classes must be >= 1 and num_samples >= 0")
+    if need(need(manifest, "image", dict), "size", int, "image.") < 1:
+        fail("image.size must be >= 1")
+    base = need(manifest, "base", dict)
+    if not isinstance(need(base, "ifs", dict, "base.").get("maps"), list):
+        fail("base.ifs has no 'maps' list")
+    for c in need(manifest, "classes", list):
+        if not isinstance(c, dict) or not isinstance(c.get("ifs"), dict):
+            fail("every class must be an object with its 'ifs'")
+    for entry in need(manifest, "shards", list):
+        if not isinstance(entry, dict):
+            fail("every shard must be an object with file, samples, bytes, sha256")
+        name = need(entry, "file", str, "a shard's ")
+        if not SHARD_FILE.fullmatch(name):
+            fail(f"shard file {name!r} is not a plain file name in the folder")
+        if need(entry, "samples", int, "a shard's ") < 0 or need(entry, "bytes", int, "a shard's ") < 0:
+            fail(f"shard {name}: samples and bytes must be >= 0")
+        if not re.fullmatch(r"[0-9a-f]{64}", need(entry, "sha256", str, "a shard's ")):
+            fail(f"shard {name}: sha256 is not 64 hex digits")
+    return manifest
+
+
 def read_manifest(out: Path) -> dict:
     path = Path(out) / "manifest.json"
     if not Path(out).is_dir():
@@ -202,6 +271,4 @@ def read_manifest(out: Path) -> dict:
         raise FracgenError(f"no manifest.json in {out}: not a fracgen dataset") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FracgenError(f"{path} is unreadable: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "fracgen-shards":
-        raise FracgenError(f"{path} is not a fracgen manifest")
-    return manifest
+    return check_manifest(manifest, path)

@@ -67,7 +67,7 @@ def test_second_render_refuses_then_resume_and_overwrite(tmp_path):
     (["--points", "1000000000"], "points must be in 1..100,000,000"),
     (["--perturb", "bogus"], "--perturb must be one of"),
     (["--fill", "1.5"], "--fill must be in"),
-    (["--name", "a.b"], "--name may use"),
+    (["--name", "a.b"], "--name must be 1 to 100"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, match):
     one_line_error(run("render", "--out", tmp_path / "ds", *SMALL, *args), match)

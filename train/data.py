@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import random
 import tarfile
 from pathlib import Path
@@ -29,6 +28,8 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import InterpolationMode
 
 from fracgen import png
+from fracgen import shards as fracgen_shards
+from fracgen.errors import FracgenError
 from train.runtime import TrainError
 
 PRETRAIN_MEAN = PRETRAIN_STD = (0.5, 0.5, 0.5)  # the 1p-frac reference scripts normalise with 0.5 / 0.5
@@ -36,7 +37,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def read_manifest(shards_dir: Path) -> dict:
-    """Load and check manifest.json; every problem becomes one TrainError line."""
+    """Load manifest.json (checked by fracgen's one manifest check) and make sure the folder holds what it lists,
+    at the sizes it lists; every problem becomes one TrainError line naming the file."""
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
         raise TrainError(f"shards folder {shards_dir} does not exist (make one with `fracgen render --out DIR`)")
@@ -44,21 +46,20 @@ def read_manifest(shards_dir: Path) -> dict:
     if not path.is_file():
         raise TrainError(f"{path} is missing: {shards_dir} is not a `fracgen render` output folder")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainError(f"{path} is not valid JSON: {e}") from None
-    for key in ("num_classes", "num_samples", "shards"):
-        if key not in manifest:
-            raise TrainError(f"{path} has no {key!r} entry")
-    if manifest.get("format_version", 1) != 1:
-        raise TrainError(f"{path} has format_version {manifest['format_version']}; this trainer reads version 1")
-    if manifest.get("complete") is False:
+        manifest = fracgen_shards.read_manifest(shards_dir)
+    except FracgenError as e:
+        raise TrainError(str(e)) from None
+    if manifest["complete"] is False:
         raise TrainError(f"{path} says the render is incomplete: finish it with `fracgen render ... --resume`")
     if not manifest["shards"]:
         raise TrainError(f"{path} lists no shards")
-    missing = [s["file"] for s in manifest["shards"] if not (shards_dir / s["file"]).is_file()]
-    if missing:
-        raise TrainError(f"{len(missing)} shard(s) listed in {path} are missing, first: {missing[0]}")
+    for entry in manifest["shards"]:
+        shard = shards_dir / entry["file"]
+        if not shard.is_file():
+            raise TrainError(f"shard {shard} listed in {path} is missing")
+        if shard.stat().st_size != entry["bytes"]:
+            raise TrainError(f"shard {shard} has {shard.stat().st_size} bytes, its manifest says {entry['bytes']}: "
+                             "damaged or replaced (`fracgen verify`, `fracgen render ... --resume` repairs it)")
     return manifest
 
 

@@ -7,6 +7,7 @@ the test set, as in DESIGN.md section 9 (10 images per class of digits for train
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,21 +68,32 @@ def load(name: str, data_root: Path):
                              f"(so that {Path(data_root) / cls.base_folder} exists)") from None
         return train, test, len(train.classes)
     path = Path(name)
-    if path.is_dir():
-        splits = {p.name: p for p in path.iterdir() if p.is_dir()}
-        test_dir = splits.get("val") or splits.get("test")
-        if "train" in splits and test_dir is not None:
-            train = torchvision.datasets.ImageFolder(str(splits["train"]))
-            test = torchvision.datasets.ImageFolder(str(test_dir))
-            if test.classes != train.classes:
-                raise TrainError(f"{splits['train']} and {test_dir} have different class folders")
-            return train, test, len(train.classes)
-        try:
-            folder = torchvision.datasets.ImageFolder(str(path))
-        except (FileNotFoundError, RuntimeError) as e:
-            raise TrainError(f"{path} is not an ImageFolder (one sub-folder of images per class): {e}") from None
-        return folder, None, len(folder.classes)
-    raise TrainError(f"unknown --dataset {name!r}: use digits, cifar10, cifar100 or an ImageFolder directory")
+    if not path.is_dir():
+        if path.exists() or os.sep in name or name.startswith((".", "~")):
+            raise TrainError(f"--dataset {name}: folder not found (an ImageFolder directory, or digits, cifar10, "
+                             "cifar100)")
+        raise TrainError(f"unknown --dataset {name!r}: use digits, cifar10, cifar100 or an ImageFolder directory")
+    splits = {p.name: p for p in path.iterdir() if p.is_dir()}
+    test_dir = splits.get("val") or splits.get("test")
+    if "train" in splits and test_dir is not None:
+        train = _image_folder(splits["train"])
+        test = _image_folder(test_dir)
+        if test.classes != train.classes:
+            raise TrainError(f"{splits['train']} and {test_dir} have different class folders")
+        return train, test, len(train.classes)
+    folder = _image_folder(path)
+    return folder, None, len(folder.classes)
+
+
+def _image_folder(path: Path):
+    try:
+        folder = torchvision.datasets.ImageFolder(str(path))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise TrainError(f"{path} is not an ImageFolder (one sub-folder of images per class): {e}") from None
+    if len(folder.classes) < 2:
+        raise TrainError(f"{path} has {len(folder.classes)} class folder(s): fine-tuning needs at least two classes "
+                         "(one sub-folder of images per class)")
+    return folder
 
 
 def targets_of(dataset) -> np.ndarray:

@@ -34,7 +34,14 @@ from timm.scheduler import CosineLRScheduler
 from train import data, downstream
 from train import model as model_lib
 from train.pretrain import Config as PretrainConfig
-from train.runtime import TrainError, atomic_write_json, parse_float_pair, run_cli, seed_everything
+from train.runtime import (
+    TrainError,
+    atomic_write_json,
+    load_checkpoint,
+    parse_float_pair,
+    run_cli,
+    seed_everything,
+)
 
 
 @dataclass
@@ -79,11 +86,8 @@ def load_pretrained(path: str):
         p = p / "ckpt.pt"
     if not p.is_file():
         raise TrainError(f"--checkpoint {path}: no such file (give RUN_DIR/ckpt.pt, RUN_DIR, or none)")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-        return ckpt["model_name"], ckpt["model_args"], ckpt["num_classes"], ckpt["model"]
-    except (KeyError, TypeError, RuntimeError, EOFError) as e:
-        raise TrainError(f"--checkpoint {p} is not a train.pretrain checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = load_checkpoint(p)
+    return ckpt["model_name"], ckpt["model_args"], ckpt["num_classes"], ckpt["model"]
 
 
 def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, pretrained, device) -> float:

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import os
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from fracgen.errors import FracgenError
+from fracgen.lock import LOCK_NAME, FolderLock
 from train import data
 from train import model as model_lib
 from train.augment import AugmentRNG, DeviceAugment
@@ -44,6 +47,8 @@ from train.runtime import (
     TrainError,
     atomic_save,
     atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
     parse_float_pair,
     rng_states,
     run_cli,
@@ -120,6 +125,25 @@ RESUMABLE = {"out", "shards", "resume", "steps", "workers", "log_every", "eval_e
 GiB = 1024**3
 
 
+def _metrics_up_to(path: Path, step: int) -> float | None:
+    """On resume: drop the metrics a killed run logged after its last checkpoint (they will be logged again), so
+    every step appears once; return the run's first logged loss."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    kept = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if isinstance(entry, dict) and not entry.get("final") and entry.get("step", 0) <= step:
+            kept.append(entry)
+    atomic_write_text("".join(json.dumps(e) + "\n" for e in kept), path)
+    return next((e["loss"] for e in kept if "loss" in e), None)
+
+
 def per_rank_batch(cfg: Config, world_size: int) -> int:
     """Images per rank and micro-step: --batch, or --global-batch shared out over accumulation and ranks."""
     if not cfg.global_batch:
@@ -187,7 +211,30 @@ def choose_data_path(cfg: Config, manifest: dict, device) -> tuple[str, str]:
 
 
 def pretrain(cfg: Config) -> dict:
+    """Run (or continue) a pre-training; returns rank 0's summary. Rank 0 holds the run folder's lock throughout:
+    one writer per run folder."""
     rank, local_rank, world_size, device = setup_distributed()
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is not a folder")
+    if rank != 0:
+        return _pretrain(cfg, rank, local_rank, world_size, device)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with FolderLock(out, "train.pretrain", note=lambda text: print(f"note: {text}", flush=True)):
+            return _pretrain(cfg, rank, local_rank, world_size, device)
+    except FracgenError as e:
+        raise TrainError(str(e)) from None
+    except OSError as e:
+        raise TrainError(f"cannot write the run folder {out}: {e.strerror or e}") from None
+    finally:
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            out.rmdir()  # a run that failed before writing anything leaves no folder behind
+
+
+def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) -> dict:
     master_process = rank == 0
     log = functools.partial(print, flush=True) if master_process else (lambda *a, **k: None)
 
@@ -197,12 +244,21 @@ def pretrain(cfg: Config) -> dict:
     if cfg.resume:
         if not ckpt_path.is_file():
             raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(ckpt_path, resume=True)
+        if checkpoint["step"] > cfg.steps:
+            raise TrainError(f"--resume: the checkpoint is at step {checkpoint['step']}, past --steps {cfg.steps}; "
+                             f"give --steps {checkpoint['step']} or more")
+        if checkpoint["step"] == cfg.steps:
+            log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: {out / 'model.pth'})")
+            return {}
     elif ckpt_path.exists():
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
 
     manifest = data.read_manifest(Path(cfg.shards))
     num_classes = manifest["num_classes"]
+    if checkpoint is not None and checkpoint["num_classes"] != num_classes:
+        raise TrainError(f"--shards {cfg.shards} has {num_classes} classes, the checkpoint was trained on "
+                         f"{checkpoint['num_classes']}: resume with the shards it was trained on")
     urls = data.shard_urls(Path(cfg.shards), manifest)
     batch = per_rank_batch(cfg, world_size)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
@@ -293,7 +349,16 @@ def pretrain(cfg: Config) -> dict:
 
     def training_batches():
         """(augmented images, labels) on the device, one per micro-step."""
-        for x, y in micro_batches:
+        batches = iter(micro_batches)
+        while True:
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                return
+            except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # a shard changed under a running job
+                last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+                raise TrainError(f"reading the shards failed mid-run ({last[0][:200]}); check them with "
+                                 f"`fracgen verify {cfg.shards}`") from None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             yield (x if path == "pil" else augment(x, augment_rng)), y
 
@@ -326,8 +391,10 @@ def pretrain(cfg: Config) -> dict:
                          "config": dataclasses.asdict(cfg), "rng": states, "world_size": world_size,
                          "fracgen_settings": manifest.get("settings", {})}, ckpt_path)
 
+    earlier_loss = None  # the first loss of the run this one continues
     if master_process:
-        out.mkdir(parents=True, exist_ok=True)
+        if step:
+            earlier_loss = _metrics_up_to(out / "metrics.jsonl", step)
         n_params = sum(p.numel() for p in raw_model.parameters()) / 1e6
         augs = [name for name, on in [("crop", cfg.crop), ("flips", cfg.flip), (cfg.randaug, cfg.randaug),
                                       (f"erasing {cfg.reprob}", cfg.reprob), (f"mixup {cfg.mixup}", cfg.mixup),
@@ -342,6 +409,8 @@ def pretrain(cfg: Config) -> dict:
         if step:
             log(f"pretrain: resumed from step {step}")
     metrics_file = open(out / "metrics.jsonl", "a") if master_process else None  # noqa: SIM115
+    if metrics_file and step:
+        metrics_file.write(json.dumps({"resumed_from": step}) + "\n")
 
     def record(entry: dict) -> None:
         if metrics_file:
@@ -349,7 +418,7 @@ def pretrain(cfg: Config) -> dict:
             metrics_file.flush()
 
     loss_window = torch.zeros((), device=device)
-    window_steps, first_loss, last_loss = 0, None, None
+    window_steps, first_loss, last_loss = 0, earlier_loss, None
     t_window = time.time()
     start_step = step
     batches = training_batches()
@@ -524,7 +593,7 @@ def main(
         ckpt_path = out / "ckpt.pt"
         if not ckpt_path.is_file():
             raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)["config"]
+        saved = load_checkpoint(ckpt_path)["config"]
         changed = sorted(k for k, v in explicit.items() if k not in RESUMABLE and k != "preset" and v != saved[k])
         if changed:
             raise TrainError(f"--resume cannot change {', '.join(changed)} (fixed by {ckpt_path})")

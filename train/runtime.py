@@ -78,6 +78,34 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+CHECKPOINT_FIELDS = {"model_name": str, "model_args": dict, "num_classes": int, "model": dict, "step": int,
+                     "config": dict}
+RESUME_FIELDS = {"optimizer": dict, "scheduler": dict, "scaler": dict, "rng": list}
+
+
+def load_checkpoint(path: Path, resume: bool = False) -> dict:
+    """A train.pretrain checkpoint, checked once here: every way it can be damaged or foreign is one TrainError
+    line. `resume`: it must also hold the optimizer, scheduler, scaler and RNG states. Checkpoints are pickles:
+    load only your own (torch.load runs what a pickle says)."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated archives, random bytes, empty files, other pickles: torch raises them all
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise TrainError(f"{path} is not a train.pretrain checkpoint (unreadable: {type(e).__name__}"
+                         f"{': ' + reason if reason else ''})") from None
+    fields = {**CHECKPOINT_FIELDS, **(RESUME_FIELDS if resume else {})}
+    if not isinstance(ckpt, dict):
+        raise TrainError(f"{path} is not a train.pretrain checkpoint (it holds a {type(ckpt).__name__})")
+    for key, kind in fields.items():
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            raise TrainError(f"{path} is not a train.pretrain checkpoint ('{key}' is missing or not a "
+                             f"{kind.__name__})")
+    if not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise TrainError(f"{path} is not a train.pretrain checkpoint ('model' is not a dict of tensors)")
+    return ckpt
+
+
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a kill mid-write never leaves a truncated checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -85,10 +113,14 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_json(obj, path: Path) -> None:
+def atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 def parse_float_pair(text: str) -> tuple[float, float]:

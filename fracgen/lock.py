@@ -1,0 +1,99 @@
+"""One writer per output folder: an exclusive lock held for the whole run.
+
+The lock is `flock` on FOLDER/.fracgen.lock, so the kernel releases it when its holder dies, even by kill -9: a
+lock is never left held by a dead process on this host. The file also names its holder (pid, host, start time,
+command) for the message a refused writer prints. The holder empties it when it finishes; a file that still names
+someone while nobody holds the lock was left by a run that died: on this host that is certain (its pid is gone or
+holds no lock) and the lock is taken over with a note; a holder on another host may be alive on a file system that
+does not share flocks between hosts, so that case is refused with the command that clears it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fracgen.errors import FracgenError
+
+LOCK_NAME = ".fracgen.lock"
+
+
+def _describe(holder: dict) -> str:
+    started = holder.get("started")
+    since = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
+    command = f" ({holder['command']})" if holder.get("command") else ""
+    return f"pid {holder.get('pid')} on host {holder.get('host')}{since}{command}"
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+class FolderLock:
+    """`with FolderLock(folder, command): ...` holds the folder for one writer; raises FracgenError when another
+    run holds it. `note` receives the one-line message when a stale lock is taken over."""
+
+    def __init__(self, folder: str | Path, command: str = "", note: Callable[[str], None] | None = None):
+        self.folder, self.command, self.note = Path(folder), command, note
+        self.fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / LOCK_NAME
+
+    def _read(self, fd: int) -> dict:
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 1 << 16)
+        try:
+            holder = json.loads(raw) if raw.strip() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            holder = {"pid": "?", "host": "?"}
+        return holder if isinstance(holder, dict) else {"pid": "?", "host": "?"}
+
+    def __enter__(self) -> FolderLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FracgenError(f"cannot create the lock {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read(fd)
+            os.close(fd)
+            raise FracgenError(f"{self.folder} is being written by {_describe(holder)}: one writer per folder; wait "
+                               "for it to finish or choose another folder") from None
+        holder = self._read(fd)
+        host = socket.gethostname()
+        if holder.get("pid") not in (None, os.getpid()):
+            if holder.get("host") != host:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                raise FracgenError(f"{self.folder} is locked by {_describe(holder)}, another host, whose run this "
+                                   f"host cannot see; if it has ended, delete {self.path}")
+            if self.note:
+                state = "still running but not holding it" if _pid_alive(holder["pid"]) else "no longer running"
+                self.note(f"taking over the lock of {self.folder} left by pid {holder['pid']} ({state})")
+        record = json.dumps({"pid": os.getpid(), "host": host, "started": time.time(), "command": self.command})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode() + b"\n", 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # nobody holds it now; the file stays, so a waiting opener locks the same one
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

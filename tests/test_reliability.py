@@ -1,0 +1,378 @@
+"""What a skeptical user tries (issue 13): damaged files, kills, two commands at once, odd options. Every case
+either repairs itself or stops with one clear line and a non-zero exit; nothing written is lost or adopted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fracgen.cli import app
+from fracgen.dataset import Settings, render_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--classes", "6", "--size", "64", "--points", "3000", "--shard-size", "2", "--workers", "1"]
+TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--batch", "16", "--log-every", "1"]
+
+
+def fracgen(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(output: str, exit_code: int, match: str) -> None:
+    assert exit_code == 1, output
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), output
+    assert match in " ".join(lines), output
+    assert "Traceback" not in output
+
+
+def run(*args, timeout=240, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def cli_error(result: subprocess.CompletedProcess, match: str) -> None:
+    one_line_error(result.stderr, result.returncode, match)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha(p) for p in sorted(folder.glob("*.tar"))}
+
+
+@pytest.fixture
+def rendered(tmp_path) -> Path:
+    out = tmp_path / "ds"
+    assert fracgen("render", "--out", out, *SMALL).exit_code == 0
+    return out
+
+
+# 1. --resume trusts a shard only when its size and sha256 match the record
+
+def test_resume_repairs_an_edited_shard_of_a_finished_dataset(rendered):
+    before, manifest = hashes(rendered), (rendered / "manifest.json").read_text()
+    shard = rendered / "1p-frac-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = fracgen("render", "--out", rendered, *SMALL, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "1p-frac-000001.tar" in result.output and "re-rendered" in result.output
+    assert hashes(rendered) == before and (rendered / "manifest.json").read_text() == manifest
+    assert fracgen("verify", rendered).exit_code == 0
+
+
+def test_resume_repairs_a_truncated_shard_and_keeps_the_finished_manifest(rendered):
+    before, manifest = hashes(rendered), (rendered / "manifest.json").read_text()
+    shard = rendered / "1p-frac-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    result = fracgen("render", "--out", rendered, *SMALL, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert hashes(rendered) == before and (rendered / "manifest.json").read_text() == manifest
+
+
+def test_resume_of_an_interrupted_render_never_adopts_a_shard_it_did_not_record(tmp_path):
+    settings = Settings(classes=6, size=64, points=3000, shard_size=1)
+    reference = tmp_path / "reference"
+    render_dataset(reference, settings, workers=1)
+    out = tmp_path / "ds"
+
+    def stop_after_three(phase, done, total):
+        if phase == "shards" and done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        render_dataset(out, settings, workers=1, progress=stop_after_three)
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    finished = sorted(out.glob("*.tar"))
+    assert len(finished) == 3
+    finished[0].write_bytes(finished[0].read_bytes()[:-512] + bytes(512))  # damaged after it was recorded
+    (out / "1p-frac-000005.tar").write_bytes(b"not written by this run")  # a file nothing recorded
+    render_dataset(out, settings, workers=1, resume=True)
+    assert hashes(out) == hashes(reference)
+    assert fracgen("verify", out).exit_code == 0
+
+
+# 2. a resumed pre-training never trains past --steps
+
+def test_pretrain_resume_below_the_checkpoint_step_is_refused(tmp_path):
+    shards = tmp_path / "shards"
+    render_dataset(shards, Settings(classes=8, size=64, points=3000, shard_size=4), workers=1)
+    out = tmp_path / "run"
+    first = run("-m", "train.pretrain", "--shards", shards, "--out", out, "--steps", "4", *TINY, "--eval-every", "0")
+    assert first.returncode == 0, first.stderr
+    cli_error(run("-m", "train.pretrain", "--shards", shards, "--out", out, "--resume", "--steps", "2"),
+              "checkpoint is at step 4, past --steps 2")
+    again = run("-m", "train.pretrain", "--shards", shards, "--out", out, "--resume")
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stderr
+
+
+def test_metrics_after_a_resume_hold_each_step_once(tmp_path):
+    shards = tmp_path / "shards"
+    render_dataset(shards, Settings(classes=8, size=64, points=3000, shard_size=4), workers=1)
+    out = tmp_path / "run"
+    args = ["-m", "train.pretrain", "--shards", shards, "--out", out, "--steps", "6", *TINY, "--eval-every", "0",
+            "--ckpt-every", "2"]
+    assert run(*args, "--stop-after", "3").returncode == 0  # checkpoint at 2 (ckpt-every) and at 3 (the stop)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first_loss = lines[0]["loss"]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines)
+                                       + json.dumps({"step": 4, "loss": 1.0, "lr": 0, "samples_per_s": 1}) + "\n")
+    resumed = run("-m", "train.pretrain", "--shards", shards, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in entries if "loss" in e and "final" not in e]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert any(e.get("resumed_from") == 3 for e in entries)
+    assert json.loads((out / "summary.json").read_text())["first_loss"] == first_loss
+
+
+# 3. one output folder, one writer
+
+def _render_cmd(out: Path, seed: int, classes: int = 3000, workers: int = 1) -> list[str]:
+    """A render that takes several seconds (~2 ms per image)."""
+    return ["-m", "fracgen", "render", "--out", str(out), "--classes", str(classes), "--size", "512",
+            "--points", "300000", "--per-class", "2", "--shard-size", "50", "--seed", str(seed), "--workers",
+            str(workers)]
+
+
+def _popen(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for(predicate, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_second_render_into_a_busy_folder_is_refused_and_touches_nothing(tmp_path):
+    out = tmp_path / "ds"
+    first = _popen(_render_cmd(out, seed=0, classes=3000))
+    try:
+        assert _wait_for(lambda: (out / ".fracgen.lock").exists() and (out / ".fracgen.lock").stat().st_size, 60)
+        second = run(*_render_cmd(out, seed=1, classes=3000), "--overwrite")
+        cli_error(second, f"pid {first.pid}")
+    finally:
+        _, err = first.communicate(timeout=180)
+    assert first.returncode == 0, err
+    assert fracgen("verify", out).exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["settings"]["seed"] == 0
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".fracgen.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": 0,
+                                                   "command": "fracgen render"}))
+    result = fracgen("render", "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert f"pid {dead.pid}" in result.output and "no longer running" in result.output
+
+
+def test_a_pretraining_run_folder_has_one_writer(tmp_path):
+    from fracgen.lock import FolderLock
+
+    shards = tmp_path / "shards"
+    render_dataset(shards, Settings(classes=8, size=64, points=3000, shard_size=4), workers=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    with FolderLock(out, "test"):
+        cli_error(run("-m", "train.pretrain", "--shards", shards, "--out", out, "--steps", "2", *TINY),
+                  f"pid {os.getpid()}")
+
+
+# 4. the workers die with their parent, and nothing they write afterwards looks finished
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_workers_stop_when_the_render_is_killed(tmp_path, how):
+    out = tmp_path / "ds"
+    proc = _popen(_render_cmd(out, seed=0, classes=3000, workers=2))
+    try:
+        assert _wait_for(lambda: len(list(out.glob("*.tar"))) >= 2, 120), proc.stderr
+        workers = _children(proc.pid) - {proc.pid}
+        assert workers
+        proc.send_signal(how)
+        finished_at_kill = set(out.glob("*.tar"))
+        proc.wait(timeout=30)
+        assert _wait_for(lambda: not any(_alive(w) for w in workers), 10), "workers outlived their parent"
+        time.sleep(0.5)
+        assert set(out.glob("*.tar")) <= finished_at_kill  # no shard was renamed into place after the kill
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if how == signal.SIGINT:
+        assert proc.returncode == 130
+    resumed = run(*_render_cmd(out, seed=0, classes=3000, workers=2), "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert fracgen("verify", out).exit_code == 0
+
+
+# 5. tracebacks where a line is due
+
+@pytest.fixture(scope="module")
+def shards16(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards16")
+    render_dataset(out, Settings(classes=16, size=64, points=3000, shard_size=8), workers=1)
+    return out
+
+
+def test_damaged_checkpoints_are_one_line(tmp_path, shards16):
+    out = tmp_path / "run"
+    ok = run("-m", "train.pretrain", "--shards", shards16, "--out", out, "--steps", "2", *TINY, "--eval-every", "0")
+    assert ok.returncode == 0, ok.stderr
+    ckpt = out / "ckpt.pt"
+    whole = ckpt.read_bytes()
+    for damaged in (b"", os.urandom(3000), whole[:5000]):  # empty, random bytes, truncated
+        ckpt.write_bytes(damaged)
+        cli_error(run("-m", "train.pretrain", "--shards", shards16, "--out", out, "--resume"),
+                  f"{ckpt} is not a train.pretrain checkpoint")
+    cli_error(run("-m", "train.finetune", "--checkpoint", ckpt, "--steps", "2"),
+              f"{ckpt} is not a train.pretrain checkpoint")
+
+
+def test_pretrain_bad_paths_and_mismatches_are_one_line(tmp_path, shards16):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cli_error(run("-m", "train.pretrain", "--shards", shards16, "--out", a_file, "--steps", "2", *TINY),
+              "is not a folder")
+    out = tmp_path / "run"
+    assert run("-m", "train.pretrain", "--shards", shards16, "--out", out, "--steps", "2", *TINY).returncode == 0
+    other = tmp_path / "other"
+    render_dataset(other, Settings(classes=8, size=64, points=3000, shard_size=8), workers=1)
+    cli_error(run("-m", "train.pretrain", "--shards", other, "--out", out, "--resume", "--steps", "4"),
+              "8 classes, the checkpoint was trained on 16")
+    not_ckpt = tmp_path / "weights.txt"
+    not_ckpt.write_text("hello")
+    cli_error(run("-m", "train.finetune", "--checkpoint", not_ckpt), "is not a train.pretrain checkpoint")
+
+
+def test_a_truncated_shard_is_named_before_training(tmp_path):
+    shards = tmp_path / "shards"
+    render_dataset(shards, Settings(classes=16, size=64, points=3000, shard_size=4), workers=1)
+    shard = shards / "1p-frac-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    for cache in ("off", "on"):
+        cli_error(run("-m", "train.pretrain", "--shards", shards, "--out", tmp_path / f"run-{cache}", "--steps", "8",
+                      *TINY, "--cache", cache), "1p-frac-000002.tar")
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda m: m.pop("settings"),
+    lambda m: m.update(shards=[{"file": "x.tar"}]),
+    lambda m: m.update(num_classes="16"),
+    lambda m: m.update(shards=[{"file": "../../etc/passwd", "samples": 1, "bytes": 1, "sha256": "0" * 64}]),
+    lambda m: m["base"].update(ifs=3),
+])
+def test_manifests_of_the_wrong_shape_are_one_line_everywhere(rendered, tmp_path, mutate):
+    manifest = json.loads((rendered / "manifest.json").read_text())
+    mutate(manifest)
+    (rendered / "manifest.json").write_text(json.dumps(manifest))
+    for args in (["verify", rendered], ["info", rendered], ["preview", rendered, "--out", tmp_path / "p.png"]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, "manifest.json")
+    cli_error(run("-m", "train.pretrain", "--shards", rendered, "--out", tmp_path / "run", "--steps", "1", *TINY),
+              "manifest.json")
+
+
+def test_preview_of_a_truncated_first_shard_is_one_line(rendered, tmp_path):
+    shard = rendered / "1p-frac-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:1200])
+    result = fracgen("preview", rendered, "--out", tmp_path / "p.png")
+    one_line_error(result.output, result.exit_code, "1p-frac-000000.tar")
+
+
+@pytest.mark.parametrize(("base", "match"), [
+    ({"maps": [{"a": 0.5, "b": 0, "c": 0, "d": 0.5, "e": 0, "f": 0}] * 2, "probabilities": "0.5,0.5"},
+     "probabilities"),
+    ({"maps": [{"a": 1e308, "b": 1e308, "c": 0, "d": 0.5, "e": 0, "f": 0}] * 2}, "within"),
+    ({"maps": [{"a": "x", "b": 0, "c": 0, "d": 0.5, "e": 0, "f": 0}]}, "malformed IFS"),
+])
+def test_bad_base_files_are_one_line(tmp_path, base, match):
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(base))
+    result = fracgen("render", "--out", tmp_path / "ds", *SMALL, "--base", path)
+    one_line_error(result.output, result.exit_code, match)
+    assert not (tmp_path / "ds").exists()  # the failed render leaves no folder behind
+
+
+# 6, 7. misleading results and odd options
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--classes", "10000000"], "--classes"),
+    (["--name", "n" * 300], "--name"),
+    (["--seed", str(2**64)], "--seed"),
+])
+def test_odd_render_options_are_one_line_and_leave_nothing(tmp_path, args, match):
+    out = tmp_path / "ds"
+    result = fracgen("render", "--out", out, *SMALL, *args)
+    one_line_error(result.output, result.exit_code, match)
+    assert not out.exists()
+
+
+def test_finetune_refuses_one_class_and_names_a_missing_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "one" / "only"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), i * 40, np.uint8)).save(folder / f"{i}.png")
+    cli_error(run("-m", "train.finetune", "--checkpoint", "none", "--dataset", tmp_path / "one", "--steps", "2"),
+              "at least two classes")
+    cli_error(run("-m", "train.finetune", "--checkpoint", "none", "--dataset", tmp_path / "missing"), "not found")
+
+
+# 8. the patch lands where the reference generator pastes it
+
+def test_patches_land_one_pixel_right_of_and_above_the_point_as_in_the_reference():
+    """The reference pastes each 3x3 patch at (x + 1, y + 1) before the vertical flip: the leftmost ink is in
+    column pad + 1 and, after the flip, the lowest ink is in row size - 1 - (pad + 1)."""
+    from fracgen.ifs import IFS
+    from fracgen.render import RENDERER, render
+
+    assert RENDERER == 3
+    size, pad = 64, 6
+    corners = [(0, 0), (0.5, 0), (0, 0.5), (0.5, 0.5)]  # four half-size copies: the points fill the unit square
+    system = IFS.from_json({"maps": [{"a": 0.5, "b": 0, "c": 0, "d": 0.5, "e": e, "f": f} for e, f in corners]})
+    image, _ = render(system, 1, points=20000, size=size, pad=pad)
+    rows, cols = np.nonzero(image)
+    assert cols.min() == pad + 1 and cols.max() == size - pad + 3
+    assert rows.max() == size - 1 - (pad + 1) and rows.min() == size - 1 - (size - pad + 3)
