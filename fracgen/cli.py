@@ -5,7 +5,6 @@ from __future__ import annotations
 import shlex
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -15,14 +14,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fracgen import __version__
-from fracgen.dataset import Settings, render_dataset, renderer_of, verify_dataset
+from fracgen.dataset import Settings, render_dataset, renderer_of, used_settings, verify_dataset
 from fracgen.errors import FracgenError
 from fracgen.ifs import IFS, load_base
 from fracgen.preview import contact_sheet
 from fracgen.shards import read_manifest
+from fracgen.systems import SYSTEMS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Render the 1p-frac dataset (one fractal, C perturbed classes) into WebDataset shards.")
+                  help="Render synthetic pre-training data (1p-frac, FractalDB, one real image, noise) "
+                       "into WebDataset shards.")
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 D = Settings()  # defaults shown in --help come from the library
@@ -56,12 +57,13 @@ def _progress():
 
 
 def _command(s: Settings, out_dir: Path, base: Path | None) -> str:
-    """The full command that regenerates these bytes: every setting spelled out, whatever was typed."""
+    """The full command that regenerates these bytes: every setting the system uses spelled out, whatever was
+    typed."""
     args = ["fracgen", "render", "--out", str(out_dir)]
-    for field, value in asdict(s).items():
+    for field, value in used_settings(s).items():
         if field == "base":
             args += ["--base", str(base)] if base is not None else []
-        else:
+        elif value is not None:
             args += [f"--{field.replace('_', '-')}", str(value)]
     return shlex.join(args)
 
@@ -69,8 +71,12 @@ def _command(s: Settings, out_dir: Path, base: Path | None) -> str:
 @app.command()
 def render(
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory for the shards and manifest.json.")],
-    sigma: Annotated[float, typer.Option(help="Sigma-factor of the base IFS (smaller: more complex).")] = D.sigma,
-    delta: Annotated[float, typer.Option(help="Perturbation size Delta of the classes.")] = D.delta,
+    system: Annotated[str, typer.Option(help=f"Data system: {', '.join(SYSTEMS)} ("
+                                             + "; ".join(f"{k}: {v.summary}" for k, v in SYSTEMS.items())
+                                             + ").")] = D.system,
+    sigma: Annotated[float, typer.Option(help="Sigma-factor of the base IFS (smaller: more complex); fractaldb: "
+                                              "of every class's IFS.")] = D.sigma,
+    delta: Annotated[float, typer.Option(help="Perturbation size Delta of the classes (1p-frac, real).")] = D.delta,
     perturb: Annotated[str, typer.Option(help="scale: coef x U(1-D, 1+D) (reference code); "
                                               "shift: coef + U(-D/2, D/2) (paper text).")] = D.perturb,
     classes: Annotated[int, typer.Option(help="Number of perturbation classes C.")] = D.classes,
@@ -86,7 +92,14 @@ def render(
     max_retries: Annotated[int, typer.Option(help="Draws allowed per class (and for the base) to pass --fill.")]
     = D.max_retries,
     shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = D.shard_size,
-    name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar.")] = D.name,
+    name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar (default: the system's name).")]
+    = "",
+    search: Annotated[str, typer.Option(help="fractaldb: find class systems by the sigma-factor (sigma) or by "
+                                             "FractalDB's filling-rate search (filling).")] = D.search,
+    image: Annotated[Path | None, typer.Option(help="real: the image (default: scikit-learn's china.jpg).")]
+    = None,
+    image_mode: Annotated[str, typer.Option(help="real: gray or edges (Sobel magnitude).")] = D.image_mode,
+    noise: Annotated[str, typer.Option(help="noise: gaussian or uniform.")] = D.noise,
     png_level: Annotated[int, typer.Option(help="PNG deflate level 0..3 (ISA-L; lossless at every level).")]
     = D.png_level,
     workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores, but no more than one per "
@@ -94,13 +107,15 @@ def render(
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in --out.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted render: write only missing shards.")] = False,
 ):
-    """Render perturbed copies of one fractal into WebDataset shards, with every parameter saved."""
+    """Render a data system (by default 1p-frac: perturbed copies of one fractal) into WebDataset shards, with
+    every parameter saved."""
     with _errors():
         base_json = load_base(base).to_json() if base is not None else None
-        settings = Settings(sigma=sigma, delta=delta, perturb=perturb, classes=classes, per_class=per_class,
-                            maps=maps, points=points, size=size, pad=pad, fill=fill, seed=seed,
+        settings = Settings(system=system, sigma=sigma, delta=delta, perturb=perturb, classes=classes,
+                            per_class=per_class, maps=maps, points=points, size=size, pad=pad, fill=fill, seed=seed,
                             max_retries=max_retries, shard_size=shard_size, name=name, png_level=png_level,
-                            base=base_json)
+                            base=base_json, search=search, image=str(image) if image else None,
+                            image_mode=image_mode, noise=noise)
         t0 = time.perf_counter()
         stats: dict = {}
         with _progress() as bar:
@@ -147,25 +162,33 @@ def info(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.j
     with _errors():
         m = read_manifest(dataset)
         s, b = m["settings"], m["base"]
-        drawn = f"{b['sigma_drawn']:.4f}" if isinstance(b.get("sigma_drawn"), (int, float)) else "-"
+        system = s.get("system", "1p-frac")
         t = Table(title=f"{dataset}", show_header=False)
         rows = [
             ("fracgen", f"{m['fracgen_version']} (format {m['format_version']}, renderer {renderer_of(m)})"),
+            ("system", f"{system}: {SYSTEMS[system].summary}"),
             ("complete", str(m["complete"])),
             ("command", m.get("command") or "-"),
             ("samples", f"{m['num_samples']} = {m['num_classes']} classes x {s['per_class']}"),
             ("shards", f"{len(m['shards'])} x <= {s['shard_size']} samples, "
                        f"{sum(e['bytes'] for e in m['shards']) / 1e6:.1f} MB"),
-            ("image", f"{s['size']} px, {s['points']} points, pad {s['pad']}, PNG level {s['png_level']}"),
-            ("perturbation", f"{s['perturb']}, delta {s['delta']}, fill > {s['fill']}, seed {s['seed']}"),
-            ("base", f"{b.get('source', '?')}, sigma {s['sigma']} (drawn {drawn}), attempt {b.get('attempt', '?')}, "
-                     f"fill {b.get('fill', float('nan')):.3f}"),
+            ("image", f"{s['size']} px, PNG level {s['png_level']}"
+                      + (f", {s['points']} points, pad {s['pad']}" if "points" in SYSTEMS[system].uses else "")),
         ]
-        system = IFS.from_json(b["ifs"])  # checks the base; a malformed one is a one-line error
-        for i, (row, p) in enumerate(zip(system.coef, system.probabilities, strict=True)):
-            rows.append((f"map {i}", "  ".join(f"{k}={v:+.4f}" for k, v in zip("abcdef", row, strict=True))
-                         + f"  p={p:.4f}"))
-        if m["classes"]:
+        if system == "1p-frac":
+            drawn = f"{b['sigma_drawn']:.4f}" if isinstance(b.get("sigma_drawn"), (int, float)) else "-"
+            rows += [
+                ("perturbation", f"{s['perturb']}, delta {s['delta']}, fill > {s['fill']}, seed {s['seed']}"),
+                ("base", f"{b.get('source', '?')}, sigma {s['sigma']} (drawn {drawn}), attempt "
+                         f"{b.get('attempt', '?')}, fill {b.get('fill', float('nan')):.3f}"),
+            ]
+            base_ifs = IFS.from_json(b["ifs"])  # checks the base; a malformed one is a one-line error
+            for i, (row, p) in enumerate(zip(base_ifs.coef, base_ifs.probabilities, strict=True)):
+                rows.append((f"map {i}", "  ".join(f"{k}={v:+.4f}" for k, v in zip("abcdef", row, strict=True))
+                             + f"  p={p:.4f}"))
+        else:
+            rows.append(("system header", ", ".join(f"{k} {v}" for k, v in b.items())))
+        if m["classes"] and "fill" in m["classes"][0]:
             fills = [c.get("fill", float("nan")) for c in m["classes"]]
             retries = sum(c.get("attempt", 0) for c in m["classes"])
             rows.append(("class fill", f"min {min(fills):.3f}, mean {sum(fills) / len(fills):.3f}, "

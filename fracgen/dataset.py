@@ -1,9 +1,8 @@
-"""The 1p-frac dataset: one base fractal, C perturbed classes (LIEP), rendered into shards.
+"""The shard writer every data system shares: manifest, shards, resume, repair, verify, one writer per folder.
 
-Order of work: (1) the base system, sampled from the seed (or read from a file) and itself
-checked for fill; (2) every class's perturbation, redrawn until its image covers more than
-`fill` of the canvas, with bounded retries; (3) the shards, rendered in parallel. Every random
-draw is keyed by (seed, class, instance, attempt), so the output is the same for any `workers`.
+Order of work: (1) the system draws its classes from the seed (`System.resolve`, in parallel where it searches);
+(2) the shards, rendered in parallel, each sample drawn by `System.draw`. Every random draw is keyed by (seed,
+class, instance, attempt), so the output is the same for any `workers`.
 
 Sample i of the dataset is instance i // C of class i % C, so every shard mixes many classes
 even with several images per class.
@@ -14,11 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import isal
@@ -28,17 +23,9 @@ from joblib import Parallel, delayed
 import fracgen
 from fracgen import png
 from fracgen.errors import FracgenError
-from fracgen.ifs import (
-    IFS,
-    PERTURB_MODES,
-    check_sigma,
-    class_seed,
-    perturb,
-    sample_sigma_system,
-)
 from fracgen.lock import LOCK_NAME, FolderLock
-from fracgen.render import RENDERER, check_canvas, check_points, render
-from fracgen.rng import TAG_BASE, TAG_RENDER, derive_seed
+from fracgen.render import RENDERER
+from fracgen.settings import MAX_CLASSES, MAX_NAME, Settings, render_seed, validate_common  # noqa: F401 (API)
 from fracgen.shards import (
     FORMAT_VERSION,
     Sample,
@@ -48,72 +35,26 @@ from fracgen.shards import (
     verify_shard,
     write_shard_unfinished,
 )
+from fracgen.systems import COMMON, get_system, image_of
+from fracgen.workers import watch_parent
 
 MANIFEST = "manifest.json"
 JOURNAL = ".fracgen-journal.jsonl"  # an unfinished render's record of the shards it finished, one line each
-MAX_CLASSES = 100_000
-MAX_NAME = 100  # a shard's file name and its tar members' names must stay short
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything that determines the bytes of the dataset (`workers` does not)."""
-
-    sigma: float = 3.5
-    delta: float = 0.1
-    perturb: str = "scale"
-    classes: int = 1000
-    per_class: int = 1
-    maps: int = 2
-    points: int = 100_000
-    size: int = 512
-    pad: int = 6
-    fill: float = 0.05
-    seed: int = 0
-    max_retries: int = 100
-    shard_size: int = 100
-    name: str = "1p-frac"
-    png_level: int = 1  # ISA-L deflate level, 0..3
-    base: dict | None = None  # an IFS in JSON form; None samples one from `seed` and `sigma`
-
-    @property
-    def num_samples(self) -> int:
-        return self.classes * self.per_class
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_samples // self.shard_size)
-
-    def shard_name(self, index: int) -> str:
-        return f"{self.name}-{index:06d}.tar"
-
-
 def validate(s: Settings) -> None:
-    if s.base is None:
-        check_sigma(s.sigma, s.maps)
-    if not (np.isfinite(s.delta) and s.delta >= 0):
-        raise FracgenError(f"--delta must be >= 0, got {s.delta}")
-    if s.perturb not in PERTURB_MODES:
-        raise FracgenError(f"--perturb must be one of {', '.join(PERTURB_MODES)}, got {s.perturb!r}")
-    for label, value in (("--classes", s.classes), ("--per-class", s.per_class),
-                         ("--shard-size", s.shard_size), ("--max-retries", s.max_retries)):
-        if value < 1:
-            raise FracgenError(f"{label} must be at least 1, got {value}")
-    if not 0 <= s.fill < 1:
-        raise FracgenError(f"--fill must be in [0, 1), got {s.fill}")
-    if s.png_level not in png.LEVELS:
-        raise FracgenError(f"--png-level must be one of {', '.join(map(str, png.LEVELS))}, got {s.png_level}")
-    if not 0 <= s.seed < 2**64:
-        raise FracgenError(f"--seed must be in [0, 2^64) (seeds are 64-bit), got {s.seed}")
-    if s.classes > MAX_CLASSES:
-        raise FracgenError(f"--classes must be at most {MAX_CLASSES:,} (the manifest holds every class's system; "
-                           f"FractalDB-10k has 10,000), got {s.classes:,}")
-    if not (re.fullmatch(r"[A-Za-z0-9_-]+", s.name) and len(s.name) <= MAX_NAME):
-        raise FracgenError(f"--name must be 1 to {MAX_NAME} letters, digits, '-' and '_', got {s.name[:40]!r}"
-                           + ("..." if len(s.name) > 40 else ""))
-    check_canvas(s.size, s.pad)
-    check_points(s.points)
+    system = get_system(s.system)
+    validate_common(s)
+    if s.base is not None and "base" not in system.uses:
+        raise FracgenError(f"--base applies to 1p-frac, not to --system {s.system}")
+    system.validate(s)
+
+
+def used_settings(s: Settings) -> dict:
+    """The settings that change this system's bytes (what the regenerating command spells out)."""
+    system = get_system(s.system)
+    return {k: v for k, v in dataclasses.asdict(s).items() if k in COMMON or k in system.uses}
 
 
 def available_cores() -> int:
@@ -132,103 +73,60 @@ def default_workers(s: Settings) -> int:
     return max(1, min(available_cores(), s.num_samples // IMAGES_PER_WORKER))
 
 
-def render_seed(s: Settings, k: int, m: int, attempt: int) -> int:
-    return derive_seed(s.seed, TAG_RENDER, k, m, attempt)
-
-
-def resolve_base(s: Settings) -> dict:
-    """The base system and how it was obtained; it must itself pass the fill check."""
-    if s.base is not None:
-        base = IFS.from_json(s.base)
-        _, fill = render(base, derive_seed(s.seed, TAG_BASE, 0), points=s.points, size=s.size, pad=s.pad)
-        if fill <= s.fill:
-            raise FracgenError(f"the --base system covers only {fill:.3f} of the canvas, not more than "
-                               f"--fill {s.fill}; it is degenerate at these settings")
-        return {"source": "file", "ifs": base.to_json(), "sigma_drawn": None, "attempt": 0, "fill": fill}
-    for attempt in range(s.max_retries):
-        base, a = sample_sigma_system(s.sigma, s.maps, derive_seed(s.seed, TAG_BASE, attempt))
-        _, fill = render(base, derive_seed(s.seed, TAG_BASE, attempt), points=s.points, size=s.size, pad=s.pad)
-        if fill > s.fill:
-            return {"source": "sampled", "ifs": base.to_json(), "sigma_drawn": a, "attempt": attempt,
-                    "fill": fill}
-    raise FracgenError(f"no base system with sigma {s.sigma} covered more than --fill {s.fill} in "
-                       f"{s.max_retries} draws from seed {s.seed}; try another --seed or a lower --fill")
-
-
-def _resolve_classes(s: Settings, base: IFS, ks: range, parent_pid: int) -> tuple[list[dict], dict[int, bytes]]:
-    """Accepted perturbations of classes `ks`, and the PNG of each one's instance 0 (the image
-    that passed the fill check), kept so the shard writer need not render it again."""
-    _watch_parent(parent_pid)
-    out, pngs = [], {}
-    rows = png.row_buffer(s.size)
-    for k in ks:
-        for attempt in range(s.max_retries):
-            system, noise = perturb(base, s.delta, s.perturb, class_seed(s.seed, k, attempt))
-            _, fill = render(system, render_seed(s, k, 0, attempt), points=s.points, size=s.size, pad=s.pad,
-                             out=rows)
-            if fill > s.fill:
-                out.append({"class": k, "attempt": attempt, "noise": noise.tolist(), "fill": fill,
-                            "ifs": system.to_json()})
-                pngs[k] = png.encode_rows(rows, s.png_level)
-                break
-        else:
-            return [{"class": k, "failed": True}], {}
-    return out, pngs
-
-
-def resolve_classes(s: Settings, base_info: dict, workers: int,
-                    progress: Progress | None) -> tuple[list[dict], dict[int, bytes]]:
-    """Each class's accepted perturbation (and its instance-0 PNG), found in parallel; fails naming
-    the base if a class never passes the fill check."""
-    base = IFS.from_json(base_info["ifs"])
-    chunk = max(1, min(64, -(-s.classes // (4 * workers))))
-    chunks = [range(i, min(i + chunk, s.classes)) for i in range(0, s.classes, chunk)]
-    classes: list[dict] = []
-    pngs: dict[int, bytes] = {}
-    jobs = (delayed(_resolve_classes)(s, base, ks, os.getpid()) for ks in chunks)
-    for part, part_pngs in Parallel(n_jobs=workers, return_as="generator_unordered")(jobs):
-        if part and part[0].get("failed"):
-            where = (f"sampled from seed {s.seed} (attempt {base_info['attempt']})" if base_info["source"] ==
-                     "sampled" else "read from --base")
-            raise FracgenError(f"class {part[0]['class']}: no perturbation (delta {s.delta}) of the base {where} "
-                               f"covered more than --fill {s.fill} in {s.max_retries} tries; the base is "
-                               f"degenerate: pick another --seed, a smaller --delta or a lower --fill")
-        classes.extend(part)
-        pngs.update(part_pngs)
-        if progress:
-            progress("classes", len(classes), s.classes)
-    return sorted(classes, key=lambda c: c["class"]), pngs
-
-
 def _shard_range(s: Settings, index: int) -> range:
     return range(index * s.shard_size, min((index + 1) * s.shard_size, s.num_samples))
 
 
-def _shard_samples(s: Settings, classes: dict[int, dict], index: int, cached: dict[int, bytes]):
+def _shard_samples(s: Settings, header: dict, classes: dict[int, dict], index: int, cached: dict[int, bytes]):
+    system = get_system(s.system)
+    state = system.prepare(s, header)
     rows = png.row_buffer(s.size)
     for i in _shard_range(s, index):
         k, m = i % s.classes, i // s.classes
-        c = classes[k]
-        seed = render_seed(s, k, m, c["attempt"])
-        if m == 0 and k in cached:
-            data, fill = cached[k], c["fill"]
+        if i in cached:  # drawn already when the class was searched: the same bytes, not drawn twice
+            meta, data = system.draw(s, header, state, classes[k], k, m, None), cached[i]
         else:
-            _, fill = render(IFS.from_json(c["ifs"]), seed, points=s.points, size=s.size, pad=s.pad, out=rows)
-            data = png.encode_rows(rows, s.png_level)
-        meta = {"class": k, "instance": m, "attempt": c["attempt"], "seed": seed, "fill": fill,
-                "perturb": s.perturb, "delta": s.delta, "noise": c["noise"], "ifs": c["ifs"]}
+            meta, data = system.draw(s, header, state, classes[k], k, m, rows), png.encode_rows(rows, s.png_level)
         yield Sample(f"c{k:06d}-i{m:06d}", data, k, meta)
 
 
-def _write_shard(out: Path, s: Settings, classes: dict[int, dict], index: int, cached: dict[int, bytes],
-                 parent_pid: int) -> tuple[int, Path, dict]:
-    _watch_parent(parent_pid)
-    tmp, entry = write_shard_unfinished(out / s.shard_name(index), _shard_samples(s, classes, index, cached))
+def _write_shard(out: Path, s: Settings, header: dict, classes: dict[int, dict], index: int,
+                 cached: dict[int, bytes], parent_pid: int) -> tuple[int, Path, dict]:
+    watch_parent(parent_pid)
+    tmp, entry = write_shard_unfinished(out / s.shard_name(index), _shard_samples(s, header, classes, index, cached))
     return index, tmp, entry
+
+
+def settings_of(manifest: dict) -> Settings:
+    """A manifest's settings (older manifests lack the fields added since: they had their defaults)."""
+    known = {k: v for k, v in manifest["settings"].items() if k in Settings.__dataclass_fields__}
+    return Settings(**known)
+
+
+def render_sample(manifest: dict, k: int, m: int) -> tuple[np.ndarray, dict]:
+    """Instance m of class k of the dataset `manifest` describes, drawn alone: the image (uint8, size x size),
+    bit for bit the one in its shards for m < per_class and a fresh, seeded instance beyond, and its `.json`.
+    The one public way to the renderer for code that consumes data (the trainer's on-the-fly source)."""
+    s = settings_of(manifest)
+    if renderer_of(manifest) != RENDERER:
+        raise FracgenError(f"this dataset was drawn by renderer {renderer_of(manifest)}; this fracgen draws "
+                           f"renderer {RENDERER}, whose images differ")
+    if not 0 <= k < s.classes or m < 0:
+        raise FracgenError(f"no sample: class {k} of {s.classes}, instance {m}")
+    system = get_system(s.system)
+    rows = png.row_buffer(s.size)
+    meta = system.draw(s, manifest["base"], system.prepare(s, manifest["base"]), manifest["classes"][k], k, m, rows)
+    return image_of(rows).copy(), meta
 
 
 def _settings_json(s: Settings) -> dict:
     return dataclasses.asdict(s)
+
+
+def _same_settings(old: dict, s: Settings) -> list[str]:
+    """The settings that differ from an earlier run's (fields it predates count as their defaults)."""
+    before = {**dataclasses.asdict(Settings(system=old.get("system", "1p-frac"))), **old}
+    return [f"{k}={before.get(k)!r}->{v!r}" for k, v in _settings_json(s).items() if before.get(k) != v]
 
 
 def renderer_of(manifest: dict) -> int:
@@ -266,9 +164,8 @@ def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict 
         raise FracgenError(f"cannot --resume: {out} was drawn by renderer {renderer_of(old)} "
                            f"(fracgen {old.get('fracgen_version')}), this fracgen draws renderer {RENDERER}, "
                            "whose images differ; use --overwrite")
-    if renderer_of(old) == RENDERER and old["settings"] != _settings_json(s):
-        diff = [f"{k}={old['settings'].get(k)!r}->{v!r}" for k, v in _settings_json(s).items()
-                if old["settings"].get(k) != v]
+    diff = _same_settings(old["settings"], s)
+    if renderer_of(old) == RENDERER and diff:
         raise FracgenError(f"cannot --resume with different settings ({', '.join(diff)}); use --overwrite")
     return old
 
@@ -287,25 +184,6 @@ def _read_journal(out: Path) -> dict[str, dict]:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return recorded
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """In a worker process: exit at once when the render that started it dies (kill -9 included), instead of
-    rendering on for nothing. Files a worker writes are only temporaries; the parent renames them."""
-    global _watched
-    if _watched == parent_pid or os.getpid() == parent_pid:
-        return
-    _watched = parent_pid
-
-    def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="fracgen-parent-watch", daemon=True).start()
-
-
-_watched: int | None = None
 
 
 def render_dataset(
@@ -358,16 +236,16 @@ def _render_locked(out: Path, s: Settings, workers: int, overwrite: bool, resume
         return _repair_finished(out, s, old, workers, progress, note, stats)
     recorded = _read_journal(out) if old is not None else {}
     if old is not None:
-        base_info, classes, pngs = old["base"], old["classes"], {}
+        header, classes, pngs = old["base"], old["classes"], {}
     else:
         (out / JOURNAL).unlink(missing_ok=True)
-        base_info = resolve_base(s)
-        classes, pngs = resolve_classes(s, base_info, workers, progress)
+        header, classes, pngs = get_system(s.system).resolve(s, workers, progress)
     manifest = {
         "format": "fracgen-shards",
         "format_version": FORMAT_VERSION,
         "fracgen_version": fracgen.__version__,
         "renderer": RENDERER,
+        "system": s.system,
         "command": command,
         "complete": False,
         "settings": _settings_json(s),
@@ -375,7 +253,7 @@ def _render_locked(out: Path, s: Settings, workers: int, overwrite: bool, resume
         "num_samples": s.num_samples,
         "image": {"size": s.size, "mode": "L", "format": "png", "ink": 127,
                   "encoder": f"fracgen.png (isal {isal.__version__}, level {s.png_level})"},
-        "base": base_info,
+        "base": header,
         "classes": classes,
         "shards": [],
     }
@@ -390,7 +268,7 @@ def _render_locked(out: Path, s: Settings, workers: int, overwrite: bool, resume
     if progress:
         progress("shards", len(done), s.num_shards)
     with open(out / JOURNAL, "a") as journal:
-        for index, entry in _render_shards(out, s, classes, pngs, todo, workers):
+        for index, entry in _render_shards(out, s, header, classes, pngs, todo, workers):
             journal.write(json.dumps(entry) + "\n")
             journal.flush()
             os.fsync(journal.fileno())
@@ -410,17 +288,20 @@ def _render_locked(out: Path, s: Settings, workers: int, overwrite: bool, resume
     return manifest
 
 
-def _render_shards(out: Path, s: Settings, classes: list[dict], pngs: dict[int, bytes], todo: list[int],
-                   workers: int):
+def _needed(s: Settings, classes: list[dict] | dict[int, dict], index: int) -> dict[int, dict]:
+    """Only the classes a shard holds travel to its worker (all of them made the parent pickle ~0.5 MB per shard
+    at 1000 classes, which capped the speed-up of 2 workers at 1.2x)."""
+    return {k: classes[k] for k in sorted({i % s.classes for i in _shard_range(s, index)})}
+
+
+def _render_shards(out: Path, s: Settings, header: dict, classes: list[dict], pngs: dict[int, bytes],
+                   todo: list[int], workers: int):
     """Render shards `todo` in parallel; yield (index, entry) as each is renamed into place by this process."""
-    def cached(index):  # instance-0 images this shard holds, already rendered by the fill check
-        return {i: pngs[i] for i in _shard_range(s, index) if i < s.classes and i in pngs}
+    def cached(index):  # samples this shard holds that the class search drew already
+        return {i: pngs[i] for i in _shard_range(s, index) if i in pngs}
 
-    def needed(index):  # only the classes a shard holds travel to its worker (all of them made the
-        # parent pickle ~0.5 MB per shard at 1000 classes, which capped the speed-up of 2 workers at 1.2x)
-        return {k: classes[k] for k in sorted({i % s.classes for i in _shard_range(s, index)})}
-
-    jobs = (delayed(_write_shard)(out, s, needed(index), index, cached(index), os.getpid()) for index in todo)
+    jobs = (delayed(_write_shard)(out, s, header, _needed(s, classes, index), index, cached(index), os.getpid())
+            for index in todo)
     for index, tmp, entry in Parallel(n_jobs=min(workers, max(1, len(todo))), return_as="generator_unordered")(jobs):
         os.replace(tmp, out / entry["file"])
         yield index, entry
@@ -438,10 +319,10 @@ def _repair_finished(out: Path, s: Settings, manifest: dict, workers: int, progr
     if renderer_of(manifest) != RENDERER:
         raise FracgenError(f"{len(bad)} shard(s) of {out} do not match its manifest ({names}) and were drawn by "
                            f"renderer {renderer_of(manifest)}, which this fracgen cannot draw again; use --overwrite")
-    s = dataclasses.replace(s, **{k: v for k, v in manifest["settings"].items() if k in Settings.__dataclass_fields__})
+    s = settings_of(manifest)
     classes = {c["class"]: c for c in manifest["classes"]}
-    jobs = (delayed(_write_shard)(out, s, {k: classes[k] for k in {i % s.classes for i in _shard_range(s, index)}},
-                                  index, {}, os.getpid()) for index in bad)
+    jobs = (delayed(_write_shard)(out, s, manifest["base"], _needed(s, classes, index), index, {}, os.getpid())
+            for index in bad)
     for index, tmp, entry in Parallel(n_jobs=min(workers, len(bad)), return_as="generator_unordered")(jobs):
         recorded = manifest["shards"][index]
         if (entry["bytes"], entry["sha256"]) != (recorded["bytes"], recorded["sha256"]):

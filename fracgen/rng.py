@@ -28,6 +28,9 @@ _LOWBIAS32 = ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None))
 TAG_BASE = 1
 TAG_PERTURB = 2
 TAG_RENDER = 3
+TAG_CLASS_SYSTEM = 4  # fractaldb: each class's own IFS
+TAG_AFFINE = 5  # real: each class's affine perturbation
+TAG_NOISE = 6  # noise: each class's noise image
 
 
 def mix64(z: int) -> int:

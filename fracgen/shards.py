@@ -211,8 +211,8 @@ def verify_shard(path: Path, entry: dict, num_classes: int) -> str | None:
 
 FORMAT_VERSION = 1  # of the shard folder: manifest.json + tar shards, as the README documents it
 SHARD_FILE = re.compile(r"[A-Za-z0-9_-]+\.tar")  # a plain name in the folder: no path, not hidden
-SETTINGS_USED = ("sigma", "delta", "perturb", "classes", "per_class", "points", "size", "pad", "fill", "seed",
-                 "shard_size", "name", "png_level")
+SETTINGS_USED = ("classes", "per_class", "size", "seed", "shard_size", "name", "png_level")
+SETTINGS_SINCE_0_3 = ("system", "search", "image", "image_mode", "noise")  # older manifests lack them: defaults
 
 
 def check_manifest(manifest: object, path: Path) -> dict:
@@ -242,12 +242,21 @@ def check_manifest(manifest: object, path: Path) -> dict:
         fail("num_classes must be >= 1 and num_samples >= 0")
     if need(need(manifest, "image", dict), "size", int, "image.") < 1:
         fail("image.size must be >= 1")
+    from fracgen.systems import SYSTEMS  # the systems import the shard writer's neighbours; import late
+
+    name = settings.get("system", "1p-frac")  # manifests before fracgen 0.3 are all 1p-frac
+    if name not in SYSTEMS:
+        fail(f"its system {name!r} is not one this fracgen knows ({', '.join(SYSTEMS)})")
+    for key in SYSTEMS[name].uses:
+        if key not in settings and key not in SETTINGS_SINCE_0_3:
+            fail(f"settings lack '{key}'")
     base = need(manifest, "base", dict)
-    if not isinstance(need(base, "ifs", dict, "base.").get("maps"), list):
+    if name == "1p-frac" and not isinstance(need(base, "ifs", dict, "base.").get("maps"), list):
         fail("base.ifs has no 'maps' list")
+    keys = SYSTEMS[name].class_keys
     for c in need(manifest, "classes", list):
-        if not isinstance(c, dict) or not isinstance(c.get("ifs"), dict):
-            fail("every class must be an object with its 'ifs'")
+        if not isinstance(c, dict) or any(key not in c for key in keys):
+            fail(f"every class must be an object with {', '.join(repr(k) for k in keys)}")
     for entry in need(manifest, "shards", list):
         if not isinstance(entry, dict):
             fail("every shard must be an object with file, samples, bytes, sha256")

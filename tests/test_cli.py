@@ -25,7 +25,8 @@ def test_render_verify_info_preview(tmp_path):
     assert r.exit_code == 0, r.output
     assert "wrote 6 samples in 2 shards" in r.output
     m = json.loads((out / "manifest.json").read_text())
-    assert m["command"].startswith(f"fracgen render --out {out} --sigma 3.5 --delta 0.1 --perturb scale")
+    assert m["command"].startswith(f"fracgen render --out {out} --system 1p-frac --sigma 3.5 --delta 0.1 "
+                                   "--perturb scale")
     assert "--classes 6" in m["command"] and "--png-level 1" in m["command"]
     r = run("verify", out)
     assert r.exit_code == 0 and "matches its manifest" in r.output

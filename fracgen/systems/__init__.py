@@ -1,0 +1,114 @@
+"""Data systems: what a dataset's classes are and how one sample of a class is drawn.
+
+Each system is one module that registers a `System` subclass; the shard writer, manifest, resume, verify and
+determinism rules (`fracgen.dataset`) are written once and serve them all. A new system is one new file here
+plus its import below. The rules a system must keep: every draw comes from `Settings.seed` through
+`fracgen.rng.derive_seed` keyed by class / instance / attempt (never from process state), so any sample can be
+drawn alone, on any worker, with the same bytes; and everything needed to redraw a sample goes into its class
+record (the manifest) or its `.json`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+from joblib import Parallel, delayed
+
+from fracgen import png
+from fracgen.errors import FracgenError
+from fracgen.settings import Settings
+from fracgen.workers import watch_parent
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+# settings every system reads; each system lists the others it reads in `System.uses`
+COMMON = ("system", "classes", "per_class", "size", "seed", "shard_size", "name", "png_level")
+
+
+class System:
+    """The interface of a data system (subclass it and decorate it with `@register`)."""
+
+    name: str = ""
+    summary: str = ""
+    uses: tuple[str, ...] = ()  # the settings besides COMMON that change its bytes
+    class_keys: tuple[str, ...] = ()  # what every class record in the manifest must hold
+
+    def validate(self, s: Settings) -> None:
+        """Raise FracgenError (one line) for settings this system cannot draw."""
+
+    def resolve(self, s: Settings, workers: int, progress: Progress | None) -> tuple[dict, list[dict], dict]:
+        """Draw the classes from the seed: (header, class records, PNGs already drawn by sample index). The header
+        goes into the manifest's `base` (what all classes share); the class records into `classes`, in order."""
+        raise NotImplementedError
+
+    def find(self, s: Settings, header: dict, k: int, rows: np.ndarray) -> dict | None:
+        """For systems that use `find_classes`: class k's record, its instance 0 drawn into `rows`."""
+        raise NotImplementedError
+
+    def prepare(self, s: Settings, header: dict) -> object:
+        """Per-process state a worker builds once before drawing samples (e.g. a decoded source image)."""
+        return None
+
+    def draw(self, s: Settings, header: dict, state: object, c: dict, k: int, m: int, rows: np.ndarray | None) -> dict:
+        """Draw instance m of class k (record c) into the image part of `rows` (a `png.row_buffer`) and return
+        the sample's metadata (its `.json`). `rows` None: only the metadata, of an instance 0 `find` drew."""
+        raise NotImplementedError
+
+
+SYSTEMS: dict[str, System] = {}
+
+
+def register(cls: type[System]) -> type[System]:
+    SYSTEMS[cls.name] = cls()
+    return cls
+
+
+def get_system(name: str) -> System:
+    try:
+        return SYSTEMS[name]
+    except KeyError:
+        raise FracgenError(f"unknown --system {name!r}; choose one of {', '.join(SYSTEMS)}") from None
+
+
+def image_of(rows: np.ndarray) -> np.ndarray:
+    """The image part of a `png.row_buffer` (its first column holds the PNG filter bytes)."""
+    return rows[:, rows.shape[1] - rows.shape[0]:]
+
+
+def _find_chunk(s: Settings, system_name: str, header: dict, ks: range, parent_pid: int):
+    watch_parent(parent_pid)
+    system = get_system(system_name)
+    records, pngs = [], {}
+    rows = png.row_buffer(s.size)
+    for k in ks:
+        record = system.find(s, header, k, rows)
+        if record is None:
+            return k, [], {}
+        records.append(record)
+        pngs[k] = png.encode_rows(rows, s.png_level)  # sample k is instance 0 of class k: drawn already
+    return None, records, pngs
+
+
+def find_classes(s: Settings, system: System, header: dict, workers: int, progress: Progress | None,
+                 failure: Callable[[int], str]) -> tuple[list[dict], dict[int, bytes]]:
+    """For systems whose classes are searched (redrawn until instance 0 passes a check): `system.find(s, header,
+    k, rows)` returns class k's record with instance 0 drawn into `rows`, or None after `--max-retries` draws,
+    which stops the run with `failure(k)`. Runs in parallel; the result does not depend on `workers`."""
+    chunk = max(1, min(64, -(-s.classes // (4 * workers))))
+    chunks = [range(i, min(i + chunk, s.classes)) for i in range(0, s.classes, chunk)]
+    classes: list[dict] = []
+    pngs: dict[int, bytes] = {}
+    jobs = (delayed(_find_chunk)(s, system.name, header, ks, os.getpid()) for ks in chunks)
+    for failed, part, part_pngs in Parallel(n_jobs=workers, return_as="generator_unordered")(jobs):
+        if failed is not None:
+            raise FracgenError(failure(failed))
+        classes.extend(part)
+        pngs.update(part_pngs)
+        if progress:
+            progress("classes", len(classes), s.classes)
+    return sorted(classes, key=lambda c: c["class"]), pngs
+
+
+from fracgen.systems import fractaldb, noise, onepfrac, real  # noqa: E402, F401  (registers the systems)
