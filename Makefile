@@ -9,7 +9,7 @@ SEED       ?= 4
 CPU_SHARDS ?= shards/cpu-seed$(SEED)
 RUN        ?= runs/cpu-seed$(SEED)
 
-.PHONY: install test test-slow lint bench pretrain finetune clean
+.PHONY: install test test-slow lint bench pretrain finetune compare sweep-delta sweep-sigma sweep-bases clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,16 @@ pretrain: install
 finetune: install
 	$(BIN)/python -m train.finetune --checkpoint $(RUN)/ckpt.pt --out $(RUN)/digits
 	$(BIN)/python -m train.finetune --checkpoint none --out runs/scratch-digits
+
+# The paper's comparisons at CPU scale (train/experiments.py; docs/results.md): each writes docs/results/NAME.csv,
+# .md and .png and prints its time. Runs are kept under runs/experiments and reused by the other targets.
+PLOTS := $(VENV)/.plots-stamp
+$(PLOTS): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,plots]'
+	touch $(PLOTS)
+
+compare sweep-delta sweep-sigma sweep-bases: $(PLOTS)
+	$(BIN)/python -m train.experiments $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

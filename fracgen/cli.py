@@ -89,6 +89,8 @@ def render(
     seed: Annotated[int, typer.Option(help="Seed of everything: base, perturbations, renders.")] = D.seed,
     base: Annotated[Path | None, typer.Option(help="Read the base IFS from JSON (an IFS or a fracgen "
                                                    "manifest.json) instead of sampling it.")] = None,
+    bases: Annotated[int, typer.Option(help="1p-frac: base fractals, each perturbed into classes / bases classes "
+                                            "(1: the paper's 1p-frac).")] = D.bases,
     max_retries: Annotated[int, typer.Option(help="Draws allowed per class (and for the base) to pass --fill.")]
     = D.max_retries,
     shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = D.shard_size,
@@ -114,7 +116,7 @@ def render(
         settings = Settings(system=system, sigma=sigma, delta=delta, perturb=perturb, classes=classes,
                             per_class=per_class, maps=maps, points=points, size=size, pad=pad, fill=fill, seed=seed,
                             max_retries=max_retries, shard_size=shard_size, name=name, png_level=png_level,
-                            base=base_json, search=search, image=str(image) if image else None,
+                            base=base_json, bases=bases, search=search, image=str(image) if image else None,
                             image_mode=image_mode, noise=noise)
         t0 = time.perf_counter()
         stats: dict = {}

@@ -38,6 +38,7 @@ class Settings:
     name: str = ""  # "" names the shards after the system
     png_level: int = 1  # ISA-L deflate level, 0..3
     base: dict | None = None  # 1p-frac: an IFS in JSON form; None samples one from `seed` and `sigma`
+    bases: int = 1  # 1p-frac: base fractals, each with classes / bases of the classes (the paper's scaling axis)
     search: str = "sigma"  # fractaldb: how class systems are found (sigma-factor, or FractalDB's filling-rate search)
     image: str | None = None  # real: the image's path; None is scikit-learn's bundled china.jpg
     image_mode: str = "gray"  # real: gray or edges

@@ -212,7 +212,8 @@ def verify_shard(path: Path, entry: dict, num_classes: int) -> str | None:
 FORMAT_VERSION = 1  # of the shard folder: manifest.json + tar shards, as the README documents it
 SHARD_FILE = re.compile(r"[A-Za-z0-9_-]+\.tar")  # a plain name in the folder: no path, not hidden
 SETTINGS_USED = ("classes", "per_class", "size", "seed", "shard_size", "name", "png_level")
-SETTINGS_SINCE_0_3 = ("system", "search", "image", "image_mode", "noise")  # older manifests lack them: defaults
+# settings older manifests lack (they had the defaults)
+SETTINGS_SINCE_0_3 = ("system", "bases", "search", "image", "image_mode", "noise")
 
 
 def check_manifest(manifest: object, path: Path) -> dict:

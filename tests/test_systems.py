@@ -138,3 +138,20 @@ def test_resume_of_another_system_finishes_it_with_the_same_bytes(tmp_path):
     with pytest.raises(FracgenError, match="system='fractaldb'->'noise'"):
         render_dataset(part, Settings(system="noise", name="fractaldb", **{k: v for k, v in SMALL.items()}),
                        resume=True)
+
+
+def test_several_bases_split_the_classes_and_base_0_is_the_one_base_draw(tmp_path):
+    s = Settings(classes=8, size=64, points=3000, seed=5)
+    one = render_dataset(tmp_path / "one", s, workers=1)
+    four = render_dataset(tmp_path / "four", Settings(classes=8, size=64, points=3000, seed=5, bases=4), workers=1)
+    bases = four["base"]["bases"]
+    assert len(bases) == 4 and bases[0]["ifs"] == one["base"]["ifs"] == four["base"]["ifs"]
+    assert len({json.dumps(b["ifs"]) for b in bases}) == 4
+    assert [c["base"] for c in four["classes"]] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert four["classes"][:2] == [{**c, "base": 0} for c in one["classes"][:2]]  # same draws for base 0
+    for k in (2, 7):
+        base = IFS.from_json(bases[four["classes"][k]["base"]]["ifs"])
+        noise = np.array(four["classes"][k]["noise"])
+        assert np.allclose(IFS.from_json(four["classes"][k]["ifs"]).coef, base.coef * noise)
+    with pytest.raises(FracgenError, match="--bases must be at least 1 and divide --classes 8"):
+        render_dataset(tmp_path / "bad", Settings(classes=8, size=64, bases=3))

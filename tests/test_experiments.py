@@ -1,0 +1,64 @@
+"""The experiment runner (`make compare`, `make sweep-*`) at a toy budget: the real runs take most of an hour."""
+
+import csv
+import json
+
+import pytest
+
+from train import experiments as E
+
+TINY = E.Budget(steps=2, finetune_seeds=(0,), probe_seeds=(0,), finetune_steps=2,
+                data=dict(classes=8, size=32, points=2000))
+
+
+def test_the_experiments_hold_the_runs_the_issue_asks_for():
+    compare = E.compare()
+    systems = [(r.data or {}).get("system", "1p-frac" if r.data else None) for r in compare]
+    assert systems.count(None) == 1 and {"fractaldb", "real", "noise"} <= set(systems)
+    assert sorted(r.data["seed"] for r in compare if r.group == "1p-frac, sigma 3.5, Delta 0.1") == [0, 1, 2]
+    assert any(r.data and r.data.get("delta") == 0.001 for r in compare)
+    assert [r.x for r in E.sweep_delta() if r.data] == [d for d in (0.001, 0.01, 0.05, 0.1, 0.2) for _ in E.BASES]
+    assert [r.x for r in E.sweep_sigma() if r.data] == [s for s in (3.5, 4.5, 5.5) for _ in E.BASES]
+    bases = [r for r in E.sweep_bases() if r.data]
+    assert [r.x for r in bases] == [1000, 100, 10, 1] and all(E.DATA["classes"] % r.x == 0 for r in bases)
+    slugs = [r.slug for name in E.EXPERIMENTS for r in E.EXPERIMENTS[name]()]
+    # a run shared by two experiments has one slug (one folder, run once); different runs never share one
+    by_slug = {}
+    for name in E.EXPERIMENTS:
+        for r in E.EXPERIMENTS[name]():
+            by_slug.setdefault(r.slug, set()).add(json.dumps(r.data, sort_keys=True))
+    assert all(len(v) == 1 for v in by_slug.values()) and len(set(slugs)) < len(slugs)
+
+
+def test_runs_write_rows_tables_and_reuse_what_is_done(tmp_path):
+    runs = [E.compare()[0], E.Run("noise", {"system": "noise", "seed": 0}, "noise")]
+    rows = [E.execute(r, tmp_path, TINY, log=lambda _: None) for r in runs]
+    scratch, noise = rows
+    assert "pretext_top1" not in scratch and len(scratch["finetune_seeds"]) == 1
+    assert noise["first_loss"] > 0 and 0 <= noise["pretext_top1"] <= 100 and noise["chance"] == pytest.approx(12.5)
+    assert 0 <= noise["finetune_top1"] <= 100 and 0 <= noise["probe_top1"] <= 100 and noise["pretrain_s"] > 0
+    ckpt = tmp_path / f"{runs[1].slug}-steps2" / "pretrain" / "ckpt.pt"
+    before = ckpt.stat().st_mtime_ns
+    again = E.execute(runs[1], tmp_path, TINY, log=lambda _: None)
+    assert again == noise and ckpt.stat().st_mtime_ns == before  # nothing was trained again
+
+    grouped = E.groups(rows)
+    assert [g["group"] for g in grouped] == ["none (scratch)", "noise"]
+    E.write_csv(tmp_path / "t.csv", rows)
+    with open(tmp_path / "t.csv") as f:
+        read = list(csv.DictReader(f))
+    assert [r["label"] for r in read] == [r["label"] for r in rows]
+    text = E.markdown("compare", rows, grouped, 60.0, "make compare")
+    assert text.count("\n| ") == 1 + len(rows) and "1.0 minutes" in text
+    pytest.importorskip("matplotlib")
+    assert E.plot("compare", rows, grouped, tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_an_unknown_experiment_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "train.experiments", "sweep-everything"], capture_output=True,
+                       text=True, cwd=tmp_path, env={"PYTHONPATH": str(E.Path(E.__file__).parents[1])})
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: unknown experiment 'sweep-everything'; choose one of compare, sweep-delta, sweep-sigma, sweep-bases"]

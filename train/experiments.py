@@ -1,0 +1,326 @@
+"""The paper's comparisons at CPU scale, rerunnable: `make compare`, `make sweep-delta`, `make sweep-sigma`,
+`make sweep-bases` (`python -m train.experiments NAME`).
+
+Every run is the same pipeline at the same budget: render its data with fracgen (the CPU default's 1000 images
+at 128 px, 50k points, unless the run says otherwise), pre-train the CPU preset for `--steps` steps, fine-tune on
+digits 10-shot with the default fine-tuning recipe over 3 seeds, and a linear probe of the frozen features over 3
+splits (a readout no fine-tuning hyper-parameter can move). A run's results are kept in its folder under
+`--root` and a later target reuses them (the sweeps share runs with `compare`); the tables (CSV, markdown) and
+plots (PNG, with matplotlib, `pip install fracgen[plots]`) go to `--results`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fracgen.dataset import Settings, render_dataset
+from fracgen.errors import FracgenError
+from fracgen.shards import read_manifest
+from train import finetune as finetune_lib
+from train import pretrain as pretrain_lib
+from train import probe as probe_lib
+from train.runtime import TrainError, atomic_write_json, run_cli
+
+DATA = dict(classes=1000, size=128, points=50_000)  # the CPU default's data (`make pretrain`)
+BASES = (0, 1, 2)  # base fractals drawn by --seed, not picked by hand
+STEPS = 800  # pre-training budget per run: 800 x 128 = 102k samples, ~4 minutes on 2 cores
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    data: dict | None  # fracgen Settings fields over DATA; None: no pre-training (scratch)
+    group: str = ""  # runs averaged together in a sweep (the 3 bases of one setting)
+    x: float | None = None  # the swept value
+
+    @property
+    def slug(self) -> str:
+        if self.data is None:
+            return "scratch"
+        return "-".join(f"{k}{v}" for k, v in sorted(self.data.items())).replace("_", "")
+
+
+def _one_p_frac(group: str, x: float | None = None, **data) -> list[Run]:
+    return [Run(f"{group}, base seed {b}", {**data, "seed": b}, group, x) for b in BASES]
+
+
+def compare() -> list[Run]:
+    return [
+        Run("none (scratch)", None, "none (scratch)"),
+        *_one_p_frac("1p-frac, sigma 3.5, Delta 0.1"),
+        Run("1p-frac, Delta 0.001 (collapse control), base seed 0", {"delta": 0.001, "seed": 0},
+            "1p-frac, Delta 0.001"),
+        Run("fractaldb, 1000 fractals x 1 image", {"system": "fractaldb", "seed": 0}, "fractaldb"),
+        Run("real image (scikit-learn china.jpg, gray), Delta 0.1", {"system": "real", "seed": 0}, "real"),
+        Run("Gaussian noise", {"system": "noise", "seed": 0}, "noise"),
+    ]
+
+
+def sweep_delta() -> list[Run]:
+    return [Run("none (scratch)", None, "none (scratch)")] + [
+        r for d in (0.001, 0.01, 0.05, 0.1, 0.2) for r in _one_p_frac(f"Delta {d}", d, delta=d)]
+
+
+def sweep_sigma() -> list[Run]:
+    return [Run("none (scratch)", None, "none (scratch)")] + [
+        r for s in (3.5, 4.5, 5.5) for r in _one_p_frac(f"sigma {s}", s, sigma=s)]
+
+
+def sweep_bases() -> list[Run]:
+    return [Run("none (scratch)", None, "none (scratch)")] + [
+        Run(f"{k} base fractal(s) x {1000 // k} classes, seed 0", {"bases": k, "seed": 0} if k > 1 else {"seed": 0},
+            f"{k} base(s)", k) for k in (1000, 100, 10, 1)]
+
+
+EXPERIMENTS = {"compare": compare, "sweep-delta": sweep_delta, "sweep-sigma": sweep_sigma,
+               "sweep-bases": sweep_bases}
+
+
+@dataclass
+class Budget:
+    steps: int = STEPS
+    finetune_seeds: tuple[int, ...] = (0, 1, 2)
+    finetune_steps: int = finetune_lib.Config.steps
+    probe_seeds: tuple[int, ...] = (0, 1, 2)
+    data: dict = field(default_factory=lambda: dict(DATA))
+
+
+def _timed(times: dict, key: str, fn):
+    t0 = time.time()
+    result = fn()
+    times[key] = round(time.time() - t0, 1)
+    return result
+
+
+def execute(run: Run, root: Path, budget: Budget, log=print) -> dict:
+    """Render, pre-train, fine-tune and probe one run, reusing whatever an earlier call finished."""
+    folder = root / f"{run.slug}-steps{budget.steps}"
+    folder.mkdir(parents=True, exist_ok=True)
+    times_file = folder / "times.json"
+    times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    row = {"label": run.label, "group": run.group, "x": run.x, "slug": run.slug, "steps": budget.steps}
+    checkpoint = "none"
+    if run.data is not None:
+        settings = Settings(**{**budget.data, **run.data})
+        shards = root / "data" / run.slug
+        if not (shards / "manifest.json").exists() or not read_manifest(shards)["complete"]:
+            log(f"[{run.label}] render {shards}")
+            _timed(times, "render_s", lambda: render_dataset(shards, settings, resume=(shards / "manifest.json")
+                                                             .exists()))
+        summary_file = folder / "pretrain" / "summary.json"
+        if not summary_file.exists():
+            log(f"[{run.label}] pre-train {budget.steps} steps")
+            cfg = pretrain_lib.Config(shards=str(shards), out=str(folder / "pretrain"), steps=budget.steps,
+                                      eval_every=0, log_every=100, ckpt_every=budget.steps,
+                                      resume=(folder / "pretrain" / "ckpt.pt").exists())
+            _timed(times, "pretrain_s", lambda: pretrain_lib.pretrain(cfg))
+        summary = json.loads(summary_file.read_text())
+        row.update(first_loss=summary["first_loss"], last_loss=summary["last_loss"],
+                   pretext_top1=summary["pretext_acc"], chance=summary["chance_acc"])
+        checkpoint = str(folder / "pretrain" / "ckpt.pt")
+    finetune_file = folder / "finetune" / "results.json"
+    if not finetune_file.exists():
+        log(f"[{run.label}] fine-tune on digits, seeds {budget.finetune_seeds}")
+        cfg = finetune_lib.Config(checkpoint=checkpoint, out=str(folder / "finetune"), seeds=budget.finetune_seeds,
+                                  steps=budget.finetune_steps)
+        _timed(times, "finetune_s", lambda: finetune_lib.finetune(cfg))
+    tuned = json.loads(finetune_file.read_text())
+    probe_file = folder / "probe" / "probe.json"
+    if not probe_file.exists():
+        log(f"[{run.label}] linear probe")
+        _timed(times, "probe_s", lambda: probe_lib.probe(checkpoint, seeds=budget.probe_seeds,
+                                                         out=str(folder / "probe")))
+    probed = json.loads(probe_file.read_text())
+    atomic_write_json(times, times_file)
+    row.update(finetune_top1=tuned["top1_mean"], finetune_std=tuned["top1_std"],
+               finetune_seeds=list(tuned["top1"].values()), finetune_recipe=_recipe(tuned["config"]),
+               probe_top1=probed["top1_mean"], probe_std=probed["top1_std"], probe_splits=list(probed["top1"].values()),
+               **times)
+    return row
+
+
+def _recipe(cfg: dict) -> str:
+    return (f"{cfg['opt']} blr {cfg['blr']} wd {cfg['weight_decay']}, {cfg['steps']} steps at batch {cfg['batch']}, "
+            f"crop {cfg['crop_scale'] or 'default'}")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def groups(rows: list[dict]) -> list[dict]:
+    """Rows of one group (the 3 bases of a setting) averaged: mean and std over the runs' mean top-1."""
+    out = []
+    for name in dict.fromkeys(r["group"] for r in rows):
+        rs = [r for r in rows if r["group"] == name]
+        g = {"group": name, "x": rs[0]["x"], "runs": len(rs)}
+        for key in ("finetune_top1", "probe_top1", "pretext_top1", "last_loss"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if vals:
+                g[key], g[key.replace("top1", "std").replace("last_loss", "loss_std")] = _mean_std(vals)
+        out.append(g)
+    return out
+
+
+def _fmt(v, digits=1):
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(name: str, rows: list[dict], grouped: list[dict], seconds: float, command: str) -> str:
+    lines = [f"### `{command}`", "",
+             f"{len(rows)} runs, {seconds / 60:.1f} minutes for this call (runs reused from earlier calls cost "
+             f"nothing; each run's own times are in the CSV). Pre-training: the CPU preset, {rows[0]['steps']} "
+             f"steps at batch 128. Fine-tuning: {next((r['finetune_recipe'] for r in rows), '')}, digits 10-shot, "
+             "seeds 0-2. Probe: logistic regression on frozen class + mean tokens, 10-shot, splits 0-2.", "",
+             "| run | LPCE first -> last | pretext top-1 % | digits fine-tuned top-1 % | linear probe top-1 % |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        loss = f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" if r.get("first_loss") is not None else ""
+        seeds = ", ".join(_fmt(v) for v in r["finetune_seeds"])
+        lines.append(f"| {r['label']} | {loss} | {_fmt(r.get('pretext_top1'))} | "
+                     f"{_fmt(r['finetune_top1'])} +- {_fmt(r['finetune_std'])} ({seeds}) | "
+                     f"{_fmt(r['probe_top1'])} +- {_fmt(r['probe_std'])} |")
+    if any(g["runs"] > 1 for g in grouped):
+        lines += ["", "Averaged over the runs of each setting (mean +- std over the bases' means):", "",
+                  "| setting | runs | pretext top-1 % | digits fine-tuned top-1 % | linear probe top-1 % |",
+                  "|---|---|---|---|---|"]
+        for g in grouped:
+            pre = f"{_fmt(g.get('pretext_top1'))} +- {_fmt(g.get('pretext_std'))}" if "pretext_top1" in g else ""
+            lines.append(f"| {g['group']} | {g['runs']} | {pre} | {_fmt(g['finetune_top1'])} +- "
+                         f"{_fmt(g['finetune_std'])} | {_fmt(g['probe_top1'])} +- {_fmt(g['probe_std'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+    tmp.replace(path)
+
+
+def plot(name: str, rows: list[dict], grouped: list[dict], path: Path) -> bool:
+    """Bars (compare) or lines over the swept value (sweeps), with error bars; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    scratch = next((g for g in grouped if g["x"] is None and g["group"].startswith("none")), None)
+    swept = [g for g in grouped if g["x"] is not None]
+    if swept:
+        xs = [g["x"] for g in swept]
+        for key, std, label in (("finetune_top1", "finetune_std", "fine-tuned"), ("probe_top1", "probe_std",
+                                                                                   "linear probe")):
+            ax.errorbar(xs, [g[key] for g in swept], yerr=[g[std] for g in swept], marker="o", capsize=4,
+                        label=f"{label} (mean +- std over runs)")
+            if scratch:
+                ax.axhline(scratch[key], linestyle="--", color=ax.lines[-1].get_color(), alpha=0.6,
+                           label=f"{label}, scratch")
+        ax.set_xscale("log")
+        ax.set_xlabel(name.replace("sweep-", ""))
+    else:
+        import numpy as np
+
+        x = np.arange(len(grouped))
+        for i, (key, std, label) in enumerate((("finetune_top1", "finetune_std", "fine-tuned"),
+                                                ("probe_top1", "probe_std", "linear probe"))):
+            ax.bar(x + (i - 0.5) * 0.38, [g[key] for g in grouped], 0.38, yerr=[g[std] for g in grouped],
+                   capsize=4, label=label)
+        ax.set_xticks(x, [g["group"] for g in grouped], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("digits 10-shot top-1 %")
+    ax.set_title(f"{name}: {rows[0]['steps']} pre-training steps per run (2-core CPU)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def scatter(root: Path, path: Path, steps: int) -> int:
+    """Pretext top-1 against fine-tuned and probed transfer, over every run under `root`."""
+    rows = [json.loads(p.read_text()) for p in sorted(root.glob(f"*-steps{steps}/row.json"))]
+    rows = [r for r in rows if r.get("pretext_top1") is not None]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 0
+    scratch = [json.loads(p.read_text()) for p in root.glob(f"scratch-steps{steps}/row.json")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([r["pretext_top1"] for r in rows], [r["finetune_top1"] for r in rows], label="fine-tuned")
+    ax.scatter([r["pretext_top1"] for r in rows], [r["probe_top1"] for r in rows], marker="x", label="linear probe")
+    for s in scratch:
+        ax.axhline(s["finetune_top1"], linestyle="--", alpha=0.6, label="scratch, fine-tuned")
+        ax.axhline(s["probe_top1"], linestyle=":", alpha=0.6, label="scratch (random init), probe")
+    ax.set_xlabel("pretext top-1 % after pre-training (chance 0.1%)")
+    ax.set_ylabel("digits 10-shot top-1 %")
+    ax.set_title(f"every run at {steps} steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return len(rows)
+
+
+def run_experiment(name: str, root: Path, results: Path, budget: Budget) -> list[dict]:
+    t0 = time.time()
+    rows = []
+    for run in EXPERIMENTS[name]():
+        row = execute(run, root, budget)
+        atomic_write_json(row, root / f"{run.slug}-steps{budget.steps}" / "row.json")
+        rows.append(row)
+    seconds = time.time() - t0
+    results.mkdir(parents=True, exist_ok=True)
+    grouped = groups(rows)
+    write_csv(results / f"{name}.csv", rows)
+    command = f"make {name}" if budget.steps == STEPS else f"python -m train.experiments {name} --steps {budget.steps}"
+    (results / f"{name}.md").write_text(markdown(name, rows, grouped, seconds, command))
+    drew = plot(name, rows, grouped, results / f"{name}.png")
+    scatter(root, results / "pretext-vs-transfer.png", budget.steps)
+    print(f"{name}: {len(rows)} runs in {seconds / 60:.1f} minutes; tables in {results}/{name}.csv and .md"
+          + (f", plot {results}/{name}.png" if drew else " (no plot: pip install fracgen[plots])"))
+    return rows
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    name: Annotated[str, typer.Argument(help=f"one of {', '.join(EXPERIMENTS)}")],
+    root: Annotated[Path, typer.Option(help="where runs and their data are kept (and reused)")] = Path(
+        "runs/experiments"),
+    results: Annotated[Path, typer.Option(help="where the CSV, markdown and PNG go")] = Path("docs/results"),
+    steps: Annotated[int, typer.Option(help="pre-training steps per run")] = STEPS,
+):
+    """Run one of the paper's comparisons at CPU scale and write its tables and plots."""
+    if name not in EXPERIMENTS:
+        raise TrainError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    if steps < 1:
+        raise TrainError(f"--steps must be at least 1, got {steps}")
+    try:
+        run_experiment(name, root, results, dataclasses.replace(Budget(), steps=steps))
+    except FracgenError as e:
+        raise TrainError(str(e)) from None
+
+
+if __name__ == "__main__":
+    run_cli(app)
