@@ -20,7 +20,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from fracgen import share
@@ -143,6 +142,7 @@ def copy(published, tmp_path):
 # publish
 
 def test_publish_writes_a_card_a_hub_reads_and_sums_sha256sum_checks(published):
+    yaml = pytest.importorskip("yaml")  # comes with timm
     text = (published / "README.md").read_text()
     _, front, body = text.split("---\n", 2)
     card = yaml.safe_load(front)
@@ -190,7 +190,7 @@ def test_publish_refuses_a_damaged_or_unfinished_folder(copy, damage):
 
 
 def test_publish_uploads_to_a_hub_dataset_without_printing_the_token(copy, monkeypatch):
-    import huggingface_hub
+    huggingface_hub = pytest.importorskip("huggingface_hub")  # the hub extra; timm brings it too
 
     calls = []
     monkeypatch.setenv("HF_TOKEN", "hf_NotARealTokenButSecret")
@@ -341,7 +341,7 @@ def test_two_pulls_into_one_folder_end_with_one_correct_copy(published, tmp_path
 
 
 def test_pull_from_the_hub_through_huggingface_hub(published, tmp_path, monkeypatch):
-    import huggingface_hub
+    huggingface_hub = pytest.importorskip("huggingface_hub")  # the hub extra; timm brings it too
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     asked = []
@@ -369,7 +369,7 @@ def test_pull_from_the_hub_through_huggingface_hub(published, tmp_path, monkeypa
 
 def test_the_token_does_not_follow_a_redirect_to_another_host(published, tmp_path, monkeypatch):
     """The hub serves large files from a storage host: the token must stay with the hub."""
-    import huggingface_hub
+    huggingface_hub = pytest.importorskip("huggingface_hub")  # the hub extra; timm brings it too
 
     monkeypatch.setenv("HF_TOKEN", "hf_NotARealTokenButSecret")
     with Server(published) as storage, Server(published) as hub:
