@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,hub,plots]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -45,12 +45,7 @@ finetune: install
 
 # The paper's comparisons at CPU scale (train/experiments.py; docs/results.md): each writes docs/results/NAME.csv,
 # .md and .png and prints its time. Runs are kept under runs/experiments and reused by the other targets.
-PLOTS := $(VENV)/.plots-stamp
-$(PLOTS): $(STAMP)
-	$(BIN)/pip install -q -e '.[test,plots]'
-	touch $(PLOTS)
-
-compare sweep-delta sweep-sigma sweep-bases: $(PLOTS)
+compare sweep-delta sweep-sigma sweep-bases: install
 	$(BIN)/python -m train.experiments $@
 
 clean:

@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from fracgen import __version__
@@ -19,6 +28,8 @@ from fracgen.errors import FracgenError
 from fracgen.ifs import IFS, load_base
 from fracgen.preview import contact_sheet
 from fracgen.shards import read_manifest
+from fracgen.share import publish as publish_folder
+from fracgen.share import pull as pull_folder
 from fracgen.systems import SYSTEMS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -37,23 +48,33 @@ def main(version: Annotated[bool, typer.Option("--version", help="Print the vers
 
 
 @contextmanager
-def _errors():
+def _errors(interrupted: str = "finished shards are kept, `--resume` completes the rest"):
     try:
         yield
     except FracgenError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as e:  # disk full, permissions: still one line, never a traceback
         err.print(f"[bold red]error:[/] {e.strerror or e}: {e.filename or ''}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]; finished shards are kept, `--resume` completes the rest")
+        err.print(f"[bold red]interrupted[/]; {interrupted}")
         raise typer.Exit(130) from None
 
 
-def _progress():
+def _progress(transient: bool = False):
     return Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err, transient=False)
+                    console=err, transient=transient)
+
+
+def _byte_progress():
+    # transient: the summary line (or the one error line) replaces the bar; none at all in a log file
+    return Progress(TextColumn("{task.description:>8}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+
+
+def _note(text: str) -> None:
+    err.print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _command(s: Settings, out_dir: Path, base: Path | None) -> str:
@@ -212,3 +233,55 @@ def preview(
     with _errors():
         n = contact_sheet(dataset, out_file, count=count, columns=columns, tile=tile)
         out.print(f"wrote {n} images to {out_file}")
+
+
+@app.command()
+def publish(
+    dataset: Annotated[Path, typer.Argument(help="A finished folder (manifest.json and shards) to share.")],
+    to: Annotated[str | None, typer.Option(help="Also upload it to hf://datasets/ORG/NAME[@REVISION] (needs "
+                                                "huggingface_hub and a token in HF_TOKEN).")] = None,
+    url: Annotated[str | None, typer.Option(help="Where the folder will be served, for the card's pull and train "
+                                                 "commands (default: --to).")] = None,
+    license: Annotated[str, typer.Option(help="License written into the dataset card (a hub license id).")]
+    = "cc-by-4.0",
+    pretty_name: Annotated[str | None, typer.Option(help="Title of the dataset card (default: from the "
+                                                         "settings).")] = None,
+):
+    """Verify a folder, then write a dataset card (README.md), SHA256SUMS and preview.png beside its shards."""
+    with _errors(interrupted="run publish again"):
+        with _progress(transient=True) as bar:
+            task = bar.add_task("verify")
+            result = publish_folder(dataset, to=to, url=url, license=license, pretty_name=pretty_name,
+                                    progress=lambda _, done, total: bar.update(task, completed=done, total=total),
+                                    note=_note)
+        out.print(f"wrote README.md (dataset card), SHA256SUMS and preview.png to {dataset}; serve the folder with "
+                  "any static web server" + (f"; uploaded to {result['url']}" if result["url"] else ""))
+
+
+@app.command()
+def pull(
+    source: Annotated[str, typer.Argument(help="A folder, the http(s) URL of a published folder (or of its "
+                                               "manifest.json), or hf://datasets/ORG/NAME[@REVISION].")],
+    dataset: Annotated[Path, typer.Argument(help="Folder to pull into (created if missing).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace another data set already in the folder.")] = False,
+):
+    """Fetch a published folder, each shard checked by size and sha256 before it takes its name; run it again to
+    resume."""
+    with _errors(interrupted="finished shards are kept; run the same pull again to fetch the rest"):
+        t0 = time.perf_counter()
+        with _byte_progress() as bar:
+            tasks = {}
+
+            def report(phase, done, total):
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total)
+                bar.update(tasks[phase], completed=done, total=total)
+
+            result = pull_folder(source, dataset, overwrite=overwrite, progress=report,
+                                 note=_note, command=shlex.join(["fracgen", "pull", source, str(dataset)]))
+        n = len(result.manifest["shards"])
+        if not result.fetched:
+            out.print(f"{dataset} already holds all {n} shards of {source} (each checked by sha256): nothing fetched")
+            return
+        out.print(f"pulled {len(result.fetched)} of {n} shards ({result.fetched_bytes / 1e6:.1f} MB) from {source} "
+                  f"into {dataset} in {time.perf_counter() - t0:.1f} s; every shard matches the manifest")

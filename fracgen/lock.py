@@ -23,6 +23,10 @@ from fracgen.errors import FracgenError
 LOCK_NAME = ".fracgen.lock"
 
 
+class FolderBusy(FracgenError):
+    """Another live process holds the folder's lock (a caller that can wait for it tells this case apart)."""
+
+
 def _describe(holder: dict) -> str:
     started = holder.get("started")
     since = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
@@ -71,7 +75,7 @@ class FolderLock:
         except BlockingIOError:
             holder = self._read(fd)
             os.close(fd)
-            raise FracgenError(f"{self.folder} is being written by {_describe(holder)}: one writer per folder; wait "
+            raise FolderBusy(f"{self.folder} is being written by {_describe(holder)}: one writer per folder; wait "
                                "for it to finish or choose another folder") from None
         holder = self._read(fd)
         host = socket.gethostname()

@@ -7,6 +7,8 @@ Runbook
     torchrun --standalone --nproc_per_node=8 -m train.pretrain --preset paper --shards shards/ --out runs/paper
   continue a killed run from its last checkpoint (loses at most --ckpt-every steps):
     python -m train.pretrain --shards /tmp/cpu-shards --out runs/cpu --resume
+  from a published folder (pulled once into --cache-dir, checked by sha256, then read locally):
+    python -m train.pretrain --shards https://HOST/PATH/ --out runs/cpu      (or hf://datasets/ORG/NAME)
 
 Data: a set whose decoded pixels fit the cache budget (1p-frac: 1000 images) is decoded once into device memory
 and batches are drawn by index; a larger one is streamed from the shards by loader workers that only decode. Either
@@ -56,13 +58,15 @@ from train.runtime import (
     set_rng_states,
     setup_distributed,
 )
+from train.source import resolve_shards
 
 
 @dataclass
 class Config:
     """Defaults are the CPU preset (DESIGN.md section 9): a depth-6 ViT-Tiny at 32 px that learns in minutes."""
 
-    shards: str = ""
+    shards: str = ""  # a folder, or a published folder's URL / hf://datasets/ORG/NAME (pulled into cache_dir)
+    cache_dir: str = ""  # download cache for a remote --shards; "" = $XDG_CACHE_HOME/fracgen or ~/.cache/fracgen
     out: str = ""
     preset: str = "cpu"
     model: str = "vit_tiny_patch16_224"
@@ -120,7 +124,7 @@ PRESETS = {
 }
 
 # Options that may differ on --resume (they do not change what is being trained).
-RESUMABLE = {"out", "shards", "resume", "steps", "workers", "log_every", "eval_every", "eval_samples",
+RESUMABLE = {"out", "shards", "cache_dir", "resume", "steps", "workers", "log_every", "eval_every", "eval_samples",
              "ckpt_every", "stop_after", "compile", "cache", "cache_budget", "augment", "shuffle_buffer"}
 GiB = 1024**3
 
@@ -254,12 +258,13 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     elif ckpt_path.exists():
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
 
-    manifest = data.read_manifest(Path(cfg.shards))
+    shards_dir = resolve_shards(cfg.shards, cfg.cache_dir, local_rank, log=functools.partial(print, flush=True))
+    manifest = data.read_manifest(shards_dir)
     num_classes = manifest["num_classes"]
     if checkpoint is not None and checkpoint["num_classes"] != num_classes:
         raise TrainError(f"--shards {cfg.shards} has {num_classes} classes, the checkpoint was trained on "
                          f"{checkpoint['num_classes']}: resume with the shards it was trained on")
-    urls = data.shard_urls(Path(cfg.shards), manifest)
+    urls = data.shard_urls(shards_dir, manifest)
     batch = per_rank_batch(cfg, world_size)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     if mixing and batch % 2:
@@ -323,7 +328,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps  # where this run stops
     first_micro, last_micro = step * cfg.accum, end * cfg.accum
     if path == "memory":
-        images, labels = data.load_images(Path(cfg.shards), manifest)
+        images, labels = data.load_images(shards_dir, manifest)
         images, labels = images.to(device), labels.to(device)
         source = data.MemorySource(images, labels, batch, cfg.seed, rank, world_size)
         micro_batches = (source(t) for t in range(first_micro, last_micro))
@@ -358,7 +363,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # a shard changed under a running job
                 last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
                 raise TrainError(f"reading the shards failed mid-run ({last[0][:200]}); check them with "
-                                 f"`fracgen verify {cfg.shards}`") from None
+                                 f"`fracgen verify {shards_dir}`") from None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             yield (x if path == "pil" else augment(x, augment_rng)), y
 
@@ -513,7 +518,9 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 @app.command()
 def main(
-    shards: Annotated[Path, typer.Option(help="folder written by `fracgen render --out` (has manifest.json)")],
+    shards: Annotated[str, typer.Option(help="folder written by `fracgen render --out` (has manifest.json), or a "
+                                             "published folder's http(s) URL or hf://datasets/ORG/NAME[@REVISION], "
+                                             "pulled once into --cache-dir")],
     out: Annotated[Path, typer.Option(help="run folder for checkpoints, weights and metrics")],
     preset: Annotated[str, typer.Option(help="cpu (minutes on 2 cores) or paper (DESIGN.md section 6)")] = "cpu",
     model: Annotated[str | None, typer.Option(help="timm model name")] = None,
@@ -548,6 +555,9 @@ def main(
                                                    "budget, else stream; on; off")] = None,
     cache_budget: Annotated[float | None, typer.Option(help="GiB the decoded set may take per rank (default: a "
                                                             "quarter of the device's memory)")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="download cache for a --shards URL or hf:// source, one "
+                                                      "folder per data set (default $XDG_CACHE_HOME/fracgen or "
+                                                      "~/.cache/fracgen); not the in-memory --cache")] = None,
     shuffle_buffer: Annotated[int | None, typer.Option(help="samples in the shuffle buffer (streaming)")] = None,
     workers: Annotated[int | None, typer.Option(help="data loader worker processes per rank (streaming)")] = None,
     seed: Annotated[int | None, typer.Option(help="base seed (offset by rank)")] = None,
@@ -588,6 +598,8 @@ def main(
         if key in explicit and explicit[key] < 0:
             raise TrainError(f"--{key} must not be negative")
     explicit["shards"], explicit["out"] = str(shards), str(out)
+    if cache_dir is not None:
+        explicit["cache_dir"] = str(cache_dir)
     if resume:
         # The checkpoint's config defines the run; only the RESUMABLE options may be given again.
         ckpt_path = out / "ckpt.pt"

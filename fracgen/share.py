@@ -1,0 +1,586 @@
+"""Sharing a rendered folder: `publish` writes a dataset card and SHA256SUMS beside the shards (and may upload the
+folder to a Hugging Face dataset repository); `pull` fetches a published folder into a local one, trusting nothing
+it has not checked against the manifest's sizes and sha256s.
+
+A source is a local folder, the http(s) URL of a published folder (or of its manifest.json), or
+`hf://datasets/ORG/NAME[@REVISION]`. Every file is fetched by one piece of code: over HTTP with urllib from the
+standard library, which is all a GET with retries needs; `requests` is not one of our dependencies, and adding it
+for this would put a second HTTP stack under the one path whose bytes we must vouch for. A hub source is an HTTP
+source whose file URLs come from `huggingface_hub.hf_hub_url` (its token, from HF_TOKEN or `hf auth login`, is sent
+to the hub's host only, never to the storage host it redirects to).
+
+A pull writes each shard under a hidden temporary name while hashing it and renames it into place only when its
+size and sha256 are the manifest's; the manifest itself is written last, so a folder that has one is complete.
+`source.json` beside it says where the data came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import math
+import os
+import re
+import shlex
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import fracgen
+from fracgen.dataset import MANIFEST, verify_dataset
+from fracgen.errors import FracgenError
+from fracgen.lock import LOCK_NAME, FolderLock
+from fracgen.preview import contact_sheet
+from fracgen.render import RENDERER
+from fracgen.shards import FORMAT_VERSION, atomic_write, check_manifest, file_sha256, matches
+
+SOURCE_FILE = "source.json"  # where a pulled folder came from
+CARD, SUMS, PREVIEW = "README.md", "SHA256SUMS", "preview.png"  # what `publish` writes beside the shards
+TRIES = 5  # attempts per file on transient errors (connection, timeout, HTTP 429 and 5xx)
+BACKOFF = 0.5  # seconds before the second attempt, doubled for each further one
+MAX_WAIT = 60.0  # the most a server's Retry-After may make us wait
+TIMEOUT = 60.0  # seconds a connection may stay silent
+CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 1 << 30  # a manifest holds every class's IFS: 0.7 MB at 1000 classes, x100 at the 100,000 max
+HF_PATTERN = re.compile(r"hf://datasets/([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@([^@]+))?/?")
+Progress = Callable[[str, int, int], None]  # (phase "check" or "fetch", bytes done, bytes in all)
+Note = Callable[[str], None]
+
+
+class _Transient(Exception):
+    """A failure worth another try: the network, a timeout, a busy server."""
+
+    def __init__(self, reason: str, wait: float | None = None):
+        super().__init__(reason)
+        self.wait = wait
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects as urllib does, but drops the Authorization header when the host changes (the hub sends
+    large files from a storage host that must not see the token), and remembers the hub's X-Repo-Commit."""
+
+    def __init__(self):
+        self.commit: str | None = None
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.commit = headers.get("X-Repo-Commit") or self.commit
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urlsplit(newurl).netloc != urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+def _retry_after(headers) -> float | None:
+    try:
+        return min(MAX_WAIT, float(headers.get("Retry-After")))
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Source:
+    """Where a published folder lives: `kind` folder (a path), http (a base URL ending in /) or hf (a repo id)."""
+
+    spec: str  # as the user wrote it
+    kind: str
+    base: str
+    revision: str | None = None  # hf: the branch, tag or commit asked for
+    commit: str | None = None  # hf: the commit that revision pointed to when the manifest was fetched
+    token: str | None = field(default=None, repr=False)
+    seen_commit: str | None = None  # hf: the X-Repo-Commit of the last response
+
+    def url(self, name: str) -> str:
+        if self.kind == "folder":
+            return str(Path(self.base) / name)
+        if self.kind == "http":
+            return urljoin(self.base, name)
+        return _hub().hf_hub_url(self.base, name, repo_type="dataset", revision=self.commit or self.revision)
+
+    def open(self, name: str):
+        """A readable binary stream of one file; FracgenError when it is not there, _Transient when worth a retry."""
+        url = self.url(name)
+        if self.kind == "folder":
+            try:
+                return open(url, "rb")  # noqa: SIM115 (the caller closes it)
+            except FileNotFoundError:
+                raise FracgenError(f"{url}: no such file in the source folder") from None
+            except OSError as e:
+                raise FracgenError(f"{url}: {e.strerror}") from None
+        headers = {"User-Agent": f"fracgen/{fracgen.__version__}"}
+        if self.token and self.kind == "hf":
+            headers["Authorization"] = f"Bearer {self.token}"
+        redirects = _Redirects()
+        try:
+            response = urllib.request.build_opener(redirects).open(urllib.request.Request(url, headers=headers),
+                                                                   timeout=TIMEOUT)
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code == 429 or e.code >= 500:
+                raise _Transient(f"HTTP {e.code} {e.reason}", _retry_after(e.headers)) from None
+            hint = {404: " (not there: is this the URL of a published fracgen folder?)",
+                    401: " (the server wants a login" + ("; set HF_TOKEN" if self.kind == "hf" else "") + ")",
+                    403: " (access refused" + ("; does HF_TOKEN give access to it?" if self.kind == "hf" else "")
+                         + ")"}.get(e.code, "")
+            raise FracgenError(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
+        except urllib.error.URLError as e:
+            raise _Transient(str(e.reason)) from None
+        except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
+            raise _Transient(f"{type(e).__name__}: {e}") from None
+        self.seen_commit = response.headers.get("X-Repo-Commit") or redirects.commit
+        return response
+
+
+def is_remote(spec: str) -> bool:
+    """True for a URL or hf:// source; False for a local path."""
+    return str(spec).startswith(("http://", "https://", "hf://"))
+
+
+def parse_hub(spec: str) -> tuple[str, str | None]:
+    """(ORG/NAME, REVISION or None) of hf://datasets/ORG/NAME[@REVISION]."""
+    match = HF_PATTERN.fullmatch(spec)
+    if not match:
+        raise FracgenError(f"{spec!r} is not hf://datasets/ORG/NAME[@REVISION] (fracgen shares data sets, not models)")
+    return match.group(1), match.group(2)
+
+
+def _hub():
+    """huggingface_hub, imported only when a hub source or destination is used (the `hub` extra)."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise FracgenError("hf:// needs huggingface_hub: pip install 'fracgen[hub]' (or huggingface_hub)") from None
+    return huggingface_hub
+
+
+def open_source(spec: str) -> Source:
+    spec = str(spec)
+    if spec.startswith("hf://"):
+        repo, revision = parse_hub(spec)
+        return Source(spec, "hf", repo, revision or "main", token=_hub().get_token())
+    if spec.startswith(("http://", "https://")):
+        parts = urlsplit(spec)
+        if not parts.netloc:
+            raise FracgenError(f"{spec!r} is not a URL with a host")
+        base = spec.split("?", 1)[0].split("#", 1)[0]
+        if base.endswith("/" + MANIFEST):
+            base = base[: -len(MANIFEST)]
+        elif not base.endswith("/"):
+            base += "/"  # the folder's URL: its files are relative to it
+        return Source(spec, "http", base)
+    if "://" in spec:
+        raise FracgenError(f"{spec!r}: a source is a folder, an http(s):// URL or hf://datasets/ORG/NAME")
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise FracgenError(f"source folder {spec} does not exist")
+    return Source(spec, "folder", str(folder))
+
+
+def _download(source: Source, name: str, f, limit: int, on_bytes: Callable[[int], None],
+              note: Note | None) -> tuple[str, int]:
+    """Stream one file into the binary file `f` (emptied first), hashing it; retry transient failures from the
+    start (the hash must cover bytes of one response); return (sha256, size). More than `limit` bytes is an error."""
+    url = source.url(name)
+    for attempt in range(1, TRIES + 1):
+        f.seek(0)
+        f.truncate()
+        sha, size = hashlib.sha256(), 0
+        try:
+            with source.open(name) as response:
+                while chunk := response.read(CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        raise FracgenError(f"{url}: more than the {limit:,} bytes the manifest lists: damaged or "
+                                           "replaced at the source; nothing was kept")
+                    sha.update(chunk)
+                    f.write(chunk)
+                    on_bytes(len(chunk))
+            return sha.hexdigest(), size
+        except (_Transient, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+            on_bytes(-size)
+            if attempt == TRIES:
+                raise FracgenError(f"{url}: {e} (gave up after {TRIES} tries)") from None
+            wait = max(BACKOFF * 2 ** (attempt - 1), getattr(e, "wait", None) or 0)
+            if note:
+                note(f"{url}: {e}; trying again in {wait:.1f} s ({attempt + 1} of {TRIES})")
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class RemoteManifest:
+    data: bytes  # the manifest's bytes, as the source serves them
+    manifest: dict
+    sha256: str  # of `data`: names the data set (the training cache is keyed by it)
+
+
+def fetch_manifest(source: Source, note: Note | None = None) -> RemoteManifest:
+    """The source's manifest, checked: fracgen's schema, our format version, a finished render. A hub source is
+    pinned to the commit that served it, so every shard comes from the same revision as the manifest."""
+    url = source.url(MANIFEST)
+    buf = io.BytesIO()
+    _download(source, MANIFEST, buf, MAX_MANIFEST_BYTES, lambda n: None, note)
+    data = buf.getvalue()
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FracgenError(f"{url} is not a fracgen manifest (not JSON: {e})") from None
+    check_manifest(manifest, url)
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise FracgenError(f"{url} has shard format_version {manifest['format_version']}, this fracgen reads "
+                           f"{FORMAT_VERSION}; pull it with the fracgen that wrote it "
+                           f"({manifest.get('fracgen_version')})")
+    if not manifest["complete"]:
+        raise FracgenError(f"{url} says its render did not finish: only finished folders can be pulled")
+    if not manifest["shards"]:
+        raise FracgenError(f"{url} lists no shards")
+    if source.kind == "hf" and source.seen_commit and source.commit is None:
+        source.commit = source.seen_commit
+    if note and (manifest.get("fracgen_version") != fracgen.__version__ or manifest.get("renderer", 1) != RENDERER):
+        note(f"{url} was rendered by fracgen {manifest.get('fracgen_version')} (renderer "
+             f"{manifest.get('renderer', 1)}), this is fracgen {fracgen.__version__} (renderer {RENDERER}): the "
+             "shards are checked by sha256 all the same")
+    return RemoteManifest(data, manifest, hashlib.sha256(data).hexdigest())
+
+
+@dataclass
+class PullResult:
+    folder: Path
+    manifest: dict
+    source: Source
+    fetched: list[str]  # shards downloaded by this run
+    fetched_bytes: int
+    kept: int  # shards already in the folder with the manifest's size and sha256
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    text = (json.dumps(obj, indent=1) + "\n").encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def pull(source: str | Source, out: str | Path, *, overwrite: bool = False, remote: RemoteManifest | None = None,
+         progress: Progress | None = None, note: Note | None = None, command: str | None = None) -> PullResult:
+    """Fetch a published folder into `out` (see the module docstring); return what was done. Shards already in
+    `out` with the manifest's size and sha256 are kept, so a killed pull run again fetches only what is missing.
+    One writer per folder: the run holds `out`'s lock (FolderLock). `remote`: its manifest, if already fetched."""
+    src = source if isinstance(source, Source) else open_source(source)
+    out = Path(out)
+    if src.kind == "folder" and out.exists() and Path(src.base).resolve() == out.resolve():
+        raise FracgenError(f"{out} is the source folder itself")
+    remote = remote or fetch_manifest(src, note)
+    if out.exists() and not out.is_dir():
+        raise FracgenError(f"{out} exists and is not a folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FracgenError(f"cannot create {out}: {e.strerror}") from None
+    try:
+        with FolderLock(out, command or f"fracgen pull {shlex.quote(src.spec)} {shlex.quote(str(out))}", note):
+            return _pull_locked(src, out, remote, overwrite, progress, note)
+    except BaseException:
+        if created and {p.name for p in out.iterdir()} <= {LOCK_NAME}:  # a pull that failed before writing
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            out.rmdir()
+        raise
+
+
+def _claim(out: Path, remote: RemoteManifest, overwrite: bool) -> dict | None:
+    """May this pull write into `out`? It may when `out` is empty, or holds this data set (its manifest), or an
+    unfinished pull of it (its source.json); anything else needs `overwrite`. Returns the manifest being replaced."""
+    manifest_path, source_path = out / MANIFEST, out / SOURCE_FILE
+    if manifest_path.exists():
+        if hashlib.sha256(manifest_path.read_bytes()).hexdigest() == remote.sha256:
+            return None
+        what = "another data set (its manifest.json differs)"
+    elif source_path.exists():
+        try:
+            recorded = json.loads(source_path.read_text()).get("manifest_sha256")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded == remote.sha256:
+            return None
+        what = f"an unfinished pull of another data set ({SOURCE_FILE})"
+    else:
+        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not
+                        (p.name.startswith(".") and p.name.endswith(".tmp")))
+        if not others:
+            return None
+        what = f"files that are not a fracgen data set ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    if not overwrite:
+        raise FracgenError(f"{out} holds {what}; pass --overwrite to replace it, or pull into another folder")
+    try:
+        old = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    manifest_path.unlink(missing_ok=True)  # from here on the folder does not look complete until this pull is
+    return old if isinstance(old, dict) else {}
+
+
+def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool, progress: Progress | None,
+                 note: Note | None) -> PullResult:
+    replaced = _claim(out, remote, overwrite)
+    shards = remote.manifest["shards"]
+    for entry in shards:  # temporaries of a pull (or render) that died: nobody else's, we hold the lock
+        for tmp in out.glob(f".{entry['file']}.*.tmp"):
+            tmp.unlink()
+    origin = {"source": src.spec, "url": src.url(MANIFEST), "revision": src.revision, "commit": src.commit,
+              "manifest_sha256": remote.sha256, "fracgen_version": fracgen.__version__, "started": _now(),
+              "finished": None}
+    _write_json(out / SOURCE_FILE, origin)  # first, so a rerun knows which data set this folder is receiving
+
+    present = {e["file"] for e in shards if (out / e["file"]).is_file()}
+    to_check = sum(e["bytes"] for e in shards if e["file"] in present)
+    checked, todo = 0, []
+    for entry in shards:
+        if entry["file"] in present and matches(out / entry["file"], entry):
+            checked += entry["bytes"]
+            if progress:
+                progress("check", checked, to_check)
+        else:
+            todo.append(entry)
+    kept = len(shards) - len(todo)
+    total, done = sum(e["bytes"] for e in todo), 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress("fetch", done, total)
+
+    if progress and todo:
+        progress("fetch", 0, total)
+    for entry in todo:
+        _fetch_shard(src, out, entry, on_bytes, note)
+
+    if replaced is not None:  # --overwrite: the replaced data set's shards and published files go too
+        keep = {e["file"] for e in shards}
+        for entry in replaced.get("shards") or []:
+            name = entry.get("file") if isinstance(entry, dict) else None
+            if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]+\.tar", name) and name not in keep:
+                (out / name).unlink(missing_ok=True)
+        if replaced:
+            for name in (CARD, SUMS, PREVIEW):
+                (out / name).unlink(missing_ok=True)
+    atomic_write(out / MANIFEST, lambda f: f.write(remote.data))  # last: now the folder is complete
+    _write_json(out / SOURCE_FILE, {**origin, "finished": _now()})
+    return PullResult(out, remote.manifest, src, [e["file"] for e in todo], total, kept)
+
+
+def _fetch_shard(src: Source, out: Path, entry: dict, on_bytes, note: Note | None) -> None:
+    """Download one shard under a hidden temporary name and rename it into place only if its size and sha256 are
+    the manifest's; otherwise remove it and say so in one line."""
+    url = src.url(entry["file"])
+    fd, tmp = tempfile.mkstemp(prefix=f".{entry['file']}.", suffix=".tmp", dir=out)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            digest, size = _download(src, entry["file"], f, entry["bytes"], on_bytes, note)
+            if size != entry["bytes"]:
+                raise FracgenError(f"{url}: {size:,} bytes, the manifest says {entry['bytes']:,}: truncated or "
+                                   "replaced at the source; nothing was kept")
+            if digest != entry["sha256"]:
+                raise FracgenError(f"{url}: sha256 {digest[:12]}... does not match the manifest's "
+                                   f"{entry['sha256'][:12]}...: damaged or replaced at the source; nothing was kept")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out / entry["file"])
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- publish ---------------------------------------------------------------------------------------------------
+
+SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+
+
+def size_category(n: int) -> str:
+    """The hub's size_categories label for n samples."""
+    return next((label for limit, label in SIZE_CATEGORIES if n < limit), "n>1B")
+
+
+def regenerate_command(manifest: dict) -> str:
+    """The manifest's `command`; for a folder rendered through the library (no command), the same command built
+    from its settings (a base read from a file is read from this manifest, which records it)."""
+    if manifest.get("command"):
+        return manifest["command"]
+    args = ["fracgen", "render", "--out", "shards/"]
+    for key, value in manifest["settings"].items():
+        if key == "base":
+            args += ["--base", MANIFEST] if value is not None else []
+        else:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return shlex.join(args)
+
+
+def _yaml(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a YAML double-quoted scalar
+
+
+def _system_text(system: str, s: dict, base: dict, c: int) -> tuple[str, list[str], list[str]]:
+    """(a sentence on what the data are, table rows, more lines) for the card, per data system."""
+    if system == "1p-frac":
+        drawn = base.get("sigma_drawn")
+        base_text = (f"sampled with sigma-factor {s['sigma']} (drawn {drawn:.4f}) from seed {s['seed']}"
+                     if isinstance(drawn, (int, float)) else "read from a file (recorded in manifest.json)")
+        maps = "\n".join(
+            f"| {i} | " + " | ".join(f"{m[k]:+.4f}" for k in "abcdef") + f" | {p:.4f} |"
+            for i, (m, p) in enumerate(zip(base["ifs"]["maps"], base["ifs"].get("probabilities") or
+                                           [math.nan] * len(base["ifs"]["maps"]), strict=False)))
+        bases = s.get("bases", 1)
+        what = ("the **1p-frac** system of \"Scaling Backwards: Minimal Synthetic Pre-training?\" (Nakamura et "
+                f"al., ECCV 2024): {c} perturbed copies (LIEP classes) of "
+                + ("one base fractal" if bases == 1 else f"{bases} base fractals")
+                + ", learned with the C-way LPCE loss.")
+        rows = [f"| system | 1p-frac: base IFS of {len(base['ifs']['maps'])} affine maps, {base_text}"
+                + (f" (base 0 of {bases})" if bases > 1 else "") + " |",
+                f"| sigma | {s['sigma']} |", f"| delta | {s['delta']} (perturbation `{s['perturb']}`) |"]
+        extra = ["Base system (`x' = a x + b y + e`, `y' = c x + d y + f`, chosen with probability p):", "",
+                 "| map | a | b | c | d | e | f | p |", "|---|---|---|---|---|---|---|---|", maps, ""]
+        return what, rows, extra
+    if system == "fractaldb":
+        return (f"a **FractalDB**-style set: {c} classes, each its own fractal (found by the {s['search']} search), "
+                "with weight variants, patch masks and flips per class.",
+                [f"| system | fractaldb, {s['search']} search, sigma {s['sigma']} |"], [])
+    if system == "real":
+        return (f"one real image ({base.get('image')}, {s['image_mode']}) in {c} classes, each a random affine "
+                f"perturbation of size Delta {s['delta']}.", [f"| system | real, Delta {s['delta']} |"], [])
+    return (f"{c} classes of {s.get('noise')} noise, each one fixed image: a shape-free control.",
+            [f"| system | noise ({s.get('noise')}) |"], [])
+
+
+def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str, shard_bytes: int) -> str:
+    """README.md for a published folder: YAML front matter a dataset hub reads, then what the data are, how to make
+    them again, a sample grid and how to pull and train from them."""
+    s, image, base = manifest["settings"], manifest["image"], manifest["base"]
+    pattern = f"{s['name']}-*.tar"  # the shards only: manifest.json must not be taken for data
+    n, c = manifest["num_samples"], manifest["num_classes"]
+    system = s.get("system", "1p-frac")
+    what, rows, extra = _system_text(system, s, base, c)
+    lines = [
+        "---",
+        f"license: {_yaml(license)}",
+        f"pretty_name: {_yaml(pretty_name)}",
+        "task_categories:", "- image-classification",
+        "size_categories:", f"- {_yaml(size_category(n))}",
+        "tags:", "- synthetic", *(["- fractal"] if system in ("1p-frac", "fractaldb") else []), "- webdataset",
+        "configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {_yaml(pattern)}",
+        "---",
+        "",
+        f"# {pretty_name}",
+        "",
+        f"Synthetic pre-training images rendered by fracgen {manifest.get('fracgen_version')} (renderer "
+        f"{manifest.get('renderer', 1)}): {what} Every image is a pure function of the settings below.",
+        "",
+        "| | |",
+        "|---|---|",
+        *rows,
+        f"| classes | {c}, {s['per_class']} image(s) each: {n} samples |",
+        f"| image size | {image['size']} x {image['size']} px, 8-bit grayscale PNG"
+        + (f", {s['points']:,} chaos-game points |" if system in ("1p-frac", "fractaldb") else " |"),
+        f"| shards | {len(manifest['shards'])} WebDataset tar files `{pattern}`, {shard_bytes / 1e6:.1f} MB |",
+        "",
+        *extra,
+        "![sample grid: the first images, labelled with their classes](preview.png)",
+        "",
+        "## Files",
+        "",
+        f"- `{pattern}`: samples `c{{class:06d}}-i{{instance:06d}}` with `.png` (the image), `.cls` (the class, "
+        "ASCII) and `.json` (the class's IFS, its perturbation, the render seed).",
+        "- `manifest.json`: every setting, the base system, each class's system and each shard's size and sha256.",
+        "- `SHA256SUMS`: `sha256sum -c SHA256SUMS` checks the manifest and the shards without fracgen.",
+        "",
+        "## Make it again",
+        "",
+        "```bash",
+        regenerate_command(manifest),
+        "```",
+        "",
+        f"fracgen with renderer {manifest.get('renderer', 1)} gives the same bytes (compare with SHA256SUMS).",
+        "",
+        "## Pull and train",
+        "",
+        "```bash",
+        f"fracgen pull {source} shards/          # checks every shard's size and sha256; run again to resume",
+        "fracgen verify shards/",
+        f"python -m train.pretrain --shards {source} --out runs/1p-frac   # pulls once into a cache, then trains",
+        "```",
+        "",
+        "Without fracgen: `webdataset.WebDataset(urls).decode(\"pil\")` reads the shards, or Python's `tarfile`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _upload(folder: Path, files: list[str], to: str, note: Note | None) -> str:
+    repo, revision = parse_hub(to)
+    hub = _hub()
+    token = hub.get_token()
+    if not token:
+        raise FracgenError("uploading needs a Hugging Face token with write access: set HF_TOKEN (or run "
+                           "`hf auth login`)")
+    api = hub.HfApi(token=token)
+    try:
+        api.create_repo(repo, repo_type="dataset", exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="dataset", revision=revision,
+                          allow_patterns=files, commit_message=f"fracgen publish ({len(files)} files)")
+    except Exception as e:  # the hub's errors are many types; the user gets one line, and never the token
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(token, "***")[:300]
+        raise FracgenError(f"upload to {to} failed: {reason}") from None
+    return f"https://huggingface.co/datasets/{repo}" + (f"/tree/{revision}" if revision else "")
+
+
+def publish(folder: str | Path, *, to: str | None = None, url: str | None = None, license: str = "cc-by-4.0",
+            pretty_name: str | None = None, progress: Progress | None = None, note: Note | None = None) -> dict:
+    """Check a finished folder, write README.md (dataset card), SHA256SUMS and preview.png beside its shards, and
+    with `to` (hf://datasets/ORG/NAME[@REVISION]) upload those and the data. `url`: where the folder will be served,
+    for the card's pull commands (default: `to`). Returns {"files": [...], "url": the hub page or None}."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FracgenError(f"{folder} is not a directory")
+    if to is not None:
+        parse_hub(to)  # a bad destination fails before any work
+        _hub()
+    with FolderLock(folder, "fracgen publish", note):
+        problems = verify_dataset(folder, progress)
+        if problems:
+            more = f" (and {len(problems) - 1} more; `fracgen verify` lists them)" if len(problems) > 1 else ""
+            raise FracgenError(f"{folder} does not verify, so it is not published: {problems[0]}{more}")
+        manifest = json.loads((folder / MANIFEST).read_text())
+        s = manifest["settings"]
+        system = s.get("system", "1p-frac")
+        knobs = {"1p-frac": f"sigma {s.get('sigma')}, delta {s.get('delta')}", "fractaldb": f"sigma {s.get('sigma')}",
+                 "real": f"delta {s.get('delta')}", "noise": str(s.get("noise"))}.get(system, "")
+        pretty_name = pretty_name or (f"{system}: {knobs}, {manifest['num_classes']} classes, "
+                                      f"{manifest['image']['size']} px")
+        shard_bytes = sum(e["bytes"] for e in manifest["shards"])
+        contact_sheet(folder, folder / PREVIEW, count=16, columns=4, tile=192)
+        card = dataset_card(manifest, license=license, pretty_name=pretty_name,
+                            source=url or to or "https://YOUR-SERVER/PATH/", shard_bytes=shard_bytes)
+        atomic_write(folder / CARD, lambda f: f.write(card.encode()))
+        sums = [(file_sha256(folder / MANIFEST)[0], MANIFEST)] + [(e["sha256"], e["file"]) for e in manifest["shards"]]
+        text = "".join(f"{digest}  {name}\n" for digest, name in sums).encode()  # the format `sha256sum -c` reads
+        atomic_write(folder / SUMS, lambda f: f.write(text))
+        files = [CARD, SUMS, PREVIEW, MANIFEST] + [e["file"] for e in manifest["shards"]]
+        url = _upload(folder, files, to, note) if to else None
+    return {"files": files, "url": url, "pretty_name": pretty_name}
+

@@ -1,0 +1,437 @@
+"""Sharing a folder (issue 11) with real components and no internet: a rendered folder served by the standard
+library's threaded HTTP server on a free loopback port, `fracgen publish`, `fracgen pull` and `train.pretrain
+--shards URL`. The one fake: for hf:// sources, huggingface_hub's `hf_hub_url` (the function that turns a repo file
+into its download URL) points at that server instead of the hub, which cannot be reached from here."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fracgen import share
+from fracgen.cli import app
+from fracgen.dataset import Settings, render_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = Settings(classes=16, size=64, points=3000, shard_size=2)  # 8 shards of 2 samples
+TINY = ["--img-size", "32", "--patch-size", "8", "--depth", "2", "--batch", "16", "--log-every", "1",
+        "--eval-every", "0"]
+
+
+def fracgen(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(output: str, exit_code: int, match: str) -> None:
+    assert exit_code == 1, output
+    lines = [line for line in output.strip().splitlines() if line.strip() and not line.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), output
+    assert match in lines[0], output
+    assert "Traceback" not in output
+
+
+def run(*args, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _popen(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for(predicate, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def data_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name == "manifest.json" or
+            p.suffix == ".tar"}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.glob(".*.tmp")]
+
+
+class Server:
+    """A folder over HTTP on a free loopback port (ThreadingHTTPServer), recording each request's path and headers.
+    `delay` slows every shard; `fail_once` answers 503 the first time a path is asked for; `commit` is sent as the
+    hub's X-Repo-Commit header."""
+
+    def __init__(self, root: Path, delay: float = 0.0, fail_once: tuple[str, ...] = (), commit: str | None = None):
+        self.delay, self.fail_once, self.commit = delay, set(fail_once), commit
+        self.requests: list[str] = []
+        self.headers: list[dict] = []
+        owner = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self):
+                owner.requests.append(self.path)
+                owner.headers.append(dict(self.headers))
+                if self.path in owner.fail_once:
+                    owner.fail_once.discard(self.path)
+                    self.send_error(503, "busy")
+                    return
+                if owner.delay and self.path.endswith(".tar"):
+                    time.sleep(owner.delay)
+                super().do_GET()
+
+            def end_headers(self):
+                if owner.commit:
+                    self.send_header("X-Repo-Commit", owner.commit)
+                super().end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+
+    def tars(self) -> list[str]:
+        return [p.lstrip("/") for p in self.requests if p.endswith(".tar")]
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("published")
+    render_dataset(out, SETTINGS, workers=1)
+    share.publish(out, url="http://example.org/1p-frac/")
+    return out
+
+
+@pytest.fixture
+def copy(published, tmp_path):
+    """A copy of the published folder to damage."""
+    def make() -> Path:
+        return Path(shutil.copytree(published, tmp_path / "served"))
+    return make
+
+
+# publish
+
+def test_publish_writes_a_card_a_hub_reads_and_sums_sha256sum_checks(published):
+    yaml = pytest.importorskip("yaml")  # comes with timm
+    text = (published / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    card = yaml.safe_load(front)
+    assert card["license"] == "cc-by-4.0" and card["task_categories"] == ["image-classification"]
+    assert card["size_categories"] == ["n<1K"] and set(card["tags"]) == {"synthetic", "fractal", "webdataset"}
+    assert card["pretty_name"].startswith("1p-frac")
+    pattern = card["configs"][0]["data_files"][0]["path"]
+    names = [p.name for p in published.iterdir()]
+    assert sorted(fnmatch.filter(names, pattern)) == sorted(n for n in names if n.endswith(".tar"))  # no manifest
+    for words in ("| sigma | 3.5 |", "| delta | 0.1", "| classes | 16,", "64 x 64 px", "preview.png",
+                  share.regenerate_command(json.loads((published / "manifest.json").read_text())),
+                  "fracgen pull http://example.org/1p-frac/", "--shards http://example.org/1p-frac/"):
+        assert words in body
+    assert (published / "preview.png").read_bytes().startswith(b"\x89PNG")
+    if shutil.which("sha256sum"):
+        check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=published, capture_output=True, text=True)
+        assert check.returncode == 0 and check.stdout.count(": OK") == 9, check.stdout + check.stderr
+
+
+def test_regenerate_command_from_settings_renders_the_same_bytes(published, tmp_path):
+    command = share.regenerate_command(json.loads((published / "manifest.json").read_text()))
+    args = command.split()[2:]
+    args[args.index("--out") + 1] = str(tmp_path / "again")
+    assert fracgen("render", *args, "--workers", "1").exit_code == 0
+    assert data_files(tmp_path / "again").keys() == data_files(published).keys()
+    assert all((tmp_path / "again" / n).read_bytes() == b for n, b in data_files(published).items()
+               if n.endswith(".tar"))
+
+
+@pytest.mark.parametrize("damage", ["flip", "incomplete"])
+def test_publish_refuses_a_damaged_or_unfinished_folder(copy, damage):
+    folder = copy()
+    (folder / "README.md").unlink()
+    if damage == "flip":
+        shard = folder / "1p-frac-000003.tar"
+        data = bytearray(shard.read_bytes())
+        data[5000] ^= 1
+        shard.write_bytes(bytes(data))
+    else:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    result = fracgen("publish", folder)
+    one_line_error(result.output, result.exit_code, "does not verify")
+    assert not (folder / "README.md").exists()
+
+
+def test_publish_uploads_to_a_hub_dataset_without_printing_the_token(copy, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")  # the hub extra; timm brings it too
+
+    calls = []
+    monkeypatch.setenv("HF_TOKEN", "hf_NotARealTokenButSecret")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create",
+                                                                                                        repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", self.token,
+                                                                                                 kw)))
+    folder = copy()
+    result = fracgen("publish", folder, "--to", "hf://datasets/fracgen-org/one-p-frac")
+    assert result.exit_code == 0, result.output
+    assert "hf_NotARealTokenButSecret" not in result.output
+    assert "https://huggingface.co/datasets/fracgen-org/one-p-frac" in result.output
+    (_, repo, create), (_, token, upload) = calls
+    assert repo == "fracgen-org/one-p-frac" and create["repo_type"] == "dataset"
+    assert token == "hf_NotARealTokenButSecret"
+    assert upload["repo_id"] == repo and upload["repo_type"] == "dataset" and upload["folder_path"] == str(folder)
+    assert set(upload["allow_patterns"]) == {"README.md", "SHA256SUMS", "preview.png", "manifest.json",
+                                             *(f"1p-frac-{i:06d}.tar" for i in range(8))}  # not the lock file
+
+    def refuse(self, **kw):
+        raise RuntimeError("401 Client Error: Unauthorized for token hf_NotARealTokenButSecret")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", refuse)
+    result = fracgen("publish", folder, "--to", "hf://datasets/fracgen-org/one-p-frac")
+    one_line_error(result.output, result.exit_code, "upload to hf://datasets/fracgen-org/one-p-frac failed")
+    assert "hf_NotARealTokenButSecret" not in result.output
+
+
+# pull
+
+def test_pull_over_http_equals_the_source_byte_for_byte_and_verifies(published, tmp_path):
+    dest = tmp_path / "pulled"
+    with Server(published) as server:
+        result = fracgen("pull", server.url, dest)
+        assert result.exit_code == 0, result.output
+        assert "pulled 8 of 8 shards" in result.output
+        assert data_files(dest) == data_files(published)
+        assert fracgen("verify", dest).exit_code == 0
+        origin = json.loads((dest / "source.json").read_text())
+        assert origin["url"] == server.url + "manifest.json" and origin["finished"]
+        assert origin["manifest_sha256"] == hashlib.sha256((published / "manifest.json").read_bytes()).hexdigest()
+        server.requests.clear()
+        again = fracgen("pull", server.url + "manifest.json", dest)  # the manifest's URL works as well
+        assert again.exit_code == 0 and "nothing fetched" in again.output, again.output
+        assert server.requests == ["/manifest.json"]
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated shard", "missing shard", "404"])
+def test_a_bad_source_is_one_line_and_leaves_no_half_written_file(copy, tmp_path, damage):
+    served = copy()
+    shard = served / "1p-frac-000005.tar"
+    if damage == "flipped byte":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 3] ^= 0x40
+        shard.write_bytes(bytes(data))
+        match = "1p-frac-000005.tar: sha256"
+    elif damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:7000])
+        match = "1p-frac-000005.tar: 7,000 bytes, the manifest says"
+    elif damage == "missing shard":
+        shard.unlink()
+        match = "1p-frac-000005.tar: HTTP 404"
+    dest = tmp_path / "pulled"
+    with Server(served) as server:
+        url = server.url + ("no/such/folder/" if damage == "404" else "")
+        result = run("-m", "fracgen", "pull", url, dest)
+    one_line_error(result.stderr, result.returncode, match if damage != "404" else
+                   f"{url}manifest.json: HTTP 404")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if damage == "404":
+        assert not dest.exists()
+        return
+    assert not (dest / "manifest.json").exists() and not (dest / "1p-frac-000005.tar").exists()
+    assert leftovers(dest) == []
+
+
+@pytest.mark.parametrize(("edit", "match"), [({"complete": False}, "did not finish"),
+                                              ({"format_version": 2}, "newer than this fracgen reads")])
+def test_an_unfinished_or_newer_manifest_is_refused(copy, tmp_path, edit, match):
+    served = copy()
+    manifest = json.loads((served / "manifest.json").read_text())
+    (served / "manifest.json").write_text(json.dumps({**manifest, **edit}))
+    with Server(served) as server:
+        result = fracgen("pull", server.url, tmp_path / "pulled")
+        assert server.tars() == []
+    one_line_error(result.output, result.exit_code, match)
+    assert not (tmp_path / "pulled").exists()
+
+
+def test_transient_http_errors_are_retried(published, tmp_path, monkeypatch):
+    monkeypatch.setattr(share, "BACKOFF", 0.01)
+    with Server(published, fail_once=("/manifest.json", "/1p-frac-000002.tar")) as server:
+        result = fracgen("pull", server.url, tmp_path / "pulled")
+    assert result.exit_code == 0, result.output
+    assert "HTTP 503" in result.output and "trying again" in result.output
+    assert server.tars().count("1p-frac-000002.tar") == 2 and server.requests.count("/manifest.json") == 2
+    assert data_files(tmp_path / "pulled") == data_files(published)
+
+
+def test_a_folder_with_another_data_set_is_refused_unless_overwrite(published, tmp_path):
+    dest = tmp_path / "pulled"
+    render_dataset(dest, Settings(classes=6, size=64, points=3000, shard_size=1, name="other"), workers=1)
+    (dest / "SHA256SUMS").write_text("stale\n")
+    with Server(published) as server:
+        refused = fracgen("pull", server.url, dest)
+        one_line_error(refused.output, refused.exit_code, "holds another data set")
+        assert server.tars() == []
+        replaced = fracgen("pull", server.url, dest, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert data_files(dest) == data_files(published)
+    assert not (dest / "SHA256SUMS").exists() and not list(dest.glob("other-*.tar"))
+
+
+def test_a_killed_pull_fetches_only_the_missing_shards_when_run_again(published, tmp_path):
+    dest = tmp_path / "pulled"
+    with Server(published, delay=0.4) as server:
+        proc = _popen("-m", "fracgen", "pull", server.url, dest)
+        try:
+            assert _wait_for(lambda: len(list(dest.glob("*.tar"))) >= 3, 120), proc.communicate(timeout=5)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        present = {p.name for p in dest.glob("*.tar")}
+        assert 3 <= len(present) < 8 and not (dest / "manifest.json").exists()
+        server.delay = 0
+        server.requests.clear()
+        result = fracgen("pull", server.url, dest)
+    assert result.exit_code == 0, result.output
+    assert sorted(server.tars()) == sorted(set(data_files(published)) - present - {"manifest.json"})
+    assert data_files(dest) == data_files(published) and leftovers(dest) == []
+    assert fracgen("verify", dest).exit_code == 0
+
+
+def test_two_pulls_into_one_folder_end_with_one_correct_copy(published, tmp_path):
+    dest = tmp_path / "pulled"
+    with Server(published, delay=0.15) as server:
+        procs = [_popen("-m", "fracgen", "pull", server.url, dest) for _ in range(2)]
+        results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert any(rc == 0 for rc, _, _ in results), results
+    for rc, _, stderr in results:
+        if rc:  # refused by the lock: one line naming the other pull
+            one_line_error(stderr, rc, "is being written by pid")
+    assert data_files(dest) == data_files(published) and leftovers(dest) == []
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*data_files(published), "source.json", ".fracgen.lock"])
+    assert fracgen("verify", dest).exit_code == 0
+
+
+def test_pull_from_the_hub_through_huggingface_hub(published, tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")  # the hub extra; timm brings it too
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    asked = []
+    monkeypatch.setenv("HF_TOKEN", "hf_NotARealTokenButSecret")
+    with Server(published, commit=commit) as server:
+        def hf_hub_url(repo_id, filename, *, repo_type=None, revision=None, **kw):  # the hub, on loopback
+            asked.append((repo_id, filename, repo_type, revision))
+            return f"{server.url}{filename}"
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_url", hf_hub_url)
+        dest = tmp_path / "pulled"
+        result = fracgen("pull", "hf://datasets/fracgen-org/one-p-frac@v1", dest)
+        assert result.exit_code == 0, result.output
+    assert "hf_NotARealTokenButSecret" not in result.output
+    assert data_files(dest) == data_files(published)
+    assert fracgen("verify", dest).exit_code == 0
+    assert {(repo, kind) for repo, _, kind, _ in asked} == {("fracgen-org/one-p-frac", "dataset")}
+    assert asked[0][1:] == ("manifest.json", "dataset", "v1")
+    assert {rev for _, name, _, rev in asked if name.endswith(".tar")} == {commit}  # the manifest's commit
+    assert all(h.get("Authorization") == "Bearer hf_NotARealTokenButSecret" for h in server.headers)
+    origin = json.loads((dest / "source.json").read_text())
+    assert (origin["source"], origin["revision"], origin["commit"]) == ("hf://datasets/fracgen-org/one-p-frac@v1",
+                                                                      "v1", commit)
+
+
+def test_the_token_does_not_follow_a_redirect_to_another_host(published, tmp_path, monkeypatch):
+    """The hub serves large files from a storage host: the token must stay with the hub."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")  # the hub extra; timm brings it too
+
+    monkeypatch.setenv("HF_TOKEN", "hf_NotARealTokenButSecret")
+    with Server(published) as storage, Server(published) as hub:
+        storage_url = storage.url.replace("127.0.0.1", "localhost")  # another host name, the same machine
+
+        class Redirect(SimpleHTTPRequestHandler):
+            def do_GET(self):
+                hub.requests.append(self.path)
+                self.send_response(302)
+                self.send_header("Location", storage_url + self.path.lstrip("/"))
+                self.send_header("X-Repo-Commit", "f" * 40)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        hub.httpd.RequestHandlerClass = Redirect
+        monkeypatch.setattr(huggingface_hub, "hf_hub_url", lambda repo, name, **kw: f"{hub.url}{name}")
+        result = fracgen("pull", "hf://datasets/org/name", tmp_path / "pulled")
+    assert result.exit_code == 0, result.output
+    assert len(hub.requests) == 9 and len(storage.requests) == 9
+    assert not any("Authorization" in h for h in storage.headers)
+    assert json.loads((tmp_path / "pulled" / "source.json").read_text())["commit"] == "f" * 40
+
+
+# train from a URL
+
+def test_pretrain_from_a_url_pulls_once_then_finds_the_cache(published, tmp_path):
+    cache = tmp_path / "cache"
+    with Server(published) as server:
+        first = run("-m", "train.pretrain", "--shards", server.url, "--out", tmp_path / "run1", "--steps", "2", *TINY,
+                    "--cache-dir", cache)
+        assert first.returncode == 0, first.stderr
+        assert "shards: pulled 8 shards (" in first.stdout and f"from {server.url} into {cache}" in first.stdout, \
+            first.stdout
+        assert sorted(server.tars()) == sorted(n for n in data_files(published) if n.endswith(".tar"))
+        server.requests.clear()
+        second = run("-m", "train.pretrain", "--shards", server.url, "--out", tmp_path / "run2", "--steps", "2",
+                     *TINY, "--cache-dir", cache)
+        assert second.returncode == 0, second.stderr
+        assert "shards: found in cache" in second.stdout and "nothing fetched" in second.stdout, second.stdout
+        assert server.requests == ["/manifest.json"]
+    key = hashlib.sha256((published / "manifest.json").read_bytes()).hexdigest()
+    assert data_files(cache / key) == data_files(published)
+    assert (tmp_path / "run2" / "model.pth").is_file()
+
+
+def test_pretrain_from_a_bad_url_is_one_line(published, tmp_path):
+    with Server(published) as server:
+        result = run("-m", "train.pretrain", "--shards", server.url + "nothing/", "--out", tmp_path / "run",
+                     "--steps", "2", *TINY, "--cache-dir", tmp_path / "cache")
+    one_line_error(result.stderr, result.returncode, "nothing/manifest.json: HTTP 404")
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_ranks_train_from_a_url_with_one_download(published, tmp_path):
+    cache = tmp_path / "cache"
+    with Server(published) as server:
+        cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain",
+               "--shards", server.url, "--out", tmp_path / "run", "--steps", "2", *TINY, "--cache-dir", cache]
+        result = run(*cmd)
+        assert result.returncode == 0, result.stderr
+    assert result.stdout.count("shards: pulled 8 shards") == 1
+    assert sorted(server.tars()) == sorted(n for n in data_files(published) if n.endswith(".tar"))
+    assert "[rank 1] done: 2 steps" in result.stdout

@@ -1,0 +1,81 @@
+"""Where `--shards` points: a local folder, used as it is, or a published one (an http(s) URL or hf://datasets/...)
+pulled once into a cache folder named by its manifest's sha256. Training then reads only local files that
+`fracgen pull` has checked against the manifest: no unverified byte reaches the model.
+
+On several ranks, local rank 0 of each node pulls while the node's other ranks wait; every rank then learns every
+outcome, so a failed pull stops all of them with its one line instead of leaving them at a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+
+from fracgen import share
+from fracgen.errors import FracgenError
+from fracgen.lock import FolderBusy
+from train.runtime import TrainError
+
+LOCK_WAIT = 3600.0  # seconds to wait for another job on this node that is pulling the same data set
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/fracgen, else ~/.cache/fracgen."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fracgen"
+
+
+def resolve_shards(spec: str, cache_dir: str | Path | None = None, local_rank: int = 0,
+                   log: Callable[[str], None] = print) -> Path:
+    """The local shard folder for `--shards spec`; pulls a remote source into the cache first (see module doc)."""
+    if not share.is_remote(spec):
+        return Path(spec)
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    outcome = _pull_into_cache(spec, cache, log) if local_rank == 0 else None
+    if dist.is_available() and dist.is_initialized():
+        # A collective is a barrier: the other ranks wait here while each node's local rank 0 pulls.
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, outcome)
+    else:
+        outcomes = [outcome]
+    outcomes = [o for o in outcomes if o is not None]
+    for status, text, _ in outcomes:
+        if status == "error":
+            raise TrainError(text)
+    host = socket.gethostname()  # the folder this node's local rank 0 pulled
+    return cache / next((text for _, text, where in outcomes if where == host), outcomes[0][1])
+
+
+def _pull_into_cache(spec: str, cache: Path, log) -> tuple[str, str, str]:
+    """("ok", the cache folder's name, host) or ("error", one line, host)."""
+    t0 = time.time()
+    try:
+        source = share.open_source(spec)
+        remote = share.fetch_manifest(source, note=lambda text: log(f"note: {text}"))
+        folder = cache / remote.sha256
+        waited = False
+        while True:
+            try:
+                result = share.pull(source, folder, remote=remote, note=lambda text: log(f"note: {text}"),
+                                    command=f"train.pretrain --shards {spec}")
+                break
+            except FolderBusy as e:  # another job on this node is pulling the same data set: let it finish
+                if time.time() - t0 > LOCK_WAIT:
+                    raise
+                if not waited:
+                    log(f"shards: waiting: {e}")
+                    waited = True
+                time.sleep(2)
+    except FracgenError as e:
+        return "error", f"--shards {spec}: {e}", socket.gethostname()
+    if result.fetched:
+        log(f"shards: pulled {len(result.fetched)} shards ({result.fetched_bytes / 1e6:.1f} MB) from {spec} into "
+            f"{folder} in {time.time() - t0:.1f} s")
+    else:
+        log(f"shards: found in cache {folder} (all {result.kept} shards checked by sha256 against {spec}'s manifest; "
+            "nothing fetched)")
+    return "ok", remote.sha256, socket.gethostname()
