@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -41,10 +42,11 @@ def _errors():
     try:
         yield
     except FracgenError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as e:  # disk full, permissions: still one line, never a traceback
-        err.print(f"[bold red]error:[/] {e.strerror or e}: {e.filename or ''}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e.strerror or e))}: {escape(str(e.filename or ''))}",
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]; finished shards are kept, `--resume` completes the rest")
@@ -127,8 +129,9 @@ def render(
                 bar.update(tasks[phase], completed=done)
 
             manifest = render_dataset(out_dir, settings, workers=workers or None, overwrite=overwrite,
-                                      resume=resume, progress=report, note=lambda text: err.print(f"note: {text}"),
-                                      stats=stats, command=_command(settings, out_dir, base))
+                                      resume=resume, progress=report,
+                                      note=lambda text: err.print(f"note: {escape(text)}"), stats=stats,
+                                      command=_command(settings, out_dir, base))
         dt = time.perf_counter() - t0
         total = sum(e["bytes"] for e in manifest["shards"])
         if not stats["rendered"]:
@@ -151,7 +154,7 @@ def verify(dataset: Annotated[Path, typer.Argument(help="Directory with manifest
             problems = verify_dataset(dataset, lambda _, done, total: bar.update(task, completed=done, total=total))
         if problems:
             for p in problems:
-                err.print(f"[bold red]error:[/] {p}", highlight=False, soft_wrap=True)
+                err.print(f"[bold red]error:[/] {escape(p)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
         out.print(f"ok: {dataset} matches its manifest")
 
