@@ -106,6 +106,11 @@ def render(
     = D.png_level,
     workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores, but no more than one per "
                                               "2000 images: a worker takes ~1 s to start).")] = 0,
+    backend: Annotated[str, typer.Option(help="local: processes on this machine; dask: the workers of a Dask "
+                                              "cluster (--scheduler, or DASK_SCHEDULER_ADDRESS); needs "
+                                              "fracgen[dask].")] = "",
+    scheduler: Annotated[str, typer.Option(help="Address of a Dask scheduler, e.g. tcp://HOST:8786 (implies "
+                                                "--backend dask).")] = "",
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in --out.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted render: write only missing shards.")] = False,
 ):
@@ -128,10 +133,10 @@ def render(
                     tasks[phase] = bar.add_task(phase, total=total)
                 bar.update(tasks[phase], completed=done)
 
-            manifest = render_dataset(out_dir, settings, workers=workers or None, overwrite=overwrite,
-                                      resume=resume, progress=report,
-                                      note=lambda text: err.print(f"note: {escape(text)}"), stats=stats,
-                                      command=_command(settings, out_dir, base))
+            manifest = render_dataset(out_dir, settings, workers=workers or None, backend=backend or None,
+                                      scheduler=scheduler or None, overwrite=overwrite, resume=resume,
+                                      progress=report, note=lambda text: err.print(f"note: {escape(text)}"),
+                                      stats=stats, command=_command(settings, out_dir, base))
         dt = time.perf_counter() - t0
         total = sum(e["bytes"] for e in manifest["shards"])
         if not stats["rendered"]:

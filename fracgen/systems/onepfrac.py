@@ -30,7 +30,7 @@ class OnePFrac(System):
         if s.perturb not in PERTURB_MODES:
             raise FracgenError(f"--perturb must be one of {', '.join(PERTURB_MODES)}, got {s.perturb!r}")
 
-    def resolve(self, s: Settings, workers: int, progress: Progress | None) -> tuple[dict, list[dict], dict]:
+    def resolve(self, s: Settings, pool, progress: Progress | None) -> tuple[dict, list[dict], dict]:
         header = resolve_base(s)
 
         def failure(k: int) -> str:
@@ -40,7 +40,7 @@ class OnePFrac(System):
                     f"{s.fill} in {s.max_retries} tries; the base is degenerate: pick another --seed, a smaller "
                     "--delta or a lower --fill")
 
-        classes, pngs = find_classes(s, self, header, workers, progress, failure)
+        classes, pngs = find_classes(s, self, header, pool, progress, failure)
         return header, classes, pngs
 
     def find(self, s: Settings, header: dict, k: int, rows: np.ndarray) -> dict | None:
