@@ -87,15 +87,21 @@ def test_resume_through_the_cluster_finishes_an_interrupted_render_and_repairs_a
 def test_workers_that_do_not_see_the_folder_send_their_shards_back(cluster, local, tmp_path):
     """A worker in its own mount namespace, with an empty tmpfs over the test's folder, is a worker on another
     machine with a folder of the same name: its jobs must return bytes, the others' write into the folder."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+    hide = 'mount -t tmpfs none "$0"'
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "sh", "-c", hide, str(tmp_path)],
+                                                         capture_output=True).returncode != 0:
         pytest.skip("needs unprivileged user and mount namespaces (unshare -rm) to hide the folder from a worker")
     address, client = cluster[0].scheduler_address, cluster[1]
-    script = 'mount -t tmpfs none "$0" && exec "$1" -m distributed.cli.dask_worker "$2" --nthreads 1 --no-dashboard'
+    script = hide + ' && exec "$1" -m distributed.cli.dask_worker "$2" --nthreads 1 --no-dashboard'
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "worker.log", "wb")  # a file, not a pipe: a full pipe would stall the worker
     blind = subprocess.Popen(["unshare", "-rm", "sh", "-c", script, str(tmp_path), sys.executable, address],
-                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
-        client.wait_for_workers(3, timeout=60)
+        deadline = time.time() + 60
+        while len(client.scheduler_info()["workers"]) < 3:
+            assert blind.poll() is None and time.time() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
+            time.sleep(0.2)
         notes = []
         render_dataset(tmp_path / "ds", SMALL, scheduler=address, note=notes.append)
         assert any("1 do not see" in n and "as bytes" in n for n in notes), notes
@@ -103,6 +109,7 @@ def test_workers_that_do_not_see_the_folder_send_their_shards_back(cluster, loca
     finally:
         blind.terminate()
         blind.wait(timeout=30)
+        log.close()
     deadline = time.time() + 30
     while len(client.scheduler_info()["workers"]) > 2 and time.time() < deadline:
         time.sleep(0.2)
