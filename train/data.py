@@ -10,6 +10,7 @@ Three ways in, one per pre-training data path (`train.pretrain --cache / --augme
 - `uint8_loader`: shards streamed by webdataset workers that only decode and collate uint8 pixels; augmentation
   on the device. For sets too large to hold.
 - `train_loader` with `train_transform`: the PIL path (`--augment cpu`): workers decode and augment each image.
+No shards at all (`--render`): `train.onthefly` renders the samples into the same cache or in loader workers.
 """
 
 from __future__ import annotations
