@@ -97,6 +97,17 @@ def test_training_on_the_fly_equals_training_on_the_shards(shards, tmp_path, cap
     assert len(losses["shards"]) == 4 and losses["render"] == losses["shards"] == losses["render-stream"]
 
 
+def test_a_resumed_on_the_fly_run_equals_an_uninterrupted_one(shards, tmp_path):
+    """Streamed, unbounded: the batches are a function of the step, so stopping and resuming changes no weight."""
+    args = dict(TINY, render=str(shards), instances=0, cache="off", workers=1, steps=5, mixup=0.8, reprob=0.5)
+    pretrain(Config(**args, out=str(tmp_path / "a")))
+    pretrain(Config(**args, out=str(tmp_path / "b"), stop_after=3))
+    assert not (tmp_path / "b" / "model.pth").exists()
+    pretrain(Config(**args, out=str(tmp_path / "b"), resume=True))
+    a, b = torch.load(tmp_path / "a" / "model.pth"), torch.load(tmp_path / "b" / "model.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "train.pretrain", *args], cwd=ROOT, env=env, capture_output=True,
