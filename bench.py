@@ -186,6 +186,17 @@ def bench_trainer(args) -> None:
     print("\n| trainer data loader, PIL path (from shards) | samples/s | note |\n|---|---|---|")
     for r in tb.loader_throughput(args.loader_seconds):
         print("| " + " | ".join(r) + " |")
+    bench_onthefly(args)
+
+
+def bench_onthefly(args) -> None:
+    """uint8 samples/s of one loader process: rendered on the fly against read and decoded from shards."""
+    from train import bench as tb
+
+    print("\n| one loader worker, uint8 samples for | data | on the fly, samples/s | from shards, samples/s | ratio |"
+          "\n|---|---|---|---|---|")
+    for r in tb.onthefly_rows(args.loader_seconds):
+        print("| " + " | ".join(r) + " |")
 
 
 def main():
@@ -202,7 +213,8 @@ def main():
                     help="trainer rows for this preset (paper: for a GPU machine)")
     ap.add_argument("--stream-images", type=int, default=20_000, help="images of the streamed set (paper preset)")
     ap.add_argument("--scaling", metavar="1,2,4", help="only the end-to-end scaling over these worker counts")
-    ap.add_argument("--only", choices=("renderer", "trainer"), help="only fracgen's rows or only the trainer's")
+    ap.add_argument("--only", choices=("renderer", "trainer", "onthefly"),
+                    help="only fracgen's rows, only the trainer's, or only the on-the-fly source against shards")
     args = ap.parse_args()
     if args.scaling:
         print("| workers | images | images/s | per worker | speed-up |\n|---|---|---|---|---|")
@@ -211,6 +223,9 @@ def main():
         return
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+    if args.only == "onthefly":
+        bench_onthefly(args)
+        return
     if args.only != "trainer":
         print(f"# 1p-frac defaults: 2 maps, {args.points} points, {args.size} px, random 3x3 patches\n")
         print("| what | images/s, best (median) | Mpoints/s, best | vs plain | note |\n|---|---|---|---|---|")

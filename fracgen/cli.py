@@ -55,7 +55,8 @@ def _errors(interrupted: str = "finished shards are kept, `--resume` completes t
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as e:  # disk full, permissions: still one line, never a traceback
-        err.print(f"[bold red]error:[/] {e.strerror or e}: {e.filename or ''}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e.strerror or e))}: {escape(str(e.filename or ''))}",
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print(f"[bold red]interrupted[/]; {interrupted}")
@@ -127,6 +128,11 @@ def render(
     = D.png_level,
     workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores, but no more than one per "
                                               "2000 images: a worker takes ~1 s to start).")] = 0,
+    backend: Annotated[str, typer.Option(help="local: processes on this machine; dask: the workers of a Dask "
+                                              "cluster (--scheduler, or DASK_SCHEDULER_ADDRESS); needs "
+                                              "fracgen[dask].")] = "",
+    scheduler: Annotated[str, typer.Option(help="Address of a Dask scheduler, e.g. tcp://HOST:8786 (implies "
+                                                "--backend dask).")] = "",
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in --out.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted render: write only missing shards.")] = False,
 ):
@@ -149,8 +155,9 @@ def render(
                     tasks[phase] = bar.add_task(phase, total=total)
                 bar.update(tasks[phase], completed=done)
 
-            manifest = render_dataset(out_dir, settings, workers=workers or None, overwrite=overwrite,
-                                      resume=resume, progress=report, note=lambda text: err.print(f"note: {text}"),
+            manifest = render_dataset(out_dir, settings, workers=workers or None, backend=backend or None,
+                                      scheduler=scheduler or None, overwrite=overwrite, resume=resume,
+                                      progress=report, note=lambda text: err.print(f"note: {escape(text)}"),
                                       stats=stats, command=_command(settings, out_dir, base))
         dt = time.perf_counter() - t0
         total = sum(e["bytes"] for e in manifest["shards"])
@@ -174,7 +181,7 @@ def verify(dataset: Annotated[Path, typer.Argument(help="Directory with manifest
             problems = verify_dataset(dataset, lambda _, done, total: bar.update(task, completed=done, total=total))
         if problems:
             for p in problems:
-                err.print(f"[bold red]error:[/] {p}", highlight=False, soft_wrap=True)
+                err.print(f"[bold red]error:[/] {escape(p)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
         out.print(f"ok: {dataset} matches its manifest")
 

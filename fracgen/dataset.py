@@ -10,6 +10,7 @@ even with several images per class.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import isal
 import numpy as np
-from joblib import Parallel, delayed
 
 import fracgen
 from fracgen import png
@@ -32,11 +32,13 @@ from fracgen.shards import (
     atomic_write,
     matches,
     read_manifest,
+    shard_in_memory,
     verify_shard,
+    write_bytes_unfinished,
     write_shard_unfinished,
 )
 from fracgen.systems import COMMON, get_system, image_of
-from fracgen.workers import watch_parent
+from fracgen.workers import PROBE_PREFIX, LocalPool, Probe, sees_folder
 
 MANIFEST = "manifest.json"
 JOURNAL = ".fracgen-journal.jsonl"  # an unfinished render's record of the shards it finished, one line each
@@ -91,10 +93,30 @@ def _shard_samples(s: Settings, header: dict, classes: dict[int, dict], index: i
 
 
 def _write_shard(out: Path, s: Settings, header: dict, classes: dict[int, dict], index: int,
-                 cached: dict[int, bytes], parent_pid: int) -> tuple[int, Path, dict]:
-    watch_parent(parent_pid)
-    tmp, entry = write_shard_unfinished(out / s.shard_name(index), _shard_samples(s, header, classes, index, cached))
+                 cached: dict[int, bytes], probe: Probe | None) -> tuple[int, Path | bytes, dict]:
+    """One shard job, in a worker: the shard under a temporary name in `out`, or its bytes for a cluster worker
+    that does not see `out`; either way the render process renames it into place (`_unfinished`)."""
+    samples = _shard_samples(s, header, classes, index, cached)
+    if sees_folder(out, probe):
+        tmp, entry = write_shard_unfinished(out / s.shard_name(index), samples)
+        return index, tmp, entry
+    data, entry = shard_in_memory(s.shard_name(index), samples)
+    return index, data, entry
+
+
+def _unfinished(out: Path, result: tuple[int, Path | bytes, dict]) -> tuple[int, Path, dict]:
+    """A shard job's result as a temporary file in `out` (the bytes a worker sent are written here)."""
+    index, tmp, entry = result
+    if isinstance(tmp, bytes):
+        tmp = write_bytes_unfinished(out / entry["file"], tmp, entry)
     return index, tmp, entry
+
+
+def _remove_temporaries(out: Path, s: Settings) -> None:
+    """Half-written shards of a run that died, or of a cluster job that ran again after its worker was lost: nobody
+    else's (this run holds the folder)."""
+    for tmp in out.glob(f".{s.name}-*.tar.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def settings_of(manifest: dict) -> Settings:
@@ -150,8 +172,9 @@ def _make_folder(out: Path) -> bool:
 
 def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict | None:
     """Check the output folder (this run holds its lock); return the existing manifest when resuming."""
-    for tmp in out.glob(f".{s.name}-*.tar.*.tmp"):  # half-written shards of a run that died: nobody else's
-        tmp.unlink()
+    _remove_temporaries(out, s)
+    for probe in out.glob(f"{PROBE_PREFIX}*"):  # left by a cluster render that died
+        probe.unlink(missing_ok=True)
     existing = (out / MANIFEST).exists() or any(out.glob(f"{s.name}-*.tar"))
     if not existing or overwrite:
         return None
@@ -191,6 +214,8 @@ def render_dataset(
     settings: Settings | None = None,
     *,
     workers: int | None = None,
+    backend: str | None = None,
+    scheduler: object = None,
     overwrite: bool = False,
     resume: bool = False,
     command: str | None = None,
@@ -205,41 +230,66 @@ def render_dataset(
     disk is kept only when its size and sha256 are those recorded for it (by the finished manifest, or by the
     unfinished run's journal); anything else is rendered again. A finished dataset is never rewritten: shards that
     no longer match it are re-rendered and must come out with the recorded bytes. `note` receives one-line
-    messages (a stale lock taken over, shards repaired); `stats`, if given, gets {"rendered": shards rendered,
-    "repaired": names of shards a finished dataset had to have re-rendered}.
+    messages (a stale lock taken over, shards repaired, the cluster's workers); `stats`, if given, gets
+    {"rendered": shards rendered, "repaired": names of shards a finished dataset had to have re-rendered}.
+
+    Where the jobs run: `backend` "local" (the default) in `workers` processes on this machine; "dask" on the
+    workers of the Dask cluster whose scheduler is `scheduler` (an address, a `distributed.Client`, or None for
+    the address in DASK_SCHEDULER_ADDRESS); giving a `scheduler` implies "dask". Same bytes either way.
     """
     s = dataclasses.replace(settings or Settings(), **overrides)
     validate(s)
-    workers = workers or default_workers(s)
-    if workers < 1:
-        raise FracgenError(f"--workers must be at least 1, got {workers}")
     if overwrite and resume:
         raise FracgenError("--overwrite and --resume exclude each other")
+    backend = backend or ("dask" if scheduler is not None else "local")
+    if backend == "local":
+        if scheduler is not None:
+            raise FracgenError("--scheduler needs --backend dask")
+        workers = workers or default_workers(s)
+        if workers < 1:
+            raise FracgenError(f"--workers must be at least 1, got {workers}")
+        pool = LocalPool(workers)
+    elif backend == "dask":
+        if workers:
+            raise FracgenError("--workers is for --backend local; a Dask cluster renders on all its workers "
+                               "(start them with `dask worker --nworkers N`)")
+        from fracgen import cluster
+
+        pool = cluster.connect(scheduler)  # before anything is created: an unreachable scheduler leaves no trace
+    else:
+        raise FracgenError(f"--backend must be local or dask, got {backend!r}")
     out = Path(out)
-    created = _make_folder(out)
     stats = {} if stats is None else stats
     stats.update(rendered=0, repaired=[])
-    try:
-        with FolderLock(out, command or "fracgen render", note):
-            return _render_locked(out, s, workers, overwrite, resume, command, progress, note, stats)
-    except BaseException:
-        if created and {p.name for p in out.iterdir()} <= {LOCK_NAME}:  # nothing of ours worth keeping
-            (out / LOCK_NAME).unlink(missing_ok=True)
-            out.rmdir()
-        raise
+    with contextlib.closing(pool):
+        created = _make_folder(out)
+        try:
+            with FolderLock(out, command or "fracgen render", note):
+                try:
+                    return _render_locked(out, s, pool, overwrite, resume, command, progress, note, stats)
+                finally:
+                    pool.close()  # a cluster's probe file goes while the folder is still this run's
+        except BaseException:
+            if created and {p.name for p in out.iterdir()} <= {LOCK_NAME}:  # nothing of ours worth keeping
+                (out / LOCK_NAME).unlink(missing_ok=True)
+                out.rmdir()
+            raise
 
 
-def _render_locked(out: Path, s: Settings, workers: int, overwrite: bool, resume: bool, command: str | None,
+def _render_locked(out: Path, s: Settings, pool, overwrite: bool, resume: bool, command: str | None,
                    progress: Progress | None, note, stats: dict) -> dict:
     old = _prepare_out(out, s, overwrite, resume)
+    where = pool.attach(out)
+    if where and note:
+        note(where)
     if old is not None and old["complete"]:
-        return _repair_finished(out, s, old, workers, progress, note, stats)
+        return _repair_finished(out, s, old, pool, progress, note, stats)
     recorded = _read_journal(out) if old is not None else {}
     if old is not None:
         header, classes, pngs = old["base"], old["classes"], {}
     else:
         (out / JOURNAL).unlink(missing_ok=True)
-        header, classes, pngs = get_system(s.system).resolve(s, workers, progress)
+        header, classes, pngs = get_system(s.system).resolve(s, pool, progress)
     manifest = {
         "format": "fracgen-shards",
         "format_version": FORMAT_VERSION,
@@ -267,8 +317,10 @@ def _render_locked(out: Path, s: Settings, workers: int, overwrite: bool, resume
     todo = [i for i in range(s.num_shards) if i not in done]
     if progress:
         progress("shards", len(done), s.num_shards)
-    with open(out / JOURNAL, "a") as journal:
-        for index, entry in _render_shards(out, s, header, classes, pngs, todo, workers):
+    # closing(): an error or Ctrl-C here stops the jobs still running now, not when the traceback is freed
+    with open(out / JOURNAL, "a") as journal, contextlib.closing(
+            _render_shards(out, s, header, classes, pngs, todo, pool)) as shards:
+        for index, entry in shards:
             journal.write(json.dumps(entry) + "\n")
             journal.flush()
             os.fsync(journal.fileno())
@@ -281,6 +333,7 @@ def _render_locked(out: Path, s: Settings, workers: int, overwrite: bool, resume
     manifest["complete"] = True
     _write_manifest(out, manifest)
     (out / JOURNAL).unlink(missing_ok=True)
+    _remove_temporaries(out, s)
     keep = {e["file"] for e in manifest["shards"]}
     for stale in out.glob(f"{s.name}-*.tar"):  # left over from an --overwrite'n larger dataset
         if stale.name not in keep:
@@ -295,19 +348,21 @@ def _needed(s: Settings, classes: list[dict] | dict[int, dict], index: int) -> d
 
 
 def _render_shards(out: Path, s: Settings, header: dict, classes: list[dict], pngs: dict[int, bytes],
-                   todo: list[int], workers: int):
-    """Render shards `todo` in parallel; yield (index, entry) as each is renamed into place by this process."""
+                   todo: list[int], pool):
+    """Render shards `todo` on the pool; yield (index, entry) as each is renamed into place by this process."""
     def cached(index):  # samples this shard holds that the class search drew already
         return {i: pngs[i] for i in _shard_range(s, index) if i in pngs}
 
-    jobs = (delayed(_write_shard)(out, s, header, _needed(s, classes, index), index, cached(index), os.getpid())
-            for index in todo)
-    for index, tmp, entry in Parallel(n_jobs=min(workers, max(1, len(todo))), return_as="generator_unordered")(jobs):
-        os.replace(tmp, out / entry["file"])
-        yield index, entry
+    jobs = [(out.absolute(), s, header, _needed(s, classes, index), index, cached(index), pool.probe)
+            for index in todo]
+    with contextlib.closing(pool.map_unordered(_write_shard, jobs)) as results:
+        for result in results:
+            index, tmp, entry = _unfinished(out, result)
+            os.replace(tmp, out / entry["file"])
+            yield index, entry
 
 
-def _repair_finished(out: Path, s: Settings, manifest: dict, workers: int, progress, note, stats: dict) -> dict:
+def _repair_finished(out: Path, s: Settings, manifest: dict, pool, progress, note, stats: dict) -> dict:
     """--resume on a finished dataset: check every shard against the manifest; re-render the ones that differ,
     which must come out as the recorded bytes. The manifest itself is left as it is."""
     bad = [i for i, entry in enumerate(manifest["shards"]) if not matches(out / entry["file"], entry)]
@@ -321,16 +376,18 @@ def _repair_finished(out: Path, s: Settings, manifest: dict, workers: int, progr
                            f"renderer {renderer_of(manifest)}, which this fracgen cannot draw again; use --overwrite")
     s = settings_of(manifest)
     classes = {c["class"]: c for c in manifest["classes"]}
-    jobs = (delayed(_write_shard)(out, s, manifest["base"], _needed(s, classes, index), index, {}, os.getpid())
-            for index in bad)
-    for index, tmp, entry in Parallel(n_jobs=min(workers, len(bad)), return_as="generator_unordered")(jobs):
-        recorded = manifest["shards"][index]
-        if (entry["bytes"], entry["sha256"]) != (recorded["bytes"], recorded["sha256"]):
-            tmp.unlink(missing_ok=True)
-            raise FracgenError(f"re-rendering {entry['file']} gave other bytes than {out / MANIFEST} records: the "
-                               "folder was written by another fracgen or edited; use --overwrite")
-        os.replace(tmp, out / entry["file"])
-        stats["repaired"].append(entry["file"])
+    jobs = [(out.absolute(), s, manifest["base"], _needed(s, classes, index), index, {}, pool.probe) for index in bad]
+    with contextlib.closing(pool.map_unordered(_write_shard, jobs)) as results:
+        for result in results:
+            index, tmp, entry = _unfinished(out, result)
+            recorded = manifest["shards"][index]
+            if (entry["bytes"], entry["sha256"]) != (recorded["bytes"], recorded["sha256"]):
+                tmp.unlink(missing_ok=True)
+                raise FracgenError(f"re-rendering {entry['file']} gave other bytes than {out / MANIFEST} records: "
+                                   "the folder was written by another fracgen or edited; use --overwrite")
+            os.replace(tmp, out / entry["file"])
+            stats["repaired"].append(entry["file"])
+    _remove_temporaries(out, s)
     if note:
         note(f"re-rendered {len(bad)} shard(s) that did not match the manifest: {names}")
     return manifest

@@ -117,17 +117,35 @@ def write_shard_unfinished(path: Path, samples: Iterable[Sample]) -> tuple[Path,
     renames it into place once it has recorded it, so only the process that keeps the records ever makes a file
     under a final name (a render's worker that outlives its parent cannot)."""
     path = Path(path)
+    return _write_unfinished(path, lambda f: _write_samples(f, samples, path.name))
+
+
+def shard_in_memory(name: str, samples: Iterable[Sample]) -> tuple[bytes, dict]:
+    """A shard's bytes and its manifest entry, for a worker that does not see the output folder."""
+    buf = io.BytesIO()
+    entry = _write_samples(buf, samples, name)
+    return buf.getvalue(), entry
+
+
+def write_bytes_unfinished(path: Path, data: bytes, entry: dict) -> Path:
+    """`write_shard_unfinished` for a shard a worker sent as bytes; they must be the bytes its entry describes."""
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise FracgenError(f"shard {entry['file']} arrived from a worker with other bytes than the worker recorded")
+    return _write_unfinished(Path(path), lambda f: f.write(data))[0]
+
+
+def _write_unfinished(path: Path, write) -> tuple[Path, object]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            entry = _write_samples(f, samples, path.name)
+            result = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return Path(tmp), entry
+    return Path(tmp), result
 
 
 def matches(path: Path, entry: dict) -> bool:

@@ -47,6 +47,16 @@ def test_trainer_rows_run_every_data_path():
     from train.bench import training_rows
 
     rows = training_rows("cpu", steps=4, window=2)
-    assert [r[0].split(" ")[0] for r in rows] == ["model", "in-memory", "streaming,", "PIL"]
+    assert [r[0].split(" ")[0] for r in rows] == ["model", "in-memory", "streaming,", "PIL", "on"]
     assert all(float(r[1].replace(",", "")) > 0 for r in rows)
-    assert "in-memory cache" in rows[1][3] and "with PIL" in rows[3][3]
+    assert "in-memory cache" in rows[1][3] and "with PIL" in rows[3][3] and "rendering on the fly" in rows[4][3]
+
+
+def test_onthefly_rows_compare_rendering_with_reading_shards(monkeypatch):
+    from fracgen.dataset import Settings
+    from train import bench as tb
+
+    monkeypatch.setattr(tb, "ON_THE_FLY", [("tiny", Settings(classes=20, size=64, points=3000, shard_size=10))])
+    (row,) = tb.onthefly_rows(seconds=0.3, batch=8)
+    assert row[:2] == ("tiny", "64 px, 3,000 points")
+    assert all(float(v.replace(",", "").rstrip("x")) > 0 for v in row[2:])

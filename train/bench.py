@@ -5,7 +5,9 @@
   beside the same model, batch, optimizer and threads trained on random tensors (the model-only rate);
 - augmentation rows: one batch of the paper preset's recipe (512 px -> 224 px, RandAugment, erasing), PIL per
   sample against `train.augment` on the whole batch, on this machine's device;
-- loader rows: decoded + PIL-augmented samples/s of the old loader alone (Mixup/CutMix act in the loop).
+- loader rows: decoded + PIL-augmented samples/s of the old loader alone (Mixup/CutMix act in the loop);
+- on-the-fly rows: uint8 samples/s of one loader process rendering them (`train.onthefly`) against one reading and
+  decoding the same data from shards (`data.uint8_loader`), at the shard sizes of the two presets.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from PIL import Image
 
 from fracgen.dataset import Settings, render_dataset
-from train import data
+from train import data, onthefly
 from train.augment import AugmentRNG
 from train.pretrain import (
     PRESETS,
@@ -45,6 +47,9 @@ PIPELINES = [
      dict(img_size=224, randaug="rand-m9-mstd0.5-inc1", reprob=0.5)),
 ]
 CPU_SHARDS = Settings(classes=1000, size=128, points=50_000, seed=4)  # what `make pretrain` renders
+# (label, the data the trainer's loader hands over): the CPU preset's shards (128 px, 50k points, cut to 32 px on the
+# device) and the paper preset's, the 1p-frac set (512 px, 100k points, cut to 224 px on the device).
+ON_THE_FLY = [("CPU preset, 32 px", CPU_SHARDS), ("paper preset, 224 px", Settings())]
 PAPER = dict(img_size=224, patch_size=16, depth=0, crop_scale=(0.08, 1.0), randaug="rand-m9-mstd0.5-inc1",
              reprob=0.5, ink_gain=1.0, cutmix=1.0, drop_path=0.1)
 
@@ -78,6 +83,41 @@ def loader_throughput(seconds: float = 10.0, cores: int | None = None) -> list[t
                 rate = samples_per_second(shards, transform, workers, seconds)
                 how = "1 worker (in the main process)" if workers == 0 else f"{workers} worker processes"
                 rows.append((label, f"{rate:,.0f}", how))
+    return rows
+
+
+def _batches_per_second(batches, seconds: float) -> float:
+    """Samples/s of an iterator of (images, labels) batches after its first batch (start-up excluded)."""
+    it = iter(batches)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x, _ = next(it)
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def onthefly_rows(seconds: float = 10.0, batch: int = 128) -> list[tuple[str, str, str, str, str]]:
+    """Per loader worker: uint8 samples/s rendered on the fly against read from shards, for each preset's data.
+
+    Both run in this one process, which is what one loader worker does: on the fly, `train.onthefly`'s batches with
+    unbounded instances (every sample a new render: `fracgen.render_sample`, tensor, collate); from shards,
+    `data.uint8_loader` over the same set rendered to disk (tar read, PNG decode, shuffle buffer, collate), with
+    the page cache warm. Neither includes the augmentation on the device that makes the model's 32 or 224 px input.
+    """
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, settings in ON_THE_FLY:
+            shards = Path(tmp) / f"s{settings.size}"
+            render_dataset(shards, settings, workers=os.cpu_count() or 1)
+            manifest = data.read_manifest(shards)
+            stream = data.uint8_loader(data.shard_urls(shards, manifest), batch, batches=10**9, seed=0,
+                                       shuffle_buffer=1000, workers=0)
+            from_shards = _batches_per_second(stream, seconds)
+            draws = onthefly.Draws(manifest["num_classes"], 0, batch, seed=0)
+            rendered = _batches_per_second(onthefly.loader(manifest, draws, 0, 10**9, workers=0), seconds)
+            rows.append((label, f"{settings.size} px, {settings.points:,} points", f"{rendered:,.0f}",
+                         f"{from_shards:,.0f}", f"{rendered / from_shards:.2f}x"))
     return rows
 
 
@@ -156,6 +196,8 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20,
                   dict(cache="off", workers=workers, shards=str(big))),
                  (f"PIL path (`--augment cpu`), {workers} worker(s) decoding and augmenting (old default)",
                   dict(augment="cpu", workers=workers, shards=str(big)))]
+        paths.append((f"on the fly (`--render --instances 0`), {workers} worker(s) rendering, augmentation on the "
+                      "device", dict(shards="", render=str(shards), instances=0, workers=workers)))
         for i, (label, args) in enumerate(paths):
             rates, line = run_rates(Config(**{**base, **args}, out=str(Path(tmp) / f"run{i}")))
             rate = statistics.median(rates[1:])

@@ -10,6 +10,7 @@ Three ways in, one per pre-training data path (`train.pretrain --cache / --augme
 - `uint8_loader`: shards streamed by webdataset workers that only decode and collate uint8 pixels; augmentation
   on the device. For sets too large to hold.
 - `train_loader` with `train_transform`: the PIL path (`--augment cpu`): workers decode and augment each image.
+No shards at all (`--render`): `train.onthefly` renders the samples into the same cache or in loader workers.
 """
 
 from __future__ import annotations
@@ -265,37 +266,47 @@ def load_images(shards_dir: Path, manifest: dict) -> tuple[torch.Tensor, torch.T
     return images, labels
 
 
-class MemorySource:
-    """Batches by index from images held on the device, like a DistributedSampler over epochs.
+class EpochSampler:
+    """Positions of an endless sequence of epochs, dealt out like a DistributedSampler over epochs.
 
-    Epoch e is one permutation of all N images, drawn from (seed, e) and the same on every rank; micro-batch t of
-    rank r holds positions [(t * ranks + r) * batch, ... + batch) of the endless sequence of epochs. A batch is a
-    pure function of (seed, t, rank), so a resumed run continues exactly where the checkpoint stopped.
+    Epoch e is one permutation of n items, drawn from (seed, e) and the same on every rank; micro-batch t of rank r
+    holds positions [(t * ranks + r) * batch, ... + batch) of the sequence. `indices(t)` gives (item, epoch) for each
+    of them: a pure function of (seed, t, rank), so a resumed run continues exactly where the checkpoint stopped.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
-        self.images, self.labels = images, labels
-        self.batch, self.seed, self.rank, self.world_size = batch, seed, rank, world_size
+    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch, self.seed, self.rank, self.world_size = n, batch, seed, rank, world_size
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(len(self.labels), generator=g)
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 
-    def indices(self, micro_step: int) -> torch.Tensor:
-        n = len(self.labels)
+    def indices(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = (micro_step * self.world_size + self.rank) * self.batch
         positions = torch.arange(start, start + self.batch)
-        epochs = positions // n
+        epochs = positions // self.n
         out = torch.empty(self.batch, dtype=torch.int64)
         for epoch in epochs.unique().tolist():
             where = epochs == epoch
-            out[where] = self._perm(epoch)[positions[where] % n]
-        return out
+            out[where] = self._perm(epoch)[positions[where] % self.n]
+        return out, epochs
+
+
+class MemorySource:
+    """Batches by index from images held on the device: micro-batch t of rank r is `EpochSampler`'s, over all N
+    images."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.images, self.labels = images, labels
+        self.sampler = EpochSampler(len(labels), batch, seed, rank, world_size)
+
+    def indices(self, micro_step: int) -> torch.Tensor:
+        return self.sampler.indices(micro_step)[0]
 
     def __call__(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.indices(micro_step).to(self.images.device)

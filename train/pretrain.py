@@ -9,10 +9,14 @@ Runbook
     python -m train.pretrain --shards /tmp/cpu-shards --out runs/cpu --resume
   from a published folder (pulled once into --cache-dir, checked by sha256, then read locally):
     python -m train.pretrain --shards https://HOST/PATH/ --out runs/cpu      (or hf://datasets/ORG/NAME)
+  no shards: render the samples on the fly from a manifest (the same images; --instances 0: fresh ones forever):
+    python -m train.pretrain --render /tmp/cpu-shards/manifest.json --out runs/cpu-fly --instances 0
 
 Data: a set whose decoded pixels fit the cache budget (1p-frac: 1000 images) is decoded once into device memory
 and batches are drawn by index; a larger one is streamed from the shards by loader workers that only decode. Either
 way the augmentation runs on the device, batched (`train.augment`); `--augment cpu` is the PIL path instead.
+With `--render` the samples are rendered by fracgen instead of read (`train.onthefly`), into the cache or in loader
+workers, by the same rule.
 Every rank runs exactly --steps optimizer steps; rank 0 alone logs, evaluates the pretext accuracy and writes
 RUN_DIR/{ckpt.pt, model.pth, config.json, metrics.jsonl}.
 """
@@ -42,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fracgen.errors import FracgenError
 from fracgen.lock import LOCK_NAME, FolderLock
-from train import data
+from train import data, onthefly
 from train import model as model_lib
 from train.augment import AugmentRNG, DeviceAugment
 from train.runtime import (
@@ -67,6 +71,8 @@ class Config:
 
     shards: str = ""  # a folder, or a published folder's URL / hf://datasets/ORG/NAME (pulled into cache_dir)
     cache_dir: str = ""  # download cache for a remote --shards; "" = $XDG_CACHE_HOME/fracgen or ~/.cache/fracgen
+    render: str = ""  # instead of shards: render the samples on the fly from this manifest (train.onthefly)
+    instances: int = -1  # with render: instances per class; -1: the manifest's per_class (the shards' set); 0: no end
     out: str = ""
     preset: str = "cpu"
     model: str = "vit_tiny_patch16_224"
@@ -124,7 +130,8 @@ PRESETS = {
 }
 
 # Options that may differ on --resume (they do not change what is being trained).
-RESUMABLE = {"out", "shards", "cache_dir", "resume", "steps", "workers", "log_every", "eval_every", "eval_samples",
+RESUMABLE = {"out", "shards", "cache_dir", "render", "resume", "steps", "workers", "log_every", "eval_every",
+             "eval_samples",
              "ckpt_every", "stop_after", "compile", "cache", "cache_budget", "augment", "shuffle_buffer"}
 GiB = 1024**3
 
@@ -196,16 +203,25 @@ def cache_budget(cfg: Config, device) -> int:
     return available // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def choose_data_path(cfg: Config, manifest: dict, device) -> tuple[str, str]:
-    """("memory" | "stream" | "pil", why): which way the images reach the model."""
+def choose_data_path(cfg: Config, manifest: dict, device, images: int | None = None) -> tuple[str, str]:
+    """("memory" | "stream" | "pil", why): which way the images reach the model. `images`: how many distinct images
+    the run draws (default: the shard folder's; None with --render --instances 0: no end)."""
     if cfg.augment == "cpu":
+        if cfg.render:
+            raise TrainError("--render needs --augment device (the PIL path reads shards)")
         if cfg.cache == "on":
             raise TrainError("--cache on needs --augment device (the PIL path streams and augments in workers)")
         return "pil", "--augment cpu"
-    need, budget = data.decoded_bytes(manifest), cache_budget(cfg, device)
+    if cfg.render and images is None:
+        if cfg.cache == "on":
+            raise TrainError("--cache on needs a finite --instances: --instances 0 draws a fresh instance every "
+                             "epoch, which no cache holds")
+        return "stream", "--instances 0: a fresh instance of every class every epoch"
+    images = manifest["num_samples"] if images is None else images
+    need, budget = images * data.image_size(manifest) ** 2, cache_budget(cfg, device)
     fits = need <= budget
     if cfg.cache == "on" and not fits:
-        raise TrainError(f"--cache on: the decoded set needs {need / GiB:.2f} GiB ({manifest['num_samples']} images of "
+        raise TrainError(f"--cache on: the decoded set needs {need / GiB:.2f} GiB ({images} images of "
                          f"{data.image_size(manifest)}^2 bytes) per rank, more than the cache budget of "
                          f"{budget / GiB:.2f} GiB; raise --cache-budget or stream it with --cache off")
     why = f"decoded set {need / GiB:.3g} GiB, cache budget {budget / GiB:.3g} GiB"
@@ -258,23 +274,33 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     elif ckpt_path.exists():
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
 
-    shards_dir = resolve_shards(cfg.shards, cfg.cache_dir, local_rank, log=functools.partial(print, flush=True))
-    manifest = data.read_manifest(shards_dir)
+    shards_dir = None
+    if cfg.render:
+        manifest, urls = onthefly.read_manifest(Path(cfg.render)), []
+        instances = manifest["settings"]["per_class"] if cfg.instances < 0 else cfg.instances
+        images = manifest["num_classes"] * instances or None  # distinct images drawn; None: no end
+        epoch_images = images or manifest["num_classes"]
+        source = f"--render {cfg.render}"
+    else:
+        shards_dir = resolve_shards(cfg.shards, cfg.cache_dir, local_rank, log=functools.partial(print, flush=True))
+        manifest = data.read_manifest(shards_dir)
+        urls = data.shard_urls(shards_dir, manifest)
+        images = epoch_images = manifest["num_samples"]
+        source = f"--shards {cfg.shards}"
     num_classes = manifest["num_classes"]
     if checkpoint is not None and checkpoint["num_classes"] != num_classes:
-        raise TrainError(f"--shards {cfg.shards} has {num_classes} classes, the checkpoint was trained on "
-                         f"{checkpoint['num_classes']}: resume with the shards it was trained on")
-    urls = data.shard_urls(shards_dir, manifest)
+        raise TrainError(f"{source} has {num_classes} classes, the checkpoint was trained on "
+                         f"{checkpoint['num_classes']}: resume with the data it was trained on")
     batch = per_rank_batch(cfg, world_size)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     if mixing and batch % 2:
         raise TrainError(f"the batch per rank ({batch}) must be even with Mixup/CutMix (they pair images in a batch)")
-    path, why = choose_data_path(cfg, manifest, device)
+    path, why = choose_data_path(cfg, manifest, device, images)
 
     global_batch = batch * cfg.accum * world_size
     lr = cfg.lr or cfg.blr * global_batch / 512
     if cfg.warmup_epochs:
-        warmup = round(cfg.warmup_epochs * manifest["num_samples"] / global_batch)
+        warmup = round(cfg.warmup_epochs * epoch_images / global_batch)
     else:
         warmup = cfg.warmup_steps
     warmup = min(warmup, cfg.steps // 2)  # short runs (tests, smoke checks) still get a cosine phase
@@ -328,14 +354,28 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps  # where this run stops
     first_micro, last_micro = step * cfg.accum, end * cfg.accum
     if path == "memory":
-        images, labels = data.load_images(shards_dir, manifest)
+        if cfg.render:
+            images, labels = onthefly.render_all(manifest, instances, cfg.workers)
+            made = (f"rendered on the fly ({instances} per class) in {time.time() - t_data:.1f} s by "
+                    f"{cfg.workers or 'no'} loader worker(s)")
+        else:
+            images, labels = data.load_images(shards_dir, manifest)
+            made = f"decoded in {time.time() - t_data:.1f} s"
         images, labels = images.to(device), labels.to(device)
-        source = data.MemorySource(images, labels, batch, cfg.seed, rank, world_size)
-        micro_batches = (source(t) for t in range(first_micro, last_micro))
-        how = (f"in-memory cache on {device.type}: {len(labels)} images, {images.numel() / 2**20:.0f} MiB, decoded in "
-               f"{time.time() - t_data:.1f} s; augmentation on the device, no loader processes")
+        memory = data.MemorySource(images, labels, batch, cfg.seed, rank, world_size)
+        micro_batches = (memory(t) for t in range(first_micro, last_micro))
+        how = (f"in-memory cache on {device.type}: {len(labels)} images, {images.numel() / 2**20:.0f} MiB, {made}; "
+               "augmentation on the device, no loader processes")
         eval_batches = lambda: ((images[i:i + 256], labels[i:i + 256])  # noqa: E731
                                 for i in range(0, min(cfg.eval_samples, len(labels)), 256))
+    elif cfg.render:
+        draws = onthefly.Draws(num_classes, instances, batch, cfg.seed, rank, world_size)
+        micro_batches = onthefly.loader(manifest, draws, first_micro, last_micro, cfg.workers,
+                                        pin_memory=device.type == "cuda")
+        drawn = f"{instances} instances per class" if instances else "a fresh instance of every class every epoch"
+        how = (f"rendering on the fly, {cfg.workers} loader worker(s): {drawn}; augmentation on the device, "
+               "no shards")
+        eval_batches = lambda: onthefly.eval_batches(manifest, min(cfg.eval_samples, epoch_images))  # noqa: E731
     else:
         # The stream seed includes the start step, so a resumed run draws new samples instead of replaying.
         seed = cfg.seed + 7919 * step
@@ -363,7 +403,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # a shard changed under a running job
                 last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
                 raise TrainError(f"reading the shards failed mid-run ({last[0][:200]}); check them with "
-                                 f"`fracgen verify {shards_dir}`") from None
+                                 f"`fracgen verify {shards_dir or cfg.render}`") from None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             yield (x if path == "pil" else augment(x, augment_rng)), y
 
@@ -405,8 +445,9 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
                                       (f"erasing {cfg.reprob}", cfg.reprob), (f"mixup {cfg.mixup}", cfg.mixup),
                                       (f"cutmix {cfg.cutmix}", cfg.cutmix),
                                       (f"smoothing {cfg.smoothing}", cfg.smoothing)] if on]
-        log(f"pretrain: {cfg.model} {model_args} ({n_params:.2f}M params), {num_classes} classes, "
-            f"{manifest['num_samples']} images in {len(urls)} shards")
+        what = (f"rendered on the fly from {cfg.render}" if cfg.render else
+                f"{manifest['num_samples']} images in {len(urls)} shards")
+        log(f"pretrain: {cfg.model} {model_args} ({n_params:.2f}M params), {num_classes} classes, {what}")
         log(f"pretrain: {cfg.steps} steps, global batch {global_batch} ({world_size} x {batch} x {cfg.accum}),"
             f" lr {lr:.2e}, warm-up {warmup} steps, device {device.type}"
             f"{' bf16' if use_bf16 else ' fp32'}, augment: {', '.join(augs) or 'none'}")
@@ -518,10 +559,17 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 @app.command()
 def main(
-    shards: Annotated[str, typer.Option(help="folder written by `fracgen render --out` (has manifest.json), or a "
-                                             "published folder's http(s) URL or hf://datasets/ORG/NAME[@REVISION], "
-                                             "pulled once into --cache-dir")],
     out: Annotated[Path, typer.Option(help="run folder for checkpoints, weights and metrics")],
+    shards: Annotated[str | None, typer.Option(help="folder written by `fracgen render --out` (has manifest.json), "
+                                                    "or a published folder's http(s) URL or "
+                                                    "hf://datasets/ORG/NAME[@REVISION], pulled once into --cache-dir")]
+    = None,
+    render: Annotated[Path | None, typer.Option(help="render the samples on the fly instead of reading shards: a "
+                                                     "`fracgen render` folder or its manifest.json (shards not "
+                                                     "needed)")] = None,
+    instances: Annotated[int | None, typer.Option(help="with --render: instances per class (default: the "
+                                                       "manifest's per-class, the shards' images; 0: a fresh "
+                                                       "instance every epoch, no end)")] = None,
     preset: Annotated[str, typer.Option(help="cpu (minutes on 2 cores) or paper (DESIGN.md section 6)")] = "cpu",
     model: Annotated[str | None, typer.Option(help="timm model name")] = None,
     img_size: Annotated[int | None, typer.Option(help="input resolution in pixels")] = None,
@@ -597,21 +645,31 @@ def main(
     for key in ("mixup", "cutmix", "smoothing", "reprob", "lr"):
         if key in explicit and explicit[key] < 0:
             raise TrainError(f"--{key} must not be negative")
-    explicit["shards"], explicit["out"] = str(shards), str(out)
+    if instances is not None and instances < 0:
+        raise TrainError("--instances must not be negative")
+    explicit["shards"] = str(shards) if shards else None
+    explicit["render"] = str(render) if render else None
+    explicit["out"] = str(out)
     if cache_dir is not None:
         explicit["cache_dir"] = str(cache_dir)
+    explicit = {k: v for k, v in explicit.items() if v is not None}
     if resume:
         # The checkpoint's config defines the run; only the RESUMABLE options may be given again.
         ckpt_path = out / "ckpt.pt"
         if not ckpt_path.is_file():
             raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
         saved = load_checkpoint(ckpt_path)["config"]
-        changed = sorted(k for k, v in explicit.items() if k not in RESUMABLE and k != "preset" and v != saved[k])
+        changed = sorted(k for k, v in explicit.items() if k not in RESUMABLE and k != "preset" and v != saved.get(k))
         if changed:
             raise TrainError(f"--resume cannot change {', '.join(changed)} (fixed by {ckpt_path})")
         cfg = Config(**{**saved, **{k: v for k, v in explicit.items() if k in RESUMABLE}})
     else:
         cfg = Config(**{**PRESETS[preset], **explicit})
+    if bool(cfg.shards) == bool(cfg.render):
+        raise TrainError("give the data as --shards DIR or --render MANIFEST, one of them"
+                         + (" (a resumed run keeps the kind it started with)" if resume else ""))
+    if cfg.instances >= 0 and not cfg.render:
+        raise TrainError("--instances needs --render")
     pretrain(cfg)
 
 

@@ -10,16 +10,14 @@ record (the manifest) or its `.json`.
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
-from joblib import Parallel, delayed
 
 from fracgen import png
 from fracgen.errors import FracgenError
 from fracgen.settings import Settings
-from fracgen.workers import watch_parent
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -38,9 +36,10 @@ class System:
     def validate(self, s: Settings) -> None:
         """Raise FracgenError (one line) for settings this system cannot draw."""
 
-    def resolve(self, s: Settings, workers: int, progress: Progress | None) -> tuple[dict, list[dict], dict]:
+    def resolve(self, s: Settings, pool, progress: Progress | None) -> tuple[dict, list[dict], dict]:
         """Draw the classes from the seed: (header, class records, PNGs already drawn by sample index). The header
-        goes into the manifest's `base` (what all classes share); the class records into `classes`, in order."""
+        goes into the manifest's `base` (what all classes share); the class records into `classes`, in order.
+        `pool` runs jobs in parallel (`fracgen.workers`), on this machine or a cluster."""
         raise NotImplementedError
 
     def find(self, s: Settings, header: dict, k: int, rows: np.ndarray) -> dict | None:
@@ -77,8 +76,7 @@ def image_of(rows: np.ndarray) -> np.ndarray:
     return rows[:, rows.shape[1] - rows.shape[0]:]
 
 
-def _find_chunk(s: Settings, system_name: str, header: dict, ks: range, parent_pid: int):
-    watch_parent(parent_pid)
+def _find_chunk(s: Settings, system_name: str, header: dict, ks: range):
     system = get_system(system_name)
     records, pngs = [], {}
     rows = png.row_buffer(s.size)
@@ -91,23 +89,24 @@ def _find_chunk(s: Settings, system_name: str, header: dict, ks: range, parent_p
     return None, records, pngs
 
 
-def find_classes(s: Settings, system: System, header: dict, workers: int, progress: Progress | None,
+def find_classes(s: Settings, system: System, header: dict, pool, progress: Progress | None,
                  failure: Callable[[int], str]) -> tuple[list[dict], dict[int, bytes]]:
     """For systems whose classes are searched (redrawn until instance 0 passes a check): `system.find(s, header,
     k, rows)` returns class k's record with instance 0 drawn into `rows`, or None after `--max-retries` draws,
-    which stops the run with `failure(k)`. Runs in parallel; the result does not depend on `workers`."""
-    chunk = max(1, min(64, -(-s.classes // (4 * workers))))
+    which stops the run with `failure(k)`. Runs in parallel on `pool`; the result does not depend on its size."""
+    chunk = max(1, min(64, -(-s.classes // (4 * pool.workers))))
     chunks = [range(i, min(i + chunk, s.classes)) for i in range(0, s.classes, chunk)]
     classes: list[dict] = []
     pngs: dict[int, bytes] = {}
-    jobs = (delayed(_find_chunk)(s, system.name, header, ks, os.getpid()) for ks in chunks)
-    for failed, part, part_pngs in Parallel(n_jobs=workers, return_as="generator_unordered")(jobs):
-        if failed is not None:
-            raise FracgenError(failure(failed))
-        classes.extend(part)
-        pngs.update(part_pngs)
-        if progress:
-            progress("classes", len(classes), s.classes)
+    jobs = [(s, system.name, header, ks) for ks in chunks]
+    with contextlib.closing(pool.map_unordered(_find_chunk, jobs)) as results:  # a failure stops the others now
+        for failed, part, part_pngs in results:
+            if failed is not None:
+                raise FracgenError(failure(failed))
+            classes.extend(part)
+            pngs.update(part_pngs)
+            if progress:
+                progress("classes", len(classes), s.classes)
     return sorted(classes, key=lambda c: c["class"]), pngs
 
 

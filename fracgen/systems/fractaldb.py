@@ -58,7 +58,7 @@ class FractalDB(System):
         if s.search == "sigma":
             check_sigma(s.sigma, s.maps)
 
-    def resolve(self, s: Settings, workers: int, progress: Progress | None) -> tuple[dict, list[dict], dict]:
+    def resolve(self, s: Settings, pool, progress: Progress | None) -> tuple[dict, list[dict], dict]:
         header = {"search": s.search, "sigma": s.sigma if s.search == "sigma" else None,
                   "fill_needed": max(s.fill, FILLING_RATE) if s.search == "filling" else s.fill}
 
@@ -66,7 +66,7 @@ class FractalDB(System):
             return (f"class {k}: no system found by the {s.search} search inked more than {header['fill_needed']} "
                     f"of the canvas in {s.max_retries} draws; raise --max-retries or lower --fill")
 
-        classes, pngs = find_classes(s, self, header, workers, progress, failure)
+        classes, pngs = find_classes(s, self, header, pool, progress, failure)
         return header, classes, pngs
 
     def class_system(self, s: Settings, k: int, attempt: int) -> IFS:

@@ -40,7 +40,7 @@ class Noise(System):
         if s.noise not in KINDS:
             raise FracgenError(f"--noise must be one of {', '.join(KINDS)}, got {s.noise!r}")
 
-    def resolve(self, s: Settings, workers: int, progress: Progress | None) -> tuple[dict, list[dict], dict]:
+    def resolve(self, s: Settings, pool, progress: Progress | None) -> tuple[dict, list[dict], dict]:
         classes = [{"class": k, "seed": derive_seed(s.seed, TAG_NOISE, k)} for k in range(s.classes)]
         if progress:
             progress("classes", s.classes, s.classes)

@@ -37,7 +37,7 @@ class OnePFrac(System):
         if s.bases > 1 and s.base is not None:
             raise FracgenError("--base gives one base fractal; it cannot be combined with --bases > 1")
 
-    def resolve(self, s: Settings, workers: int, progress: Progress | None) -> tuple[dict, list[dict], dict]:
+    def resolve(self, s: Settings, pool, progress: Progress | None) -> tuple[dict, list[dict], dict]:
         header = resolve_base(s)
         if s.bases > 1:  # base 0's fields stay at the top, as for one base; all of them in "bases"
             header = {**header, "bases": [header] + [resolve_base(s, j) for j in range(1, s.bases)]}
@@ -49,7 +49,7 @@ class OnePFrac(System):
                     f"{s.fill} in {s.max_retries} tries; the base is degenerate: pick another --seed, a smaller "
                     "--delta or a lower --fill")
 
-        classes, pngs = find_classes(s, self, header, workers, progress, failure)
+        classes, pngs = find_classes(s, self, header, pool, progress, failure)
         return header, classes, pngs
 
     def find(self, s: Settings, header: dict, k: int, rows: np.ndarray) -> dict | None:

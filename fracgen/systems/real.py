@@ -75,7 +75,7 @@ class Real(System):
         if s.image_mode not in MODES:
             raise FracgenError(f"--image-mode must be one of {', '.join(MODES)}, got {s.image_mode!r}")
 
-    def resolve(self, s: Settings, workers: int, progress: Progress | None) -> tuple[dict, list[dict], dict]:
+    def resolve(self, s: Settings, pool, progress: Progress | None) -> tuple[dict, list[dict], dict]:
         path = Path(s.image) if s.image else default_image()
         source = source_image(path, s.image_mode, s.size)  # also checks the file
         header = {"image": str(path) if s.image else "scikit-learn datasets/images/china.jpg",

@@ -1,0 +1,131 @@
+"""Rendering on a Dask cluster (`fracgen render --scheduler tcp://HOST:8786`): the class search and the shard jobs
+run on the cluster's workers; this process keeps the records, as it does for a local render.
+
+We use dask.distributed directly (`Client.submit` per job, `as_completed`), not joblib's dask backend: it lets the
+render ask every worker, before any job, which fracgen it runs and whether it sees --out, give each job retries
+of its own, and hand each result over as it arrives, to the same loop that renames and journals local shards.
+
+- **Output folder**: the render writes a probe file with a fresh token into --out. A job on a worker that reads
+  that token there (the folder is shared, e.g. NFS) writes its shard under a temporary name beside the final one;
+  a job on a worker that does not (another machine's disk, another mount path) sends the shard's bytes back and
+  this process writes them. Checked per job, so a worker that joins mid-run is safe too; `attach` reports both.
+- **Lost workers**: the scheduler runs a lost worker's jobs again elsewhere (up to its `allowed-failures`), and a
+  job that raises is retried `RETRIES` times. A job run twice is harmless: temporaries have unique names, this
+  process renames only the one result it receives, and stale temporaries are removed at the end.
+- **Same bytes**: every worker must run this fracgen (version, renderer, PNG encoder), or the render stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import isal
+
+import fracgen
+from fracgen.errors import FracgenError
+from fracgen.render import RENDERER
+from fracgen.workers import PROBE_PREFIX, Probe, sees_folder
+
+CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler and to find a worker there
+RETRIES = 2  # extra tries for a job that raises (a lost worker's jobs are rescheduled by the scheduler itself)
+
+
+def _facts() -> dict:
+    """What must be equal on the client and every worker for the shards to be the same bytes."""
+    return {"fracgen": fracgen.__version__, "renderer": RENDERER, "isal": isal.__version__}
+
+
+def _worker_facts(out: str, probe: Probe) -> dict:
+    return {**_facts(), "host": socket.gethostname(), "sees": sees_folder(Path(out), probe)}
+
+
+def connect(scheduler: object = None) -> DaskPool:
+    """A pool on the cluster at `scheduler` (address, `distributed.Client`, or None: DASK_SCHEDULER_ADDRESS)."""
+    try:
+        import dask
+        from distributed import Client
+    except ImportError:
+        raise FracgenError("--backend dask needs dask and distributed: pip install fracgen[dask]") from None
+    if isinstance(scheduler, Client):
+        return DaskPool(scheduler, own=False)
+    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or dask.config.get("scheduler-address", None)
+    if not address:
+        raise FracgenError("--backend dask needs a scheduler: --scheduler tcp://HOST:8786, or its address in "
+                           "DASK_SCHEDULER_ADDRESS")
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FracgenError(f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT:g} s: "
+                           f"{why[:200]}") from None
+    try:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+    except (TimeoutError, OSError):
+        client.close()
+        raise FracgenError(f"the Dask scheduler at {address} has no workers (none joined within "
+                           f"{CONNECT_TIMEOUT:g} s): start some with `dask worker {address}`") from None
+    return DaskPool(client, own=True)
+
+
+class DaskPool:
+    """Jobs on a Dask cluster's workers; the same interface as `fracgen.workers.LocalPool`."""
+
+    def __init__(self, client, own: bool):
+        self.client, self.own = client, own
+        self.workers = max(1, sum(client.nthreads().values()))  # sizes the class search's chunks
+        self.probe: Probe | None = None
+        self.folder: Path | None = None
+
+    def attach(self, out: Path) -> str:
+        """Write the probe into --out (locked by this run) and ask every worker what it runs and sees there."""
+        self.folder = Path(out).absolute()
+        self.probe = (f"{PROBE_PREFIX}{secrets.token_hex(8)}", secrets.token_hex(16))
+        (self.folder / self.probe[0]).write_text(self.probe[1])
+        workers = self.client.run(_worker_facts, str(self.folder), self.probe)
+        mine = _facts()
+        for address, facts in sorted(workers.items()):
+            theirs = {k: facts[k] for k in mine}
+            if theirs != mine:
+                raise FracgenError(f"Dask worker {address} on {facts['host']} runs {theirs}, this process {mine}: "
+                                   "install the same fracgen on every worker (the shards must be the same bytes)")
+        blind = sorted(a for a, f in workers.items() if not f["sees"])
+        threads = sum(self.client.nthreads().values())
+        where = (f"Dask cluster at {self.client.scheduler.address}: {len(workers)} worker(s), {threads} thread(s); ")
+        if not blind:
+            return where + f"all see {out}: they write the shards there, this process renames them"
+        return where + (f"{len(blind)} do not see {out} (not a shared folder), so their shards come back here as "
+                        f"bytes: {', '.join(blind[:3])}{' ...' if len(blind) > 3 else ''}")
+
+    def map_unordered(self, fn: Callable, jobs: list[tuple]) -> Iterator:
+        """fn(*args) for each args in `jobs`, on the cluster; the results in the order they finish. Closing the
+        iterator (an error, Ctrl-C) cancels the jobs not yet finished."""
+        from distributed import as_completed
+        from distributed.scheduler import KilledWorker
+
+        run = secrets.token_hex(4)
+        futures = [self.client.submit(fn, *args, key=f"fracgen-{fn.__name__}-{run}-{i}", retries=RETRIES)
+                   for i, args in enumerate(jobs)]
+        try:
+            for future in as_completed(futures, loop=self.client.loop):
+                try:
+                    result = future.result()
+                except KilledWorker as e:
+                    raise FracgenError(f"job {e.task} was running on each of the {e.allowed_failures + 1} Dask "
+                                       "workers that died while running it; the shards finished so far are kept: "
+                                       "`--resume` renders the rest") from None
+                future.release()
+                yield result
+        finally:
+            self.client.cancel([f for f in futures if not f.done()])
+
+    def close(self) -> None:
+        if self.probe is not None and self.folder is not None:
+            (self.folder / self.probe[0]).unlink(missing_ok=True)
+            self.probe = None
+        if self.own:
+            self.client.close()
+            self.own = False
