@@ -9,7 +9,7 @@ SEED       ?= 4
 CPU_SHARDS ?= shards/cpu-seed$(SEED)
 RUN        ?= runs/cpu-seed$(SEED)
 
-.PHONY: install test test-slow lint bench pretrain finetune compare sweep-delta sweep-sigma sweep-bases clean
+.PHONY: install test test-slow lint bench pretrain finetune compare sweep-delta sweep-sigma sweep-bases control clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,8 @@ finetune: install
 
 # The paper's comparisons at CPU scale (train/experiments.py; docs/results.md): each writes docs/results/NAME.csv,
 # .md and .png and prints its time. Runs are kept under runs/experiments and reused by the other targets.
-compare sweep-delta sweep-sigma sweep-bases: install
+# `make control`: base A of DESIGN.md 9b, the positive control (a protocol that shows no gain there shows none).
+compare sweep-delta sweep-sigma sweep-bases control: install
 	$(BIN)/python -m train.experiments $@
 
 clean:

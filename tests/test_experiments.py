@@ -61,4 +61,5 @@ def test_an_unknown_experiment_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "train.experiments", "sweep-everything"], capture_output=True,
                        text=True, cwd=tmp_path, env={"PYTHONPATH": str(E.Path(E.__file__).parents[1])})
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "error: unknown experiment 'sweep-everything'; choose one of compare, sweep-delta, sweep-sigma, sweep-bases"]
+        "error: unknown experiment 'sweep-everything'; choose one of compare, sweep-delta, sweep-sigma, sweep-bases, "
+        "control"]

@@ -41,9 +41,12 @@ class Run:
     data: dict | None  # fracgen Settings fields over DATA; None: no pre-training (scratch)
     group: str = ""  # runs averaged together in a sweep (the 3 bases of one setting)
     x: float | None = None  # the swept value
+    key: str = ""  # the run's folder name when its settings do not make a short one
 
     @property
     def slug(self) -> str:
+        if self.key:
+            return self.key
         if self.data is None:
             return "scratch"
         return "-".join(f"{k}{v}" for k, v in sorted(self.data.items())).replace("_", "")
@@ -81,8 +84,21 @@ def sweep_bases() -> list[Run]:
             f"{k} base(s)", k) for k in (1000, 100, 10, 1)]
 
 
+BASE_A = Path(__file__).parents[1] / "docs" / "results" / "base-a.json"  # DESIGN.md 9b's positive control
+
+
+def control() -> list[Run]:
+    """Base A, the base that beat scratch in DESIGN.md 9b: a protocol that shows no gain there shows none anywhere."""
+    base = json.loads(BASE_A.read_text())
+    return [Run("none (scratch)", None, "none (scratch)"),
+            Run("1p-frac, base A (DESIGN.md 9b), Delta 0.1", {"base": base, "seed": 0}, "1p-frac, base A",
+                key="base-a"),
+            Run("1p-frac, base A, Delta 0.001", {"base": base, "seed": 0, "delta": 0.001},
+                "1p-frac, base A, Delta 0.001", key="base-a-delta0.001")]
+
+
 EXPERIMENTS = {"compare": compare, "sweep-delta": sweep_delta, "sweep-sigma": sweep_sigma,
-               "sweep-bases": sweep_bases}
+               "sweep-bases": sweep_bases, "control": control}
 
 
 @dataclass
@@ -167,6 +183,8 @@ def groups(rows: list[dict]) -> list[dict]:
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
                 g[key], g[key.replace("top1", "std").replace("last_loss", "loss_std")] = _mean_std(vals)
+        if len(rs) == 1:  # one run: its spread over fine-tuning seeds / probe splits
+            g["finetune_std"], g["probe_std"] = rs[0]["finetune_std"], rs[0]["probe_std"]
         out.append(g)
     return out
 
@@ -176,9 +194,11 @@ def _fmt(v, digits=1):
 
 
 def markdown(name: str, rows: list[dict], grouped: list[dict], seconds: float, command: str) -> str:
+    own = sum(r.get(k, 0) for r in rows for k in ("render_s", "pretrain_s", "finetune_s", "probe_s"))
     lines = [f"### `{command}`", "",
-             f"{len(rows)} runs, {seconds / 60:.1f} minutes for this call (runs reused from earlier calls cost "
-             f"nothing; each run's own times are in the CSV). Pre-training: the CPU preset, {rows[0]['steps']} "
+             f"{len(rows)} runs; their own times add up to {own / 60:.1f} minutes (each run's in the CSV; a run is "
+             f"done once and reused by later calls, this call took {seconds / 60:.1f} minutes). Pre-training: the CPU "
+             f"preset, {rows[0]['steps']} "
              f"steps at batch 128. Fine-tuning: {next((r['finetune_recipe'] for r in rows), '')}, digits 10-shot, "
              "seeds 0-2. Probe: logistic regression on frozen class + mean tokens, 10-shot, splits 0-2.", "",
              "| run | LPCE first -> last | pretext top-1 % | digits fine-tuned top-1 % | linear probe top-1 % |",
@@ -190,7 +210,8 @@ def markdown(name: str, rows: list[dict], grouped: list[dict], seconds: float, c
                      f"{_fmt(r['finetune_top1'])} +- {_fmt(r['finetune_std'])} ({seeds}) | "
                      f"{_fmt(r['probe_top1'])} +- {_fmt(r['probe_std'])} |")
     if any(g["runs"] > 1 for g in grouped):
-        lines += ["", "Averaged over the runs of each setting (mean +- std over the bases' means):", "",
+        lines += ["", "Averaged over the runs of each setting (mean +- std over the bases' means; a setting with one "
+                  "run shows its std over seeds):", "",
                   "| setting | runs | pretext top-1 % | digits fine-tuned top-1 % | linear probe top-1 % |",
                   "|---|---|---|---|---|"]
         for g in grouped:
@@ -267,6 +288,9 @@ def scatter(root: Path, path: Path, steps: int) -> int:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([r["pretext_top1"] for r in rows], [r["finetune_top1"] for r in rows], label="fine-tuned")
     ax.scatter([r["pretext_top1"] for r in rows], [r["probe_top1"] for r in rows], marker="x", label="linear probe")
+    for r in rows:
+        ax.annotate(r["label"].split(" (")[0].replace("1p-frac, sigma 3.5, ", ""), (r["pretext_top1"],
+                    r["finetune_top1"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     for s in scratch:
         ax.axhline(s["finetune_top1"], linestyle="--", alpha=0.6, label="scratch, fine-tuned")
         ax.axhline(s["probe_top1"], linestyle=":", alpha=0.6, label="scratch (random init), probe")
