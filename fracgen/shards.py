@@ -83,17 +83,11 @@ def _umask() -> int:
 
 def atomic_write(path: Path, write) -> object:
     """Call write(fileobj) on a temporary file beside `path`, fsync, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp, result = _write_unfinished(Path(path), write)
     try:
-        with os.fdopen(fd, "wb") as f:
-            result = write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; shards are for sharing
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return result
 
@@ -141,7 +135,7 @@ def _write_unfinished(path: Path, write) -> tuple[Path, object]:
             result = write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; shards are for sharing
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import wait_for
 from typer.testing import CliRunner
 
 from fracgen.cli import app
@@ -159,20 +160,11 @@ def _popen(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _wait_for(predicate, seconds: float) -> bool:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_second_render_into_a_busy_folder_is_refused_and_touches_nothing(tmp_path):
     out = tmp_path / "ds"
     first = _popen(_render_cmd(out, seed=0, classes=3000))
     try:
-        assert _wait_for(lambda: (out / ".fracgen.lock").exists() and (out / ".fracgen.lock").stat().st_size, 60)
+        assert wait_for(lambda: (out / ".fracgen.lock").exists() and (out / ".fracgen.lock").stat().st_size, 60)
         second = run(*_render_cmd(out, seed=1, classes=3000), "--overwrite")
         cli_error(second, f"pid {first.pid}")
     finally:
@@ -227,13 +219,13 @@ def test_workers_stop_when_the_render_is_killed(tmp_path, how):
     out = tmp_path / "ds"
     proc = _popen(_render_cmd(out, seed=0, classes=3000, workers=2))
     try:
-        assert _wait_for(lambda: len(list(out.glob("*.tar"))) >= 2, 120), proc.stderr
+        assert wait_for(lambda: len(list(out.glob("*.tar"))) >= 2, 120), proc.stderr
         workers = _children(proc.pid) - {proc.pid}
         assert workers
         proc.send_signal(how)
         finished_at_kill = set(out.glob("*.tar"))
         proc.wait(timeout=30)
-        assert _wait_for(lambda: not any(_alive(w) for w in workers), 10), "workers outlived their parent"
+        assert wait_for(lambda: not any(_alive(w) for w in workers), 10), "workers outlived their parent"
         time.sleep(0.5)
         assert set(out.glob("*.tar")) <= finished_at_kill  # no shard was renamed into place after the kill
     finally:

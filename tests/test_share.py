@@ -20,6 +20,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 from typer.testing import CliRunner
 
 from fracgen import share
@@ -56,15 +57,6 @@ def _env() -> dict:
 def _popen(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _wait_for(predicate, seconds: float) -> bool:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def data_files(folder: Path) -> dict[str, bytes]:
@@ -309,7 +301,7 @@ def test_a_killed_pull_fetches_only_the_missing_shards_when_run_again(published,
     with Server(published, delay=0.4) as server:
         proc = _popen("-m", "fracgen", "pull", server.url, dest)
         try:
-            assert _wait_for(lambda: len(list(dest.glob("*.tar"))) >= 3, 120), proc.communicate(timeout=5)
+            assert wait_for(lambda: len(list(dest.glob("*.tar"))) >= 3, 120), proc.communicate(timeout=5)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         finally:

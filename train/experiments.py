@@ -232,14 +232,31 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def plot(name: str, rows: list[dict], grouped: list[dict], path: Path) -> bool:
-    """Bars (compare) or lines over the swept value (sweeps), with error bars; False without matplotlib."""
+def _pyplot():
+    """matplotlib's pyplot on a file backend, or None when the `plots` extra is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _finish(plt, fig, ax, title: str, path: Path) -> None:
+    ax.set_ylabel("digits 10-shot top-1 %")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(name: str, rows: list[dict], grouped: list[dict], path: Path) -> bool:
+    """Bars (compare) or lines over the swept value (sweeps), with error bars; False without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(9, 4.5))
     scratch = next((g for g in grouped if g["x"] is None and g["group"].startswith("none")), None)
@@ -264,12 +281,7 @@ def plot(name: str, rows: list[dict], grouped: list[dict], path: Path) -> bool:
             ax.bar(x + (i - 0.5) * 0.38, [g[key] for g in grouped], 0.38, yerr=[g[std] for g in grouped],
                    capsize=4, label=label)
         ax.set_xticks(x, [g["group"] for g in grouped], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("digits 10-shot top-1 %")
-    ax.set_title(f"{name}: {rows[0]['steps']} pre-training steps per run (2-core CPU)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, f"{name}: {rows[0]['steps']} pre-training steps per run (2-core CPU)", path)
     return True
 
 
@@ -277,12 +289,8 @@ def scatter(root: Path, path: Path, steps: int) -> int:
     """Pretext top-1 against fine-tuned and probed transfer, over every run under `root`."""
     rows = [json.loads(p.read_text()) for p in sorted(root.glob(f"*-steps{steps}/row.json"))]
     rows = [r for r in rows if r.get("pretext_top1") is not None]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return 0
     scratch = [json.loads(p.read_text()) for p in root.glob(f"scratch-steps{steps}/row.json")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -295,12 +303,7 @@ def scatter(root: Path, path: Path, steps: int) -> int:
         ax.axhline(s["finetune_top1"], linestyle="--", alpha=0.6, label="scratch, fine-tuned")
         ax.axhline(s["probe_top1"], linestyle=":", alpha=0.6, label="scratch (random init), probe")
     ax.set_xlabel("pretext top-1 % after pre-training (chance 0.1%)")
-    ax.set_ylabel("digits 10-shot top-1 %")
-    ax.set_title(f"every run at {steps} steps")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, f"every run at {steps} steps", path)
     return len(rows)
 
 
