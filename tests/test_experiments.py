@@ -30,6 +30,7 @@ def test_the_experiments_hold_the_runs_the_issue_asks_for():
     assert all(len(v) == 1 for v in by_slug.values()) and len(set(slugs)) < len(slugs)
 
 
+@pytest.mark.slow  # ~30 s: three fine-tunings and probes over all 1797 digits
 def test_runs_write_rows_tables_and_reuse_what_is_done(tmp_path):
     runs = [E.compare()[0], E.Run("noise", {"system": "noise", "seed": 0}, "noise")]
     rows = [E.execute(r, tmp_path, TINY, log=lambda _: None) for r in runs]

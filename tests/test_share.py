@@ -417,6 +417,7 @@ def test_pretrain_from_a_bad_url_is_one_line(published, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # ~13 s: a 2-rank torchrun; one rank from a URL is in the fast suite
 def test_two_ranks_train_from_a_url_with_one_download(published, tmp_path):
     cache = tmp_path / "cache"
     with Server(published) as server:
