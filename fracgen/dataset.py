@@ -23,7 +23,7 @@ import numpy as np
 import fracgen
 from fracgen import png
 from fracgen.errors import FracgenError
-from fracgen.lock import LOCK_NAME, FolderLock
+from fracgen.lock import writing_folder
 from fracgen.render import RENDERER
 from fracgen.settings import MAX_CLASSES, MAX_NAME, Settings, render_seed, validate_common  # noqa: F401 (API)
 from fracgen.shards import (
@@ -156,20 +156,6 @@ def renderer_of(manifest: dict) -> int:
     return manifest.get("renderer", 1)
 
 
-def _make_folder(out: Path) -> bool:
-    """Create --out if needed; True when this call created it (a failed render then removes it again)."""
-    if out.exists() and not out.is_dir():
-        raise FracgenError(f"--out {out} exists and is not a directory")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FracgenError(f"cannot create --out {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise FracgenError(f"--out {out} is not writable")
-    return created
-
-
 def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict | None:
     """Check the output folder (this run holds its lock); return the existing manifest when resuming."""
     _remove_temporaries(out, s)
@@ -261,19 +247,11 @@ def render_dataset(
     out = Path(out)
     stats = {} if stats is None else stats
     stats.update(rendered=0, repaired=[])
-    with contextlib.closing(pool):
-        created = _make_folder(out)
+    with contextlib.closing(pool), writing_folder(out, command or "fracgen render", note, name=f"--out {out}"):
         try:
-            with FolderLock(out, command or "fracgen render", note):
-                try:
-                    return _render_locked(out, s, pool, overwrite, resume, command, progress, note, stats)
-                finally:
-                    pool.close()  # a cluster's probe file goes while the folder is still this run's
-        except BaseException:
-            if created and {p.name for p in out.iterdir()} <= {LOCK_NAME}:  # nothing of ours worth keeping
-                (out / LOCK_NAME).unlink(missing_ok=True)
-                out.rmdir()
-            raise
+            return _render_locked(out, s, pool, overwrite, resume, command, progress, note, stats)
+        finally:
+            pool.close()  # a cluster's probe file goes while the folder is still this run's
 
 
 def _render_locked(out: Path, s: Settings, pool, overwrite: bool, resume: bool, command: str | None,

@@ -15,7 +15,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fracgen.errors import FracgenError
@@ -101,3 +102,29 @@ class FolderLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+@contextmanager
+def writing_folder(folder: str | Path, command: str = "", note: Callable[[str], None] | None = None,
+                   name: str | None = None) -> Iterator[FolderLock]:
+    """Create `folder` if needed and hold its lock for the block. A run that fails before writing anything into a
+    folder it created leaves no folder behind. `name` is how messages call the folder (e.g. "--out DIR")."""
+    folder = Path(folder)
+    name = name or str(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FracgenError(f"{name} exists and is not a directory")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FracgenError(f"cannot create {name}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FracgenError(f"{name} is not writable")
+    try:
+        with FolderLock(folder, command, note) as lock:
+            yield lock
+    except BaseException:
+        if created and folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            folder.rmdir()
+        raise

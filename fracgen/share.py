@@ -37,7 +37,7 @@ from urllib.parse import urljoin, urlsplit
 import fracgen
 from fracgen.dataset import MANIFEST, verify_dataset
 from fracgen.errors import FracgenError
-from fracgen.lock import LOCK_NAME, FolderLock
+from fracgen.lock import LOCK_NAME, FolderLock, writing_folder
 from fracgen.preview import contact_sheet
 from fracgen.render import RENDERER
 from fracgen.shards import FORMAT_VERSION, atomic_write, check_manifest, file_sha256, matches
@@ -285,21 +285,8 @@ def pull(source: str | Source, out: str | Path, *, overwrite: bool = False, remo
     if src.kind == "folder" and out.exists() and Path(src.base).resolve() == out.resolve():
         raise FracgenError(f"{out} is the source folder itself")
     remote = remote or fetch_manifest(src, note)
-    if out.exists() and not out.is_dir():
-        raise FracgenError(f"{out} exists and is not a folder")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FracgenError(f"cannot create {out}: {e.strerror}") from None
-    try:
-        with FolderLock(out, command or f"fracgen pull {shlex.quote(src.spec)} {shlex.quote(str(out))}", note):
-            return _pull_locked(src, out, remote, overwrite, progress, note)
-    except BaseException:
-        if created and {p.name for p in out.iterdir()} <= {LOCK_NAME}:  # a pull that failed before writing
-            (out / LOCK_NAME).unlink(missing_ok=True)
-            out.rmdir()
-        raise
+    with writing_folder(out, command or f"fracgen pull {shlex.quote(src.spec)} {shlex.quote(str(out))}", note):
+        return _pull_locked(src, out, remote, overwrite, progress, note)
 
 
 def _claim(out: Path, remote: RemoteManifest, overwrite: bool) -> dict | None:

@@ -45,7 +45,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fracgen.errors import FracgenError
-from fracgen.lock import LOCK_NAME, FolderLock
+from fracgen.lock import writing_folder
 from train import data, onthefly
 from train import model as model_lib
 from train.augment import AugmentRNG, DeviceAugment
@@ -239,19 +239,13 @@ def pretrain(cfg: Config) -> dict:
         raise TrainError(f"--out {out} is not a folder")
     if rank != 0:
         return _pretrain(cfg, rank, local_rank, world_size, device)
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with FolderLock(out, "train.pretrain", note=lambda text: print(f"note: {text}", flush=True)):
+    try:  # a run that fails before writing anything leaves no folder behind
+        with writing_folder(out, "train.pretrain", lambda text: print(f"note: {text}", flush=True), f"--out {out}"):
             return _pretrain(cfg, rank, local_rank, world_size, device)
     except FracgenError as e:
         raise TrainError(str(e)) from None
     except OSError as e:
         raise TrainError(f"cannot write the run folder {out}: {e.strerror or e}") from None
-    finally:
-        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
-            (out / LOCK_NAME).unlink(missing_ok=True)
-            out.rmdir()  # a run that failed before writing anything leaves no folder behind
 
 
 def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) -> dict:
