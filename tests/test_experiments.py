@@ -26,7 +26,8 @@ def test_the_experiments_hold_the_runs_the_issue_asks_for():
     by_slug = {}
     for name in E.EXPERIMENTS:
         for r in E.EXPERIMENTS[name]():
-            by_slug.setdefault(r.slug, set()).add(json.dumps(r.data, sort_keys=True))
+            settings = None if r.data is None else vars(E.Settings(**{**E.DATA, **r.data}))
+            by_slug.setdefault(r.slug, set()).add(json.dumps(settings, sort_keys=True, default=str))
     assert all(len(v) == 1 for v in by_slug.values()) and len(set(slugs)) < len(slugs)
 
 
@@ -64,3 +65,13 @@ def test_an_unknown_experiment_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: unknown experiment 'sweep-everything'; choose one of compare, sweep-delta, sweep-sigma, sweep-bases, "
         "control"]
+
+
+def test_a_setting_at_its_default_names_the_same_run():
+    # sweep-delta's Delta 0.1 and sweep-sigma's sigma 3.5 are compare's runs, reused, not run again
+    compare_slugs = {r.slug for r in E.compare()}
+    delta = {r.x: r.slug for r in E.sweep_delta() if r.x is not None}
+    sigma = {r.x: r.slug for r in E.sweep_sigma() if r.x is not None}
+    assert {r.slug for r in E.sweep_delta() if r.x == 0.1} <= compare_slugs
+    assert {r.slug for r in E.sweep_sigma() if r.x == 3.5} <= compare_slugs
+    assert delta[0.2] not in compare_slugs and sigma[5.5] not in compare_slugs

@@ -49,7 +49,11 @@ class Run:
             return self.key
         if self.data is None:
             return "scratch"
-        return "-".join(f"{k}{v}" for k, v in sorted(self.data.items())).replace("_", "")
+        # a setting left at fracgen's default names the same run as leaving it out (Delta 0.1 in sweep-delta is
+        # compare's run): without this, each sweep re-ran compare's 1p-frac runs under a second name
+        default = Settings()
+        items = {k: v for k, v in self.data.items() if k == "seed" or getattr(default, k, object()) != v}
+        return "-".join(f"{k}{v}" for k, v in sorted(items.items())).replace("_", "")
 
 
 def _one_p_frac(group: str, x: float | None = None, **data) -> list[Run]:
@@ -307,10 +311,13 @@ def scatter(root: Path, path: Path, steps: int) -> int:
     return len(rows)
 
 
-def run_experiment(name: str, root: Path, results: Path, budget: Budget) -> list[dict]:
+def run_experiment(name: str, root: Path, results: Path, budget: Budget, finished_only: bool = False) -> list[dict]:
     t0 = time.time()
     rows = []
     for run in EXPERIMENTS[name]():
+        if finished_only and not (root / f"{run.slug}-steps{budget.steps}" / "row.json").exists():
+            print(f"[{run.label}] not run yet: left out of the tables (--finished-only)")
+            continue
         row = execute(run, root, budget)
         atomic_write_json(row, root / f"{run.slug}-steps{budget.steps}" / "row.json")
         rows.append(row)
@@ -337,6 +344,7 @@ def main(
         "runs/experiments"),
     results: Annotated[Path, typer.Option(help="where the CSV, markdown and PNG go")] = Path("docs/results"),
     steps: Annotated[int, typer.Option(help="pre-training steps per run")] = STEPS,
+    finished_only: Annotated[bool, typer.Option(help="tabulate the runs already finished, run nothing new")] = False,
 ):
     """Run one of the paper's comparisons at CPU scale and write its tables and plots."""
     if name not in EXPERIMENTS:
@@ -344,7 +352,7 @@ def main(
     if steps < 1:
         raise TrainError(f"--steps must be at least 1, got {steps}")
     try:
-        run_experiment(name, root, results, dataclasses.replace(Budget(), steps=steps))
+        run_experiment(name, root, results, dataclasses.replace(Budget(), steps=steps), finished_only)
     except FracgenError as e:
         raise TrainError(str(e)) from None
 
