@@ -31,6 +31,7 @@ from train import probe as probe_lib
 from train.runtime import TrainError, atomic_write_json, run_cli
 
 DATA = dict(classes=1000, size=128, points=50_000)  # the CPU default's data (`make pretrain`)
+BASELINE = Settings(**DATA)  # what a run's settings are compared with to name it
 BASES = (0, 1, 2)  # base fractals drawn by --seed, not picked by hand
 STEPS = 800  # pre-training budget per run: 800 x 128 = 102k samples, ~4 minutes on 2 cores
 
@@ -51,9 +52,11 @@ class Run:
             return "scratch"
         # a setting left at fracgen's default names the same run as leaving it out (Delta 0.1 in sweep-delta is
         # compare's run): without this, each sweep re-ran compare's 1p-frac runs under a second name
-        default = Settings()
-        items = {k: v for k, v in self.data.items() if k == "seed" or getattr(default, k, object()) != v}
+        items = {k: v for k, v in self.data.items() if k == "seed" or getattr(BASELINE, k, object()) != v}
         return "-".join(f"{k}{v}" for k, v in sorted(items.items())).replace("_", "")
+
+    def folder(self, root: Path, budget: Budget) -> Path:
+        return root / f"{self.slug}-steps{budget.steps}"
 
 
 def _one_p_frac(group: str, x: float | None = None, **data) -> list[Run]:
@@ -123,7 +126,7 @@ def _timed(times: dict, key: str, fn):
 
 def execute(run: Run, root: Path, budget: Budget, log=print) -> dict:
     """Render, pre-train, fine-tune and probe one run, reusing whatever an earlier call finished."""
-    folder = root / f"{run.slug}-steps{budget.steps}"
+    folder = run.folder(root, budget)
     folder.mkdir(parents=True, exist_ok=True)
     times_file = folder / "times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
@@ -315,11 +318,11 @@ def run_experiment(name: str, root: Path, results: Path, budget: Budget, finishe
     t0 = time.time()
     rows = []
     for run in EXPERIMENTS[name]():
-        if finished_only and not (root / f"{run.slug}-steps{budget.steps}" / "row.json").exists():
+        if finished_only and not (run.folder(root, budget) / "row.json").exists():
             print(f"[{run.label}] not run yet: left out of the tables (--finished-only)")
             continue
         row = execute(run, root, budget)
-        atomic_write_json(row, root / f"{run.slug}-steps{budget.steps}" / "row.json")
+        atomic_write_json(row, run.folder(root, budget) / "row.json")
         rows.append(row)
     seconds = time.time() - t0
     results.mkdir(parents=True, exist_ok=True)
