@@ -75,3 +75,33 @@ def test_a_setting_at_its_default_names_the_same_run():
     assert {r.slug for r in E.sweep_delta() if r.x == 0.1} <= compare_slugs
     assert {r.slug for r in E.sweep_sigma() if r.x == 3.5} <= compare_slugs
     assert delta[0.2] not in compare_slugs and sigma[5.5] not in compare_slugs
+
+
+def _row(run: E.Run, top1: float) -> dict:
+    return {"label": run.label, "group": run.group, "x": run.x, "slug": run.slug, "steps": 2, "finetune_top1": top1,
+            "finetune_std": 1.0, "finetune_seeds": [top1], "finetune_recipe": "adamw", "probe_top1": 50.0,
+            "probe_std": 0.0, "probe_splits": [50.0]} | ({} if run.data is None else {
+        "first_loss": 6.9, "last_loss": 6.5, "pretext_top1": 0.5, "chance": 0.1, "pretrain_s": 60.0})
+
+
+def test_finished_only_tabulates_finished_runs_and_starts_nothing(tmp_path, capsys):
+    budget = E.Budget(steps=2)
+    runs = E.sweep_delta()
+    scratch, first = runs[0], runs[1]
+    for run, top1 in ((scratch, 78.0), (first, 70.0)):
+        run.folder(tmp_path, budget).mkdir(parents=True)
+        (run.folder(tmp_path, budget) / "row.json").write_text(json.dumps(_row(run, top1)))
+    half_done = runs[2].folder(tmp_path, budget) / "pretrain"  # a run that died: --finished-only must not resume it
+    half_done.mkdir(parents=True)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rows = E.run_experiment("sweep-delta", tmp_path, tmp_path / "results", budget, finished_only=True)
+    assert [r["finetune_top1"] for r in rows] == [78.0, 70.0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "results" not in p.parts) == before
+    assert capsys.readouterr().out.count("not finished: left out") == len(runs) - 2
+    with open(tmp_path / "results" / "sweep-delta.csv") as f:
+        assert [r["label"] for r in csv.DictReader(f)] == [scratch.label, first.label]
+
+
+def test_finished_only_with_nothing_finished_is_one_line(tmp_path):
+    with pytest.raises(E.TrainError, match="no finished run of compare at 2 steps under"):
+        E.run_experiment("compare", tmp_path, tmp_path / "results", E.Budget(steps=2), finished_only=True)

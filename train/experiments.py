@@ -318,12 +318,18 @@ def run_experiment(name: str, root: Path, results: Path, budget: Budget, finishe
     t0 = time.time()
     rows = []
     for run in EXPERIMENTS[name]():
-        if finished_only and not (run.folder(root, budget) / "row.json").exists():
-            print(f"[{run.label}] not run yet: left out of the tables (--finished-only)")
+        done = run.folder(root, budget) / "row.json"
+        if finished_only:  # tabulate what an earlier call wrote; start nothing, not even a half-done run's rest
+            if done.exists():
+                rows.append(json.loads(done.read_text()))
+            else:
+                print(f"[{run.label}] not finished: left out of the tables (--finished-only)")
             continue
         row = execute(run, root, budget)
-        atomic_write_json(row, run.folder(root, budget) / "row.json")
+        atomic_write_json(row, done)
         rows.append(row)
+    if not rows:
+        raise TrainError(f"no finished run of {name} at {budget.steps} steps under {root}")
     seconds = time.time() - t0
     results.mkdir(parents=True, exist_ok=True)
     grouped = groups(rows)
