@@ -105,3 +105,30 @@ def test_finished_only_tabulates_finished_runs_and_starts_nothing(tmp_path, caps
 def test_finished_only_with_nothing_finished_is_one_line(tmp_path):
     with pytest.raises(E.TrainError, match="no finished run of compare at 2 steps under"):
         E.run_experiment("compare", tmp_path, tmp_path / "results", E.Budget(steps=2), finished_only=True)
+
+
+@pytest.mark.slow  # ~40 s: two toy runs in spawned processes
+def test_jobs_run_side_by_side_and_a_failed_run_does_not_lose_the_others(tmp_path, monkeypatch):
+    noise = E.Run("noise", {"system": "noise", "seed": 0}, "noise")
+    bad = E.Run("bad", {"system": "no-such-system", "seed": 0}, "bad")
+    runs = [E.compare()[0], noise]
+    monkeypatch.setitem(E.EXPERIMENTS, "tiny", lambda: runs)
+    rows = E.run_experiment("tiny", tmp_path, tmp_path / "results", TINY, jobs=2)
+    assert [r["label"] for r in rows] == ["none (scratch)", "noise"] and rows[1]["device"].startswith("CPU")
+    for run, row in zip(runs, rows, strict=True):
+        folder = run.folder(tmp_path, TINY)
+        assert "finetune: digits" in (folder / "log.txt").read_text()  # each run its own log
+        assert json.loads((folder / "row.json").read_text()) == row
+    monkeypatch.setitem(E.EXPERIMENTS, "tiny", lambda: [bad, E.Run("noise 1", {"system": "noise", "seed": 1})])
+    with pytest.raises(E.FracgenError, match="unknown --system 'no-such-system'"):
+        E.run_experiment("tiny", tmp_path, tmp_path / "results", TINY, jobs=2)
+    assert (E.Run("noise 1", {"system": "noise", "seed": 1}).folder(tmp_path, TINY) / "row.json").exists()
+
+
+def test_jobs_below_one_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "train.experiments", "compare", "--jobs", "0"], capture_output=True,
+                       text=True, cwd=tmp_path, env={"PYTHONPATH": str(E.Path(E.__file__).parents[1])})
+    assert r.returncode == 1 and r.stderr.strip() == "error: --jobs must be at least 1, got 0"

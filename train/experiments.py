@@ -11,11 +11,15 @@ plots (PNG, with matplotlib, `pip install fracgen[plots]`) go to `--results`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -121,7 +125,16 @@ def _timed(times: dict, key: str, fn):
     t0 = time.time()
     result = fn()
     times[key] = round(time.time() - t0, 1)
+    times["device"] = _device()  # where the run's stages ran (their times mean nothing without it)
     return result
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {os.cpu_count()} cores"
 
 
 def execute(run: Run, root: Path, budget: Budget, log=print) -> dict:
@@ -200,6 +213,11 @@ def _fmt(v, digits=1):
     return "" if v is None else f"{v:.{digits}f}"
 
 
+def _devices(rows: list[dict]) -> str:
+    # rows from before the device was recorded all ran on the 2-core dev VM
+    return ", ".join(sorted({r.get("device", "CPU, 2 cores") for r in rows}))
+
+
 def markdown(name: str, rows: list[dict], grouped: list[dict], seconds: float, command: str) -> str:
     own = sum(r.get(k, 0) for r in rows for k in ("render_s", "pretrain_s", "finetune_s", "probe_s"))
     lines = [f"### `{command}`", "",
@@ -207,7 +225,8 @@ def markdown(name: str, rows: list[dict], grouped: list[dict], seconds: float, c
              f"done once and reused by later calls, this call took {seconds / 60:.1f} minutes). Pre-training: the CPU "
              f"preset, {rows[0]['steps']} "
              f"steps at batch 128. Fine-tuning: {next((r['finetune_recipe'] for r in rows), '')}, digits 10-shot, "
-             "seeds 0-2. Probe: logistic regression on frozen class + mean tokens, 10-shot, splits 0-2.", "",
+             "seeds 0-2. Probe: logistic regression on frozen class + mean tokens, 10-shot, splits 0-2. "
+             f"Ran on: {_devices(rows)}.", "",
              "| run | LPCE first -> last | pretext top-1 % | digits fine-tuned top-1 % | linear probe top-1 % |",
              "|---|---|---|---|---|"]
     for r in rows:
@@ -288,7 +307,7 @@ def plot(name: str, rows: list[dict], grouped: list[dict], path: Path) -> bool:
             ax.bar(x + (i - 0.5) * 0.38, [g[key] for g in grouped], 0.38, yerr=[g[std] for g in grouped],
                    capsize=4, label=label)
         ax.set_xticks(x, [g["group"] for g in grouped], rotation=20, ha="right", fontsize=8)
-    _finish(plt, fig, ax, f"{name}: {rows[0]['steps']} pre-training steps per run (2-core CPU)", path)
+    _finish(plt, fig, ax, f"{name}: {rows[0]['steps']} pre-training steps per run ({_devices(rows)})", path)
     return True
 
 
@@ -314,27 +333,60 @@ def scatter(root: Path, path: Path, steps: int) -> int:
     return len(rows)
 
 
-def run_experiment(name: str, root: Path, results: Path, budget: Budget, finished_only: bool = False) -> list[dict]:
+def _execute_and_keep(run: Run, root: Path, budget: Budget, log=print) -> dict:
+    row = execute(run, root, budget, log)
+    atomic_write_json(row, run.folder(root, budget) / "row.json")
+    return row
+
+
+def _execute_in_worker(run: Run, root: Path, budget: Budget, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    folder = run.folder(root, budget)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.txt", "a") as f, contextlib.redirect_stdout(f):  # runs side by side: one log each
+        return _execute_and_keep(run, root, budget)
+
+
+def execute_all(runs: list[Run], root: Path, budget: Budget, jobs: int = 1) -> list[dict]:
+    """Execute the runs in order, or `jobs` at a time, each in its own process with its own log.txt: on a GPU the
+    CPU preset's small model leaves the card mostly idle, so several runs share it. Rows come back in the runs'
+    order; a run that fails is reported after the others have finished (and kept what they did)."""
+    if jobs <= 1:
+        return [_execute_and_keep(run, root, budget) for run in runs]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_execute_in_worker, run, root, budget, threads): run for run in runs}
+        for future in as_completed(futures):
+            run = futures[future]
+            state = "failed" if future.exception() else "done"
+            print(f"[{run.label}] {state} (log: {run.folder(root, budget) / 'log.txt'})", flush=True)
+        return [future.result() for future in futures]
+
+
+def run_experiment(name: str, root: Path, results: Path, budget: Budget, finished_only: bool = False,
+                   jobs: int = 1) -> list[dict]:
     t0 = time.time()
-    rows = []
-    for run in EXPERIMENTS[name]():
-        done = run.folder(root, budget) / "row.json"
-        if finished_only:  # tabulate what an earlier call wrote; start nothing, not even a half-done run's rest
+    runs = EXPERIMENTS[name]()
+    if finished_only:  # tabulate what an earlier call wrote; start nothing, not even a half-done run's rest
+        rows = []
+        for run in runs:
+            done = run.folder(root, budget) / "row.json"
             if done.exists():
                 rows.append(json.loads(done.read_text()))
             else:
                 print(f"[{run.label}] not finished: left out of the tables (--finished-only)")
-            continue
-        row = execute(run, root, budget)
-        atomic_write_json(row, done)
-        rows.append(row)
+    else:
+        rows = execute_all(runs, root, budget, jobs)
     if not rows:
         raise TrainError(f"no finished run of {name} at {budget.steps} steps under {root}")
     seconds = time.time() - t0
     results.mkdir(parents=True, exist_ok=True)
     grouped = groups(rows)
     write_csv(results / f"{name}.csv", rows)
-    command = f"make {name}" if budget.steps == STEPS else f"python -m train.experiments {name} --steps {budget.steps}"
+    command = (f"make {name}" if budget.steps == STEPS and jobs == 1 else
+               f"python -m train.experiments {name} --steps {budget.steps}" + (f" --jobs {jobs}" if jobs > 1 else ""))
     (results / f"{name}.md").write_text(markdown(name, rows, grouped, seconds, command))
     drew = plot(name, rows, grouped, results / f"{name}.png")
     scatter(root, results / "pretext-vs-transfer.png", budget.steps)
@@ -354,14 +406,17 @@ def main(
     results: Annotated[Path, typer.Option(help="where the CSV, markdown and PNG go")] = Path("docs/results"),
     steps: Annotated[int, typer.Option(help="pre-training steps per run")] = STEPS,
     finished_only: Annotated[bool, typer.Option(help="tabulate the runs already finished, run nothing new")] = False,
+    jobs: Annotated[int, typer.Option(help="runs at a time, each in its own process (a GPU fits several)")] = 1,
 ):
     """Run one of the paper's comparisons at CPU scale and write its tables and plots."""
     if name not in EXPERIMENTS:
         raise TrainError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     if steps < 1:
         raise TrainError(f"--steps must be at least 1, got {steps}")
+    if jobs < 1:
+        raise TrainError(f"--jobs must be at least 1, got {jobs}")
     try:
-        run_experiment(name, root, results, dataclasses.replace(Budget(), steps=steps), finished_only)
+        run_experiment(name, root, results, dataclasses.replace(Budget(), steps=steps), finished_only, jobs)
     except FracgenError as e:
         raise TrainError(str(e)) from None
 
