@@ -100,6 +100,7 @@ def test_finished_only_tabulates_finished_runs_and_starts_nothing(tmp_path, caps
     assert capsys.readouterr().out.count("not finished: left out") == len(runs) - 2
     with open(tmp_path / "results" / "sweep-delta.csv") as f:
         assert [r["label"] for r in csv.DictReader(f)] == [scratch.label, first.label]
+    assert "digits 10-shot, 1 seed(s)." in (tmp_path / "results" / "sweep-delta.md").read_text()
 
 
 def test_finished_only_with_nothing_finished_is_one_line(tmp_path):

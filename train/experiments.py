@@ -225,7 +225,8 @@ def markdown(name: str, rows: list[dict], grouped: list[dict], seconds: float, c
              f"done once and reused by later calls, this call took {seconds / 60:.1f} minutes). Pre-training: the CPU "
              f"preset, {rows[0]['steps']} "
              f"steps at batch 128. Fine-tuning: {next((r['finetune_recipe'] for r in rows), '')}, digits 10-shot, "
-             "seeds 0-2. Probe: logistic regression on frozen class + mean tokens, 10-shot, splits 0-2. "
+             f"{len(rows[0]['finetune_seeds'])} seed(s). Probe: logistic regression on frozen class + mean tokens, "
+             f"10-shot, {len(rows[0]['probe_splits'])} split(s). "
              f"Ran on: {_devices(rows)}.", "",
              "| run | LPCE first -> last | pretext top-1 % | digits fine-tuned top-1 % | linear probe top-1 % |",
              "|---|---|---|---|---|"]
