@@ -16,7 +16,6 @@ import csv
 import dataclasses
 import json
 import multiprocessing
-import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -26,7 +25,7 @@ from typing import Annotated
 
 import typer
 
-from fracgen.dataset import Settings, render_dataset
+from fracgen.dataset import Settings, available_cores, render_dataset
 from fracgen.errors import FracgenError
 from fracgen.shards import read_manifest
 from train import finetune as finetune_lib
@@ -134,7 +133,7 @@ def _device() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU, {os.cpu_count()} cores"
+    return f"CPU, {available_cores()} cores"
 
 
 def execute(run: Run, root: Path, budget: Budget, log=print) -> dict:
@@ -334,8 +333,8 @@ def scatter(root: Path, path: Path, steps: int) -> int:
     return len(rows)
 
 
-def _execute_and_keep(run: Run, root: Path, budget: Budget, log=print) -> dict:
-    row = execute(run, root, budget, log)
+def _execute_and_keep(run: Run, root: Path, budget: Budget) -> dict:
+    row = execute(run, root, budget)
     atomic_write_json(row, run.folder(root, budget) / "row.json")
     return row
 
@@ -356,7 +355,7 @@ def execute_all(runs: list[Run], root: Path, budget: Budget, jobs: int = 1) -> l
     order; a run that fails is reported after the others have finished (and kept what they did)."""
     if jobs <= 1:
         return [_execute_and_keep(run, root, budget) for run in runs]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, available_cores() // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_execute_in_worker, run, root, budget, threads): run for run in runs}
         for future in as_completed(futures):
