@@ -31,6 +31,7 @@ from torchvision.transforms import InterpolationMode
 from fracgen import png
 from fracgen import shards as fracgen_shards
 from fracgen.errors import FracgenError
+from train.randaugment import to_device
 from train.runtime import TrainError
 
 PRETRAIN_MEAN = PRETRAIN_STD = (0.5, 0.5, 0.5)  # the 1p-frac reference scripts normalise with 0.5 / 0.5
@@ -309,7 +310,8 @@ class MemorySource:
         return self.sampler.indices(micro_step)[0]
 
     def __call__(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.indices(micro_step).to(self.images.device)
+        # Through pinned memory: a plain copy from pageable memory would wait for the device every step.
+        idx = to_device(self.indices(micro_step), self.images.device)
         return self.images[idx], self.labels[idx]
 
 
