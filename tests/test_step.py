@@ -103,12 +103,12 @@ def _losses(out: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_the_compiled_step_trains_what_the_eager_step_trains(shards, tmp_path):
-    """Same seeds, same batches: torch.compile only reorders floating-point work, so over 200 steps the loss curve
+    """Same seeds, same batches: torch.compile only reorders floating-point work, so over 160 steps the loss curve
     of the compiled model stays within noise of the eager one (windows of 20 steps)."""
-    args = dict(shards=str(shards), **{**TINY, "log_every": 20}, **AUGMENTED, steps=200)
+    args = dict(shards=str(shards), **{**TINY, "log_every": 20}, mixup=0.0, smoothing=0.0, blr=2e-2, steps=160)
     pretrain.pretrain(Config(**args, out=str(tmp_path / "eager")))
     pretrain.pretrain(Config(**args, out=str(tmp_path / "compiled"), compile=True))
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
-    assert len(eager) == len(compiled) == 10
-    assert eager[-1] < eager[0] - 0.1  # it learns, so the comparison means something
-    assert max(abs(a - b) for a, b in zip(eager, compiled, strict=True)) < 0.05
+    assert len(eager) == len(compiled) == 8
+    assert eager[-1] < eager[0] - 0.3  # it learns, so the comparison means something
+    assert max(abs(a - b) for a, b in zip(eager, compiled, strict=True)) < 0.1

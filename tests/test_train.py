@@ -262,6 +262,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(shards, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "says"), [(["--cache", "off"], "1 loader worker(s) decoding; augmentation on the"),
+                                            (["--cache", "off", "--crop-in", "workers"],
+                                             "1 loader worker(s) decoding and cutting crops; augmentation on the"),
                                             (["--augment", "cpu"], "decoding and augmenting with PIL")])
 def test_streaming_and_pil_paths_train(shards, tmp_path, args, says):
     result = run("train.pretrain", "--shards", str(shards), "--out", str(tmp_path / "run"), "--steps", "3", *TINY,

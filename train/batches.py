@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from train import data, onthefly
-from train.augment import AugmentRNG, DeviceAugment
+from train.augment import AugmentRNG, DeviceAugment, HostCrop
 from train.runtime import TrainError
 from train.source import resolve_shards
 
 GiB = 1024**3
+_CROPPING = " and cutting crops"
 
 
 @dataclass
@@ -110,6 +111,7 @@ class DataPath:
 
     name = ""
     augmented = False
+    cropped = False  # the loader workers cut the crops (`train.augment.HostCrop`); the device does the rest
     how = ""
 
     def raw(self, first: int, last: int):
@@ -144,19 +146,19 @@ class StreamPath(DataPath):
     """Shards streamed by loader workers that only decode (`augmented` False) or also augment with PIL (the `pil`
     path). The stream seed includes the start step, so a resumed run draws new samples instead of replaying."""
 
-    def __init__(self, run: RunData, cfg, batch: int, step: int, pin_memory: bool, pil: bool):
-        self.run, self.cfg, self.batch, self.pin_memory = run, cfg, batch, pin_memory
+    def __init__(self, run: RunData, cfg, batch: int, step: int, pin_memory: bool, pil: bool, crop=None):
+        self.run, self.cfg, self.batch, self.pin_memory, self.crop = run, cfg, batch, pin_memory, crop
         self.seed = cfg.seed + 7919 * step
-        self.name, self.augmented = ("pil", True) if pil else ("stream", False)
+        self.name, self.augmented, self.cropped = ("pil", True, False) if pil else ("stream", False, crop is not None)
         shards = f"streaming {len(run.urls)} shards, {cfg.workers} loader worker(s)"
         self.how = f"{shards} decoding and augmenting with PIL" if pil else \
-            f"{shards} decoding; augmentation on the device"
+            f"{shards} decoding{_CROPPING if crop else ''}; augmentation on the device"
 
     def raw(self, first: int, last: int):
         cfg, urls = self.cfg, list(self.run.urls)
         if not self.augmented:
             return data.uint8_loader(urls, self.batch, last - first, self.seed, cfg.shuffle_buffer, cfg.workers,
-                                     pin_memory=self.pin_memory)
+                                     pin_memory=self.pin_memory, crop=self.crop)
         transform = data.train_transform(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip,
                                          vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob, gray=True,
                                          ink_gain=cfg.ink_gain)
@@ -173,20 +175,26 @@ class RenderPath(DataPath):
 
     name = "render"
 
-    def __init__(self, run: RunData, cfg, batch: int, rank: int, world_size: int, pin_memory: bool):
-        self.run, self.cfg, self.pin_memory = run, cfg, pin_memory
+    def __init__(self, run: RunData, cfg, batch: int, rank: int, world_size: int, pin_memory: bool, crop=None):
+        self.run, self.cfg, self.pin_memory, self.crop, self.cropped = run, cfg, pin_memory, crop, crop is not None
         self.draws = onthefly.Draws(run.num_classes, run.instances, batch, cfg.seed, rank, world_size)
         drawn = (f"{run.instances} instances per class" if run.instances else
                  "a fresh instance of every class every epoch")
-        self.how = f"rendering on the fly, {cfg.workers} loader worker(s): {drawn}; augmentation on the device, " \
-                   "no shards"
+        self.how = f"rendering on the fly, {cfg.workers} loader worker(s){_CROPPING if crop else ''}: {drawn}; " \
+                   "augmentation on the device, no shards"
 
     def raw(self, first: int, last: int):
         return onthefly.loader(self.run.manifest, self.draws, first, last, self.cfg.workers,
-                               pin_memory=self.pin_memory)
+                               pin_memory=self.pin_memory, crop=self.crop)
 
     def eval_batches(self):
         return onthefly.eval_batches(self.run.manifest, min(self.cfg.eval_samples, self.run.epoch_images))
+
+
+def crop_in_workers(cfg, device) -> bool:
+    """`--crop-in workers|device|auto`: where the streamed paths cut their crops. auto: in the workers on CUDA,
+    where moving whole images to the card costs more than cutting them (docs/speed.md); on the device elsewhere."""
+    return cfg.crop_in == "workers" or (cfg.crop_in == "auto" and device.type == "cuda")
 
 
 def open_data(cfg, run: RunData, device, batch: int, rank: int = 0, world_size: int = 1,
@@ -194,6 +202,9 @@ def open_data(cfg, run: RunData, device, batch: int, rank: int = 0, world_size: 
     """The data path of this run (chosen by `choose_data_path`) and why it was chosen."""
     path, why = choose_data_path(cfg, run.manifest, device, run.images)
     pin = device.type == "cuda"
+    crop = None
+    if path == "stream" and crop_in_workers(cfg, device):
+        crop = HostCrop(cfg.img_size, crop=cfg.crop, scale=cfg.crop_scale, ink_gain=cfg.ink_gain)
     if path == "memory":
         t0 = time.time()
         if cfg.render:
@@ -206,8 +217,8 @@ def open_data(cfg, run: RunData, device, batch: int, rank: int = 0, world_size: 
         return MemoryPath(images.to(device), labels.to(device), batch, cfg.seed, rank, world_size, cfg.eval_samples,
                           made), why
     if cfg.render:
-        return RenderPath(run, cfg, batch, rank, world_size, pin), why
-    return StreamPath(run, cfg, batch, step, pin, pil=path == "pil"), why
+        return RenderPath(run, cfg, batch, rank, world_size, pin, crop), why
+    return StreamPath(run, cfg, batch, step, pin, pil=path == "pil", crop=crop), why
 
 
 class DeviceBatches:

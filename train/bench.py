@@ -244,8 +244,11 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
                   dict(augment="cpu", workers=workers, shards=str(big))),
                  (f"on the fly (`--render --instances 0`), {workers} worker(s) rendering, augmentation on the "
                   "device", dict(shards="", render=str(shards), instances=0, workers=workers))]
-        if cuda:
+        if cuda:  # the old ways beside the new defaults
             paths.insert(0, ("in-memory cache, eager step (`--fast off`, the old step)", dict(cache="on", fast="off")))
+            paths.insert(3, (f"streaming, {workers} worker(s) decoding, whole images to the device (`--crop-in "
+                             "device`, the old way)", dict(cache="off", workers=workers, shards=str(big),
+                                                          crop_in="device")))
         for i, (label, args) in enumerate(paths):
             measure(label, lambda i=i, args=args: run(i, **args))
         if preset == "paper":

@@ -102,6 +102,7 @@ class Config:
     ink_gain: float = 2.0
     augment: str = "device"  # device: batched on the training device (train.augment); cpu: PIL in loader workers
     cache: str = "auto"  # on: decode the set into device memory; off: stream the shards; auto: on if it fits
+    crop_in: str = "auto"  # streamed paths: cut crops in the loader workers or on the device; auto: workers on CUDA
     cache_budget: float = 0.0  # GiB the decoded set may take per rank; 0 = a quarter of the device's memory
     shuffle_buffer: int = 1000  # streaming only
     workers: int = 1  # loader processes per rank; streaming only
@@ -129,8 +130,8 @@ PRESETS = {
 
 # Options that may differ on --resume (they do not change what is being trained).
 RESUMABLE = {"out", "shards", "cache_dir", "render", "resume", "steps", "workers", "log_every", "eval_every",
-             "eval_samples", "ckpt_every", "stop_after", "fast", "compile", "compile_mode", "cache", "cache_budget",
-             "augment", "shuffle_buffer"}
+             "eval_samples", "ckpt_every", "stop_after", "fast", "compile", "compile_mode", "crop_in", "cache",
+             "cache_budget", "augment", "shuffle_buffer"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -182,10 +183,13 @@ def build_scheduler(cfg: Config, optimizer, lr: float, warmup: int) -> CosineLRS
                              warmup_lr_init=lr / 1000, warmup_prefix=True, t_in_epochs=False)
 
 
-def device_augment(cfg: Config) -> DeviceAugment:
-    return DeviceAugment(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, hflip=0.5 * cfg.flip,
-                         vflip=0.5 * cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob,
-                         mean=data.PRETRAIN_MEAN[0], std=data.PRETRAIN_STD[0], ink_gain=cfg.ink_gain)
+def device_augment(cfg: Config, cropped: bool = False) -> DeviceAugment:
+    """The run's augmentation on the device; `cropped`: the loader workers already applied the ink gain and cut
+    the crops at the model's size (`train.augment.HostCrop`), the device does the rest."""
+    return DeviceAugment(cfg.img_size, crop=cfg.crop and not cropped, crop_scale=cfg.crop_scale,
+                         hflip=0.5 * cfg.flip, vflip=0.5 * cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob,
+                         mean=data.PRETRAIN_MEAN[0], std=data.PRETRAIN_STD[0],
+                         ink_gain=1.0 if cropped else cfg.ink_gain)
 
 
 def pretrain(cfg: Config) -> dict:
@@ -309,7 +313,8 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     augment = device_augment(cfg)
     end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps  # where this run stops
     path, why = batches.open_data(cfg, run, device, batch, rank, world_size, step)
-    micro_batches = batches.DeviceBatches(path, augment, augment_rng, device, step * cfg.accum, end * cfg.accum,
+    micro_batches = batches.DeviceBatches(path, device_augment(cfg, path.cropped), augment_rng, device,
+                                          step * cfg.accum, end * cfg.accum,
                                           prefetch=fast.prefetch, hint=str(run.shards_dir or cfg.render))
 
     def evaluate() -> dict:
@@ -487,6 +492,9 @@ def main(
                                                       "PIL in loader workers (the old path)")] = None,
     cache: Annotated[str | None, typer.Option(help="auto: hold the decoded set in device memory if it fits the "
                                                    "budget, else stream; on; off")] = None,
+    crop_in: Annotated[str | None, typer.Option(help="streamed paths: cut the crops in the loader workers (ship "
+                                                     "model-sized crops) or on the device; auto: workers on CUDA")]
+    = None,
     cache_budget: Annotated[float | None, typer.Option(help="GiB the decoded set may take per rank (default: a "
                                                             "quarter of the device's memory)")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="download cache for a --shards URL or hf:// source, one "
@@ -526,6 +534,8 @@ def main(
         raise TrainError(f"unknown --fast {fast!r}; choose auto, on or off")
     if compile_mode not in (None, *COMPILE_MODES):
         raise TrainError(f"unknown --compile-mode {compile_mode!r}; choose {', '.join(COMPILE_MODES)}")
+    if crop_in not in (None, "auto", "workers", "device"):
+        raise TrainError(f"unknown --crop-in {crop_in!r}; choose auto, workers or device")
     if cache not in (None, "auto", "on", "off"):
         raise TrainError(f"unknown --cache {cache!r}; choose auto, on or off")
     for key, value in (("cache-budget", cache_budget), ("stop-after", stop_after)):
