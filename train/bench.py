@@ -21,6 +21,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -177,10 +178,11 @@ def _peak_mib(device) -> str:
 
 
 def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, stream_images: int = 0,
-                  compile_modes: tuple[str, ...] = ("default",)) -> list[tuple[str, str, str, str, str, str]]:
+                  compile_modes: tuple[str, ...] = ("default",)) -> Iterator[tuple[str, str, str, str, str, str]]:
     """A preset trained through each data path and on random tensors, in this one process: (what, samples/s, % of
-    the fast model-only rate, MFU, peak device MiB, note). Each figure is the median samples/s of the windows after
-    the first (start-up, compilation, worker spawn and buffer fill excluded).
+    the fast model-only rate, MFU, peak device MiB, note), each row as soon as it is measured (a time-boxed device
+    call keeps what finished). Each figure is the median samples/s of the windows after the first (start-up,
+    compilation, worker spawn and buffer fill excluded).
 
     Model only: eager, and on CUDA the fast step once per torch.compile mode in `compile_modes`; the data paths
     run with the default --fast (on CUDA: the fast step with the first mode), the in-memory path eager as well,
@@ -223,6 +225,10 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
             rows.append((label, rate, f"{used:.1f}%" if used is not None else "-", _peak_mib(device), note))
             return rate
 
+        def done(row) -> tuple[str, str, str, str, str, str]:
+            label, rate, used, mib, note = row
+            return label, f"{rate:,.0f}", f"{100 * rate / reference:.0f}%", used, mib, note
+
         def model_only(**args):
             rates = model_only_rate(Config(**{**base, **args}), num_classes, steps, window)
             return rates, f"{torch.get_num_threads()} threads" if not cuda else torch.cuda.get_device_name(device)
@@ -237,6 +243,7 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
                               lambda mode=mode: model_only(fast="on", compile_mode=mode))
                       for mode in (compile_modes if cuda else ())]
         reference = max(fast_rates, default=eager)
+        yield from (done(row) for row in rows)
         paths = [("in-memory cache, augmentation on the device", dict(cache="on")),
                  (f"streaming, {workers} worker(s) decoding, augmentation on the device",
                   dict(cache="off", workers=workers, shards=str(big))),
@@ -251,6 +258,7 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
                                                           crop_in="device")))
         for i, (label, args) in enumerate(paths):
             measure(label, lambda i=i, args=args: run(i, **args))
+            yield done(rows[-1])
         if preset == "paper":
             small = dict(PRESETS["cpu"], steps=steps, log_every=window, eval_every=0, ckpt_every=0, cache="on",
                          compile_mode=compile_modes[0])
@@ -259,8 +267,7 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
                         lambda fast=fast: (run_rates(Config(shards=str(shards), **small, fast=fast,
                                                             out=str(Path(tmp) / f"small-{fast}")))[0],
                                            "one process; not the paper model, so no MFU"), mfu_applies=False)
-    return [(label, f"{rate:,.0f}", f"{100 * rate / reference:.0f}%", used, mib, note)
-            for label, rate, used, mib, note in rows]
+                yield done(rows[-1])
 
 
 def augmentation_rows(batch: int = 256, repeats: int = 3) -> list[tuple[str, str, str]]:
