@@ -173,8 +173,10 @@ def bench_trainer(args) -> None:
 
     what = ("CPU preset trained through (real pretrain runs, 1000 classes at 128 px)" if args.preset == "cpu" else
             "paper preset trained through (real pretrain runs, 1p-frac at 512 px; streamed set larger)")
-    print(f"\n| {what} | samples/s | of model only | note |\n|---|---|---|---|")
-    for r in tb.training_rows(args.preset, args.train_steps, stream_images=args.stream_images):
+    print(f"\n| {what} | samples/s | of the fast model-only rate | MFU (bf16 peak) | peak device MiB | note |"
+          "\n|---|---|---|---|---|---|")
+    for r in tb.training_rows(args.preset, args.train_steps, stream_images=args.stream_images,
+                              compile_modes=tuple(args.compile_modes.split(","))):
         print("| " + " | ".join(r) + " |")
     print("\n| paper preset augmentation, one batch of 256 (512 px -> 224 px, RandAugment m9 inc1, erasing 0.5) | "
           "ms/batch | device |\n|---|---|---|")
@@ -211,6 +213,9 @@ def main():
     ap.add_argument("--train-steps", type=int, default=100, help="steps of each timed pre-training run")
     ap.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
                     help="trainer rows for this preset (paper: for a GPU machine)")
+    ap.add_argument("--compile-modes", default="default",
+                    help="torch.compile modes of the fast model-only rows, comma-separated (CUDA only; the data "
+                         "paths use the first), e.g. default,reduce-overhead")
     ap.add_argument("--stream-images", type=int, default=20_000, help="images of the streamed set (paper preset)")
     ap.add_argument("--scaling", metavar="1,2,4", help="only the end-to-end scaling over these worker counts")
     ap.add_argument("--only", choices=("renderer", "trainer", "onthefly"),

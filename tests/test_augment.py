@@ -22,6 +22,7 @@ from train import data
 from train.augment import (
     AugmentRNG,
     DeviceAugment,
+    HostCrop,
     erase_boxes,
     random_erase,
     resized_crop,
@@ -252,3 +253,17 @@ def test_same_generator_state_same_augmentations_and_different_per_sample():
     assert torch.equal(first, augment(images, rng))
     flat = first.flatten(1)
     assert len({tuple(row.tolist()) for row in flat}) == 8  # every sample got its own parameters
+
+
+def test_crops_cut_in_the_workers_are_the_devices_crops():
+    """`HostCrop` (in a loader worker) draws the boxes the device's crop draws from the same generator state and
+    cuts them with PIL, after the ink gain; the device then resizes nothing: to a grey level, the same images."""
+    images = torch.tensor(fractal(128))[None, None].expand(6, 1, 128, 128).contiguous()
+    device = DeviceAugment(32, crop_scale=(0.35, 1.0), hflip=0.0, vflip=0.0, ink_gain=2.0)
+    rest = DeviceAugment(32, crop=False, hflip=0.0, vflip=0.0, ink_gain=1.0)
+    cut = HostCrop(32, scale=(0.35, 1.0), ink_gain=2.0)(images, torch.Generator().manual_seed(4))
+    assert cut.shape == (6, 1, 32, 32) and cut.dtype == torch.uint8
+    ours = rest(cut, AugmentRNG(9, CPU))
+    theirs = device(images, AugmentRNG(4, CPU))
+    assert (ours - theirs).abs().max().item() <= 2 / 255 / 0.5 + 1e-6
+    assert len({tuple(row.tolist()) for row in cut.flatten(1)}) == 6  # every sample its own box

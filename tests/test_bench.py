@@ -46,10 +46,11 @@ def test_bench_scaling_table():
 def test_trainer_rows_run_every_data_path():
     from train.bench import training_rows
 
-    rows = training_rows("cpu", steps=4, window=2)
+    rows = list(training_rows("cpu", steps=4, window=2))
     assert [r[0].split(" ")[0] for r in rows] == ["model", "in-memory", "streaming,", "PIL", "on"]
-    assert all(float(r[1].replace(",", "")) > 0 for r in rows)
-    assert "in-memory cache" in rows[1][3] and "with PIL" in rows[3][3] and "rendering on the fly" in rows[4][3]
+    assert all(float(r[1].replace(",", "")) > 0 for r in rows) and rows[0][2] == "100%"
+    assert all(r[3] == "-" and r[4] == "-" for r in rows)  # no MFU nor device memory on a CPU
+    assert "in-memory cache" in rows[1][5] and "with PIL" in rows[3][5] and "rendering on the fly" in rows[4][5]
 
 
 def test_onthefly_rows_compare_rendering_with_reading_shards(monkeypatch):

@@ -16,6 +16,7 @@ import torch
 
 from fracgen.dataset import render_dataset
 from train import data, onthefly
+from train.augment import HostCrop
 from train.pretrain import Config, pretrain
 from train.runtime import TrainError
 
@@ -54,6 +55,17 @@ def test_streamed_batches_are_the_caches_for_any_number_of_workers(shards):
         for t, (x, y) in enumerate(batches, start=2):
             mx, my = memory(t)
             assert torch.equal(x, mx) and torch.equal(y, my)
+
+
+def test_crops_cut_by_rendering_workers_do_not_depend_on_the_worker_count(shards):
+    """With the crops cut in the workers (`--crop-in workers`), micro-batch t's crops come from (seed, t, rank)."""
+    manifest = onthefly.read_manifest(shards)
+    draws = onthefly.Draws(12, 0, batch=6, seed=3, rank=1, world_size=2)
+    crop = HostCrop(16, scale=(0.35, 1.0), ink_gain=2.0)
+    runs = [list(onthefly.loader(manifest, draws, first=1, last=5, workers=w, crop=crop)) for w in (0, 2)]
+    assert all(x.shape == (6, 1, 16, 16) for x, _ in runs[0])
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*runs, strict=True))
+    assert not torch.equal(runs[0][0][0], runs[0][1][0])
 
 
 def test_unbounded_instances_show_every_class_each_epoch_as_a_new_instance():

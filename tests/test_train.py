@@ -80,10 +80,11 @@ def test_ddp_two_ranks_same_steps_with_fewer_shards_than_workers(tmp_path, path)
     assert len(data.read_manifest(shards)["shards"]) == 1
     out = tmp_path / "run"
     result = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--steps", "4", *TINY,
-                 "--accum", "2", "--workers", "2", "--ckpt-every", "2", "--cache", "on" if path == "memory" else "off",
-                 torchrun=2)
+                 "--accum", "2", "--workers", "2", "--ckpt-every", "2",
+                 *(["--cache", "on"] if path == "memory" else ["--cache", "off", "--crop-in", "workers"]), torchrun=2)
     assert result.returncode == 0, result.stderr
-    assert ("in-memory cache" if path == "memory" else "streaming 1 shards") in result.stdout
+    assert ("in-memory cache" if path == "memory" else "streaming 1 shards, 2 loader worker(s) decoding and cutting "
+            "crops") in result.stdout
     counts = dict(re.findall(r"\[rank (\d)\] done: (\d+) steps", result.stdout))
     assert counts == {"0": "4", "1": "4"}
     assert "global batch 64 (2 x 16 x 2)" in result.stdout
@@ -262,6 +263,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(shards, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "says"), [(["--cache", "off"], "1 loader worker(s) decoding; augmentation on the"),
+                                            (["--cache", "off", "--crop-in", "workers"],
+                                             "1 loader worker(s) decoding and cutting crops; augmentation on the"),
                                             (["--augment", "cpu"], "decoding and augmenting with PIL")])
 def test_streaming_and_pil_paths_train(shards, tmp_path, args, says):
     result = run("train.pretrain", "--shards", str(shards), "--out", str(tmp_path / "run"), "--steps", "3", *TINY,

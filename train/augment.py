@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from train.randaugment import RandAugment, to_device
@@ -242,3 +243,36 @@ class DeviceAugment:
         batch, height, width = x.shape
         boxes = torch.tensor([[0.0, 0.0, height, width]]).expand(batch, 4)
         return self._to_model(resized_crop(x, boxes, self.img_size)).contiguous()
+
+
+class HostCrop:
+    """RandomResizedCrop where the pixels are decoded or rendered (a loader worker), the rest on the device.
+
+    A (B, 1, H, W) uint8 batch becomes (B, 1, size, size) uint8: ink gain, then for every sample its own box (drawn
+    as `sample_crop_boxes` draws it) cut out and resized with PIL's antialiased bicubic filter, as the PIL path
+    (`train.data.train_transform`) does. The streamed paths then hand the training process crops at the model's
+    size instead of whole images (at the paper preset 224 px instead of 512 px: a fifth of the bytes to move, pin
+    and copy to the device); flips, RandAugment, normalisation and erasing stay on the device (`DeviceAugment` with
+    `crop=False`, `ink_gain=1`).
+    """
+
+    def __init__(self, size: int, crop: bool = True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), ink_gain: float = 1.0):
+        self.size, self.crop, self.scale, self.ratio = size, crop, scale, ratio
+        self.lut = None if ink_gain == 1 else [min(255, round(v * ink_gain)) for v in range(256)]
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        from PIL import Image
+
+        batch, _, height, width = images.shape
+        if self.crop:
+            boxes = sample_crop_boxes(batch, height, width, self.scale, self.ratio, generator=generator)
+        else:
+            boxes = torch.tensor([[0.0, 0.0, height, width]]).expand(batch, 4)
+        out = torch.empty(batch, 1, self.size, self.size, dtype=torch.uint8)
+        for i, (top, left, h, w) in enumerate(boxes.int().tolist()):
+            image = Image.fromarray(images[i, 0].numpy())
+            if self.lut is not None:
+                image = image.point(self.lut)
+            image = image.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BICUBIC)
+            out[i, 0] = torch.from_numpy(np.array(image))
+        return out

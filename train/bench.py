@@ -1,8 +1,9 @@
 """Trainer speed for `make bench`: data paths against the model alone, and the loaders and augmentations apart.
 
-- training rows: real `train.pretrain` runs of the CPU preset on real shards, one per data path (in-memory cache
-  with augmentation on the device, streaming with augmentation on the device, the PIL path of loader workers),
-  beside the same model, batch, optimizer and threads trained on random tensors (the model-only rate);
+- training rows: real `train.pretrain` runs of a preset on real shards, one per data path (in-memory cache
+  with augmentation on the device, streaming with augmentation on the device, the PIL path of loader workers, on
+  the fly), beside the same model, batch, optimizer and step trained on random tensors (the model-only rate),
+  eager and (on CUDA) with the fast step of `train.step`, with MFU and peak device memory;
 - augmentation rows: one batch of the paper preset's recipe (512 px -> 224 px, RandAugment, erasing), PIL per
   sample against `train.augment` on the whole batch, on this machine's device;
 - loader rows: decoded + PIL-augmented samples/s of the old loader alone (Mixup/CutMix act in the loop);
@@ -20,6 +21,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ from train.pretrain import (
     device_augment,
     pretrain,
 )
+from train.step import TrainStep, autocast_for, compile_model, fast_options, flops_per_sample, mfu, peak_flops
 
 # (label, shard image size, train_transform arguments): the two presets' image pipelines.
 PIPELINES = [
@@ -122,29 +125,28 @@ def onthefly_rows(seconds: float = 10.0, batch: int = 128) -> list[tuple[str, st
 
 
 def model_only_rate(cfg: Config, num_classes: int, steps: int, window: int = 20) -> list[float]:
-    """Samples/s per window of `window` steps of the model alone: pretrain's model, optimizer, schedule, batch
-    and loss on a fixed random batch (no data, no augmentation, no Mixup), with the loss read once per window
-    as pretrain reads it."""
+    """Samples/s per window of `window` steps of the model alone: pretrain's model, optimizer, schedule, batch,
+    loss and step (`train.step`, with the run's --fast options) on a fixed random batch (no data, no augmentation,
+    no Mixup), the loss read once per window as pretrain reads it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fast = fast_options(cfg.fast, cfg.compile, cfg.compile_mode, device)
     torch.manual_seed(0)
     model, _ = build_model(cfg, num_classes, device)
-    optimizer = build_optimizer(cfg, model, 1e-3)
+    optimizer = build_optimizer(cfg, model, 1e-3, fused=fast.fused)
     scheduler = build_scheduler(cfg, optimizer, 1e-3, min(cfg.warmup_steps, cfg.steps // 2))
+    if fast.compile:
+        model = compile_model(model, fast.compile_mode)
+    step = TrainStep(model, optimizer, scheduler, num_classes, autocast=autocast_for(device))
     batch = cfg.global_batch or cfg.batch  # one process
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     target = torch.softmax(torch.randn(batch, num_classes, device=device), 1)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    rates, total, t0 = [], torch.zeros((), device=device), time.perf_counter()
-    for step in range(steps):
-        scheduler.step_update(step)
-        with autocast:
-            loss = torch.sum(-target * torch.log_softmax(model(x), -1), -1).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        total += loss.detach()
-        if (step + 1) % window == 0:
-            total.item()
+    step.targets = lambda x, y: (x, y)  # the targets are already soft: no one-hot
+    fixed = iter(lambda: (x, target), None)
+    rates, t0 = [], time.perf_counter()
+    for i in range(steps):
+        step(i, fixed)
+        if (i + 1) % window == 0:
+            step.take_mean_loss()
             rates.append(window * batch / (time.perf_counter() - t0))
             t0 = time.perf_counter()
     return rates
@@ -161,16 +163,37 @@ def run_rates(cfg: Config) -> tuple[list[float], str]:
     return rates, next((line for line in lines if line.startswith("data:")), "")
 
 
-def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20,
-                  stream_images: int = 0) -> list[tuple[str, str, str, str]]:
-    """A preset trained through each data path and on random tensors, in this one process. Each figure is the
-    median samples/s of the windows after the first (start-up, worker spawn and buffer fill excluded).
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
 
+
+def _peak_mib(device) -> str:
+    """The device's peak allocation since `_reset_peak` (CUDA); on the CPU no per-row figure exists."""
+    if device.type != "cuda":
+        return "-"
+    torch.cuda.synchronize()
+    return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f}"
+
+
+def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, stream_images: int = 0,
+                  compile_modes: tuple[str, ...] = ("default",)) -> Iterator[tuple[str, str, str, str, str, str]]:
+    """A preset trained through each data path and on random tensors, in this one process: (what, samples/s, % of
+    the fast model-only rate, MFU, peak device MiB, note), each row as soon as it is measured (a time-boxed device
+    call keeps what finished). Each figure is the median samples/s of the windows after the first (start-up,
+    compilation, worker spawn and buffer fill excluded).
+
+    Model only: eager, and on CUDA the fast step once per torch.compile mode in `compile_modes`; the data paths
+    run with the default --fast (on CUDA: the fast step with the first mode), the in-memory path eager as well,
+    old beside new.
     cpu: the CPU preset on `make pretrain`'s shards, 1 loader worker where there are workers (its default).
     paper: the paper preset on the 1p-frac set (1000 x 512 px) and, streamed, on `stream_images` images (a
     FractalDB-sized set streams the same way; the rate does not depend on its length); loader workers: all
-    cores but one. Meant for a GPU machine.
+    cores but one; then the CPU preset on the same device, eager and fast. Meant for a GPU machine.
     """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
     rows = []
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,23 +210,64 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20,
             base = dict(PRESETS["paper"], shards=str(shards), steps=steps, warmup_epochs=0.0, warmup_steps=10,
                         log_every=window, eval_every=0, ckpt_every=0)
             workers = max(1, cores - 1)
+        base["compile_mode"] = compile_modes[0]
         num_classes = data.read_manifest(shards)["num_classes"]
-        model_only = statistics.median(model_only_rate(Config(**base), num_classes, steps, window)[1:])
-        rows.append(("model only (random tensors, same model, batch, optimizer, threads)", f"{model_only:,.0f}",
-                     "100%", f"{torch.get_num_threads()} threads"))
-        paths = [("in-memory cache, augmentation on the device (new default)", dict(cache="on")),
+        cfg = Config(**base)
+        model, _ = build_model(cfg, num_classes, device)
+        flops, peak = flops_per_sample(model, cfg.img_size, device), peak_flops(device)
+        del model
+
+        def measure(label, rates_and_note, mfu_applies: bool = True) -> float:
+            _reset_peak(device)
+            rates, note = rates_and_note()
+            rate = statistics.median(rates[1:])
+            used = mfu(rate, flops, peak) if mfu_applies else None
+            rows.append((label, rate, f"{used:.1f}%" if used is not None else "-", _peak_mib(device), note))
+            return rate
+
+        def done(row) -> tuple[str, str, str, str, str, str]:
+            label, rate, used, mib, note = row
+            return label, f"{rate:,.0f}", f"{100 * rate / reference:.0f}%", used, mib, note
+
+        def model_only(**args):
+            rates = model_only_rate(Config(**{**base, **args}), num_classes, steps, window)
+            return rates, f"{torch.get_num_threads()} threads" if not cuda else torch.cuda.get_device_name(device)
+
+        def run(i, **args):
+            rates, line = run_rates(Config(**{**base, **args}, out=str(Path(tmp) / f"run{i}")))
+            return rates, line.removeprefix("data: ").split(";")[0].split(" (")[0]
+
+        eager = measure("model only, eager (random tensors, same model, batch, optimizer)",
+                        lambda: model_only(fast="off"))
+        fast_rates = [measure(f"model only, fast step (torch.compile {mode}, fused AdamW)",
+                              lambda mode=mode: model_only(fast="on", compile_mode=mode))
+                      for mode in (compile_modes if cuda else ())]
+        reference = max(fast_rates, default=eager)
+        yield from (done(row) for row in rows)
+        paths = [("in-memory cache, augmentation on the device", dict(cache="on")),
                  (f"streaming, {workers} worker(s) decoding, augmentation on the device",
                   dict(cache="off", workers=workers, shards=str(big))),
                  (f"PIL path (`--augment cpu`), {workers} worker(s) decoding and augmenting (old default)",
-                  dict(augment="cpu", workers=workers, shards=str(big)))]
-        paths.append((f"on the fly (`--render --instances 0`), {workers} worker(s) rendering, augmentation on the "
-                      "device", dict(shards="", render=str(shards), instances=0, workers=workers)))
+                  dict(augment="cpu", workers=workers, shards=str(big))),
+                 (f"on the fly (`--render --instances 0`), {workers} worker(s) rendering, augmentation on the "
+                  "device", dict(shards="", render=str(shards), instances=0, workers=workers))]
+        if cuda:  # the old ways beside the new defaults
+            paths.insert(0, ("in-memory cache, eager step (`--fast off`, the old step)", dict(cache="on", fast="off")))
+            paths.insert(3, (f"streaming, {workers} worker(s) decoding, whole images to the device (`--crop-in "
+                             "device`, the old way)", dict(cache="off", workers=workers, shards=str(big),
+                                                          crop_in="device")))
         for i, (label, args) in enumerate(paths):
-            rates, line = run_rates(Config(**{**base, **args}, out=str(Path(tmp) / f"run{i}")))
-            rate = statistics.median(rates[1:])
-            rows.append((label, f"{rate:,.0f}", f"{100 * rate / model_only:.0f}%",
-                         line.removeprefix("data: ").split(";")[0].split(" (")[0]))
-    return rows
+            measure(label, lambda i=i, args=args: run(i, **args))
+            yield done(rows[-1])
+        if preset == "paper":
+            small = dict(PRESETS["cpu"], steps=steps, log_every=window, eval_every=0, ckpt_every=0, cache="on",
+                         compile_mode=compile_modes[0])
+            for fast in ("off", "on") if cuda else ("off",):
+                measure(f"CPU preset (32 px, depth 6, batch 128), in-memory, --fast {fast}",
+                        lambda fast=fast: (run_rates(Config(shards=str(shards), **small, fast=fast,
+                                                            out=str(Path(tmp) / f"small-{fast}")))[0],
+                                           "one process; not the paper model, so no MFU"), mfu_applies=False)
+                yield done(rows[-1])
 
 
 def augmentation_rows(batch: int = 256, repeats: int = 3) -> list[tuple[str, str, str]]:

@@ -31,6 +31,7 @@ from torchvision.transforms import InterpolationMode
 from fracgen import png
 from fracgen import shards as fracgen_shards
 from fracgen.errors import FracgenError
+from train.randaugment import to_device
 from train.runtime import TrainError
 
 PRETRAIN_MEAN = PRETRAIN_STD = (0.5, 0.5, 0.5)  # the 1p-frac reference scripts normalise with 0.5 / 0.5
@@ -309,7 +310,8 @@ class MemorySource:
         return self.sampler.indices(micro_step)[0]
 
     def __call__(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.indices(micro_step).to(self.images.device)
+        # Through pinned memory: a plain copy from pageable memory would wait for the device every step.
+        idx = to_device(self.indices(micro_step), self.images.device)
         return self.images[idx], self.labels[idx]
 
 
@@ -322,16 +324,32 @@ def _collate_uint8(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
+class _CollateCrop:
+    """Collate, then cut every sample to its own crop (`train.augment.HostCrop`) with this worker's generator, made
+    after the fork from (seed, rank, worker) as the shuffle's is."""
+
+    def __init__(self, crop, seed: int):
+        self.crop, self.seed, self.generator = crop, seed, None
+
+    def __call__(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(_stream_seed(self.seed) + 1)
+        images, labels = _collate_uint8(samples)
+        return self.crop(images, self.generator), labels
+
+
 def uint8_loader(urls: list[str], batch_size: int, batches: int, seed: int, shuffle_buffer: int = 1000,
-                 workers: int = 2, pin_memory: bool = False) -> wds.WebLoader:
+                 workers: int = 2, pin_memory: bool = False, crop=None) -> wds.WebLoader:
     """`train_loader`'s endless, resampled stream, but the workers only decode: (B, 1, H, W) uint8 batches for
-    augmentation on the device. Pinned memory (on CUDA) lets the copy to the device run beside the model."""
+    augmentation on the device. Pinned memory (on CUDA) lets the copy to the device run beside the model.
+    `crop` (a `train.augment.HostCrop`): the workers also cut each sample to its crop at the model's size."""
+    collate = _collate_uint8 if crop is None else _CollateCrop(crop, seed)
     dataset = wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
         wds.tarfile_to_samples(handler=wds.reraise_exception),
         _per_worker_shuffle(shuffle_buffer, seed),  # shuffles compressed samples: the buffer stays small
         wds.map(_decode_uint8, handler=wds.reraise_exception),
-        wds.batched(batch_size, partial=False, collation_fn=_collate_uint8),
+        wds.batched(batch_size, partial=False, collation_fn=collate),
     )
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                            pin_memory=pin_memory)

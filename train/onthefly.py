@@ -73,6 +73,11 @@ class Draws:
         self.num_classes, self.instances = num_classes, instances
         self.sampler = data.EpochSampler(num_classes * (instances or 1), batch, seed, rank, world_size)
 
+    def seed(self, micro_step: int) -> int:
+        """A seed of this micro-batch alone, for what else is drawn for it (its crops)."""
+        s = self.sampler
+        return ((s.seed * 1_000_003 + 7) * 2_147_483_659 + micro_step * s.world_size + s.rank) % 2**63
+
     def __call__(self, micro_step: int) -> list[tuple[int, int]]:
         items, epochs = self.sampler.indices(micro_step)
         if self.instances:
@@ -84,20 +89,26 @@ class _Batches(IterableDataset):
     """Micro-batches [first, last) rendered in loader workers: worker w of W renders first + w, first + w + W, ...,
     and the DataLoader takes one batch from each worker in turn, so they arrive in order."""
 
-    def __init__(self, manifest: dict, draws: Draws, first: int, last: int):
-        self.manifest, self.draws, self.first, self.last = manifest, draws, first, last
+    def __init__(self, manifest: dict, draws: Draws, first: int, last: int, crop=None):
+        self.manifest, self.draws, self.first, self.last, self.crop = manifest, draws, first, last, crop
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for t in range(self.first + worker, self.last, workers):
-            yield render_images(self.manifest, self.draws(t))
+            images, labels = render_images(self.manifest, self.draws(t))
+            if self.crop is not None:  # from (seed, rank, t): the same crops for any number of workers
+                generator = torch.Generator().manual_seed(self.draws.seed(t))
+                images = self.crop(images, generator)
+            yield images, labels
 
 
-def loader(manifest: dict, draws: Draws, first: int, last: int, workers: int, pin_memory: bool = False) -> DataLoader:
+def loader(manifest: dict, draws: Draws, first: int, last: int, workers: int, pin_memory: bool = False,
+           crop=None) -> DataLoader:
     """Micro-batches `first` to `last - 1` as (B, 1, H, W) uint8 images and labels, rendered by `workers` loader
-    processes (0: in this one), for augmentation on the device."""
-    return DataLoader(_Batches(manifest, draws, first, last), batch_size=None, num_workers=workers,
+    processes (0: in this one), for augmentation on the device. `crop` (a `train.augment.HostCrop`): the workers
+    also cut each sample to its crop at the model's size."""
+    return DataLoader(_Batches(manifest, draws, first, last, crop), batch_size=None, num_workers=workers,
                       pin_memory=pin_memory)
 
 

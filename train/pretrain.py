@@ -16,19 +16,17 @@ Data: a set whose decoded pixels fit the cache budget (1p-frac: 1000 images) is 
 and batches are drawn by index; a larger one is streamed from the shards by loader workers that only decode. Either
 way the augmentation runs on the device, batched (`train.augment`); `--augment cpu` is the PIL path instead.
 With `--render` the samples are rendered by fracgen instead of read (`train.onthefly`), into the cache or in loader
-workers, by the same rule.
+workers, by the same rule. The paths live in `train.batches`, the step in `train.step` (`--fast`: compiled model,
+fused AdamW, augmentation prefetched on a side stream; on by default on CUDA).
 Every rank runs exactly --steps optimizer steps; rank 0 alone logs, evaluates the pretext accuracy and writes
 RUN_DIR/{ckpt.pt, model.pth, config.json, metrics.jsonl}.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import os
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,15 +36,13 @@ import torch
 import torch.distributed as dist
 import typer
 from timm.data import Mixup
-from timm.data.mixup import one_hot
-from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fracgen.errors import FracgenError
 from fracgen.lock import writing_folder
-from train import data, onthefly
+from train import batches, data
 from train import model as model_lib
 from train.augment import AugmentRNG, DeviceAugment
 from train.runtime import (
@@ -62,7 +58,7 @@ from train.runtime import (
     set_rng_states,
     setup_distributed,
 )
-from train.source import resolve_shards
+from train.step import TrainStep, autocast_for, compile_model, fast_options, flops_per_sample, mfu, peak_flops
 
 
 @dataclass
@@ -106,6 +102,7 @@ class Config:
     ink_gain: float = 2.0
     augment: str = "device"  # device: batched on the training device (train.augment); cpu: PIL in loader workers
     cache: str = "auto"  # on: decode the set into device memory; off: stream the shards; auto: on if it fits
+    crop_in: str = "auto"  # streamed paths: cut crops in the loader workers or on the device; auto: workers on CUDA
     cache_budget: float = 0.0  # GiB the decoded set may take per rank; 0 = a quarter of the device's memory
     shuffle_buffer: int = 1000  # streaming only
     workers: int = 1  # loader processes per rank; streaming only
@@ -115,7 +112,9 @@ class Config:
     eval_samples: int = 1000
     ckpt_every: int = 500
     stop_after: int = 0  # > 0: end this run after that many steps with a checkpoint (job time limits); --resume
-    compile: bool = False
+    fast: str = "auto"  # torch.compile + fused AdamW + prefetched augmentation (train.step); auto: on on CUDA
+    compile: bool = False  # torch.compile the model on any device (the CPU too), whatever --fast says
+    compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
     resume: bool = False
 
 
@@ -131,9 +130,9 @@ PRESETS = {
 
 # Options that may differ on --resume (they do not change what is being trained).
 RESUMABLE = {"out", "shards", "cache_dir", "render", "resume", "steps", "workers", "log_every", "eval_every",
-             "eval_samples",
-             "ckpt_every", "stop_after", "compile", "cache", "cache_budget", "augment", "shuffle_buffer"}
-GiB = 1024**3
+             "eval_samples", "ckpt_every", "stop_after", "fast", "compile", "compile_mode", "crop_in", "cache",
+             "cache_budget", "augment", "shuffle_buffer"}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _metrics_up_to(path: Path, step: int) -> float | None:
@@ -172,9 +171,10 @@ def build_model(cfg: Config, num_classes: int, device) -> tuple[torch.nn.Module,
     return model_lib.create(cfg.model, num_classes, model_args, cfg.drop_path).to(device), model_args
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float, fused: bool = False) -> torch.optim.Optimizer:
     # timm's AdamW factory leaves biases, norms, pos_embed and cls_token out of weight decay.
-    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay)
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, **({"fused": True} if fused
+                                                                                        else {}))
 
 
 def build_scheduler(cfg: Config, optimizer, lr: float, warmup: int) -> CosineLRScheduler:
@@ -183,51 +183,13 @@ def build_scheduler(cfg: Config, optimizer, lr: float, warmup: int) -> CosineLRS
                              warmup_lr_init=lr / 1000, warmup_prefix=True, t_in_epochs=False)
 
 
-def device_augment(cfg: Config) -> DeviceAugment:
-    return DeviceAugment(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, hflip=0.5 * cfg.flip,
-                         vflip=0.5 * cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob,
-                         mean=data.PRETRAIN_MEAN[0], std=data.PRETRAIN_STD[0], ink_gain=cfg.ink_gain)
-
-
-def cache_budget(cfg: Config, device) -> int:
-    """Bytes the decoded set may take on this rank: --cache-budget, else a quarter of the device's memory
-    (on the CPU, of the memory available now, shared by the ranks of this node)."""
-    if cfg.cache_budget:
-        return int(cfg.cache_budget * GiB)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 4
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not Linux: assume 16 GiB free
-        available = 16 * GiB
-    return available // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def choose_data_path(cfg: Config, manifest: dict, device, images: int | None = None) -> tuple[str, str]:
-    """("memory" | "stream" | "pil", why): which way the images reach the model. `images`: how many distinct images
-    the run draws (default: the shard folder's; None with --render --instances 0: no end)."""
-    if cfg.augment == "cpu":
-        if cfg.render:
-            raise TrainError("--render needs --augment device (the PIL path reads shards)")
-        if cfg.cache == "on":
-            raise TrainError("--cache on needs --augment device (the PIL path streams and augments in workers)")
-        return "pil", "--augment cpu"
-    if cfg.render and images is None:
-        if cfg.cache == "on":
-            raise TrainError("--cache on needs a finite --instances: --instances 0 draws a fresh instance every "
-                             "epoch, which no cache holds")
-        return "stream", "--instances 0: a fresh instance of every class every epoch"
-    images = manifest["num_samples"] if images is None else images
-    need, budget = images * data.image_size(manifest) ** 2, cache_budget(cfg, device)
-    fits = need <= budget
-    if cfg.cache == "on" and not fits:
-        raise TrainError(f"--cache on: the decoded set needs {need / GiB:.2f} GiB ({images} images of "
-                         f"{data.image_size(manifest)}^2 bytes) per rank, more than the cache budget of "
-                         f"{budget / GiB:.2f} GiB; raise --cache-budget or stream it with --cache off")
-    why = f"decoded set {need / GiB:.3g} GiB, cache budget {budget / GiB:.3g} GiB"
-    if cfg.cache == "off" or (cfg.cache == "auto" and not fits):
-        return "stream", why + ("" if cfg.cache == "off" else ": too large to hold")
-    return "memory", why
+def device_augment(cfg: Config, cropped: bool = False) -> DeviceAugment:
+    """The run's augmentation on the device; `cropped`: the loader workers already applied the ink gain and cut
+    the crops at the model's size (`train.augment.HostCrop`), the device does the rest."""
+    return DeviceAugment(cfg.img_size, crop=cfg.crop and not cropped, crop_scale=cfg.crop_scale,
+                         hflip=0.5 * cfg.flip, vflip=0.5 * cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob,
+                         mean=data.PRETRAIN_MEAN[0], std=data.PRETRAIN_STD[0],
+                         ink_gain=1.0 if cropped else cfg.ink_gain)
 
 
 def pretrain(cfg: Config) -> dict:
@@ -248,65 +210,68 @@ def pretrain(cfg: Config) -> dict:
         raise TrainError(f"cannot write the run folder {out}: {e.strerror or e}") from None
 
 
+def _load_resume(cfg: Config, ckpt_path: Path) -> dict | None:
+    """The checkpoint a --resume continues (None without --resume); refuses one past --steps."""
+    if not cfg.resume:
+        if ckpt_path.exists():
+            raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+        return None
+    if not ckpt_path.is_file():
+        raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
+    checkpoint = load_checkpoint(ckpt_path, resume=True)
+    if checkpoint["step"] > cfg.steps:
+        raise TrainError(f"--resume: the checkpoint is at step {checkpoint['step']}, past --steps {cfg.steps}; "
+                         f"give --steps {checkpoint['step']} or more")
+    return checkpoint
+
+
+def _warmup_steps(cfg: Config, epoch_images: int, global_batch: int) -> int:
+    warmup = round(cfg.warmup_epochs * epoch_images / global_batch) if cfg.warmup_epochs else cfg.warmup_steps
+    return min(warmup, cfg.steps // 2)  # short runs (tests, smoke checks) still get a cosine phase
+
+
+def _augmentations(cfg: Config) -> str:
+    augs = [name for name, on in [("crop", cfg.crop), ("flips", cfg.flip), (cfg.randaug, cfg.randaug),
+                                  (f"erasing {cfg.reprob}", cfg.reprob), (f"mixup {cfg.mixup}", cfg.mixup),
+                                  (f"cutmix {cfg.cutmix}", cfg.cutmix),
+                                  (f"smoothing {cfg.smoothing}", cfg.smoothing)] if on]
+    return ", ".join(augs) or "none"
+
+
 def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) -> dict:
     master_process = rank == 0
     log = functools.partial(print, flush=True) if master_process else (lambda *a, **k: None)
 
     out = Path(cfg.out)
     ckpt_path = out / "ckpt.pt"
-    checkpoint = None
-    if cfg.resume:
-        if not ckpt_path.is_file():
-            raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
-        checkpoint = load_checkpoint(ckpt_path, resume=True)
-        if checkpoint["step"] > cfg.steps:
-            raise TrainError(f"--resume: the checkpoint is at step {checkpoint['step']}, past --steps {cfg.steps}; "
-                             f"give --steps {checkpoint['step']} or more")
-        if checkpoint["step"] == cfg.steps:
-            log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: {out / 'model.pth'})")
-            return {}
-    elif ckpt_path.exists():
-        raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    checkpoint = _load_resume(cfg, ckpt_path)
+    if checkpoint is not None and checkpoint["step"] == cfg.steps:
+        log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: {out / 'model.pth'})")
+        return {}
 
-    shards_dir = None
-    if cfg.render:
-        manifest, urls = onthefly.read_manifest(Path(cfg.render)), []
-        instances = manifest["settings"]["per_class"] if cfg.instances < 0 else cfg.instances
-        images = manifest["num_classes"] * instances or None  # distinct images drawn; None: no end
-        epoch_images = images or manifest["num_classes"]
-        source = f"--render {cfg.render}"
-    else:
-        shards_dir = resolve_shards(cfg.shards, cfg.cache_dir, local_rank, log=functools.partial(print, flush=True))
-        manifest = data.read_manifest(shards_dir)
-        urls = data.shard_urls(shards_dir, manifest)
-        images = epoch_images = manifest["num_samples"]
-        source = f"--shards {cfg.shards}"
-    num_classes = manifest["num_classes"]
+    run = batches.read_run_data(cfg, local_rank, log=functools.partial(print, flush=True))
+    manifest, num_classes = run.manifest, run.num_classes
     if checkpoint is not None and checkpoint["num_classes"] != num_classes:
-        raise TrainError(f"{source} has {num_classes} classes, the checkpoint was trained on "
+        raise TrainError(f"{run.source} has {num_classes} classes, the checkpoint was trained on "
                          f"{checkpoint['num_classes']}: resume with the data it was trained on")
     batch = per_rank_batch(cfg, world_size)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     if mixing and batch % 2:
         raise TrainError(f"the batch per rank ({batch}) must be even with Mixup/CutMix (they pair images in a batch)")
-    path, why = choose_data_path(cfg, manifest, device, images)
+    batches.choose_data_path(cfg, manifest, device, run.images)  # refuse a data path that cannot work, early
 
     global_batch = batch * cfg.accum * world_size
     lr = cfg.lr or cfg.blr * global_batch / 512
-    if cfg.warmup_epochs:
-        warmup = round(cfg.warmup_epochs * epoch_images / global_batch)
-    else:
-        warmup = cfg.warmup_steps
-    warmup = min(warmup, cfg.steps // 2)  # short runs (tests, smoke checks) still get a cosine phase
+    warmup = _warmup_steps(cfg, run.epoch_images, global_batch)
+    fast = fast_options(cfg.fast, cfg.compile, cfg.compile_mode, device)
 
     seed_everything(cfg.seed)  # one initialisation on every rank (DDP would broadcast rank 0's anyway)
     model, model_args = build_model(cfg, num_classes, device)
     seed_everything(cfg.seed + rank)  # then offset by rank: different dropout and mixing per rank
-    optimizer = build_optimizer(cfg, model, lr)
+    optimizer = build_optimizer(cfg, model, lr, fused=fast.fused)
     scheduler = build_scheduler(cfg, optimizer, lr, warmup)
     # bf16 autocast on CUDA needs no loss scaling; the scaler is kept (disabled) so checkpoints look the same.
-    use_bf16 = device.type == "cuda"
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    autocast = autocast_for(device)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     # The augmentation's own random streams, per rank, saved in checkpoints.
     augment_rng = AugmentRNG(cfg.seed * 1_000_003 + rank, device)
@@ -332,74 +297,25 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
         del checkpoint
 
     raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
+    flops = flops_per_sample(raw_model, cfg.img_size, device) if master_process else 0.0
+    peak = peak_flops(device)
+    if fast.compile:
+        model = compile_model(model, fast.compile_mode, log)
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-
     mixup_fn = None
     if mixing:
         mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mix_switch_prob,
                          label_smoothing=cfg.smoothing, num_classes=num_classes)
-    lpce = SoftTargetCrossEntropy()  # LPCE: cross-entropy against soft targets over the C perturbation classes
+    train_step = TrainStep(model, optimizer, scheduler, num_classes, mixup_fn=mixup_fn, smoothing=cfg.smoothing,
+                           accum=cfg.accum, autocast=autocast, scaler=scaler, distributed=world_size > 1)
 
     augment = device_augment(cfg)
-    t_data = time.time()
     end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps  # where this run stops
-    first_micro, last_micro = step * cfg.accum, end * cfg.accum
-    if path == "memory":
-        if cfg.render:
-            images, labels = onthefly.render_all(manifest, instances, cfg.workers)
-            made = (f"rendered on the fly ({instances} per class) in {time.time() - t_data:.1f} s by "
-                    f"{cfg.workers or 'no'} loader worker(s)")
-        else:
-            images, labels = data.load_images(shards_dir, manifest)
-            made = f"decoded in {time.time() - t_data:.1f} s"
-        images, labels = images.to(device), labels.to(device)
-        memory = data.MemorySource(images, labels, batch, cfg.seed, rank, world_size)
-        micro_batches = (memory(t) for t in range(first_micro, last_micro))
-        how = (f"in-memory cache on {device.type}: {len(labels)} images, {images.numel() / 2**20:.0f} MiB, {made}; "
-               "augmentation on the device, no loader processes")
-        eval_batches = lambda: ((images[i:i + 256], labels[i:i + 256])  # noqa: E731
-                                for i in range(0, min(cfg.eval_samples, len(labels)), 256))
-    elif cfg.render:
-        draws = onthefly.Draws(num_classes, instances, batch, cfg.seed, rank, world_size)
-        micro_batches = onthefly.loader(manifest, draws, first_micro, last_micro, cfg.workers,
-                                        pin_memory=device.type == "cuda")
-        drawn = f"{instances} instances per class" if instances else "a fresh instance of every class every epoch"
-        how = (f"rendering on the fly, {cfg.workers} loader worker(s): {drawn}; augmentation on the device, "
-               "no shards")
-        eval_batches = lambda: onthefly.eval_batches(manifest, min(cfg.eval_samples, epoch_images))  # noqa: E731
-    else:
-        # The stream seed includes the start step, so a resumed run draws new samples instead of replaying.
-        seed = cfg.seed + 7919 * step
-        if path == "stream":
-            micro_batches = data.uint8_loader(urls, batch, last_micro - first_micro, seed, cfg.shuffle_buffer,
-                                              cfg.workers, pin_memory=device.type == "cuda")
-            how = f"streaming {len(urls)} shards, {cfg.workers} loader worker(s) decoding; augmentation on the device"
-        else:
-            transform = data.train_transform(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip,
-                                             vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob,
-                                             gray=True, ink_gain=cfg.ink_gain)
-            micro_batches = data.train_loader(urls, batch, transform, last_micro - first_micro, seed,
-                                              cfg.shuffle_buffer, cfg.workers)
-            how = f"streaming {len(urls)} shards, {cfg.workers} loader worker(s) decoding and augmenting with PIL"
-        eval_batches = lambda: data.eval_images(urls, 256, cfg.eval_samples)  # noqa: E731
-
-    def training_batches():
-        """(augmented images, labels) on the device, one per micro-step."""
-        batches = iter(micro_batches)
-        while True:
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                return
-            except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # a shard changed under a running job
-                last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-                raise TrainError(f"reading the shards failed mid-run ({last[0][:200]}); check them with "
-                                 f"`fracgen verify {shards_dir or cfg.render}`") from None
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            yield (x if path == "pil" else augment(x, augment_rng)), y
+    path, why = batches.open_data(cfg, run, device, batch, rank, world_size, step)
+    micro_batches = batches.DeviceBatches(path, device_augment(cfg, path.cropped), augment_rng, device,
+                                          step * cfg.accum, end * cfg.accum,
+                                          prefetch=fast.prefetch, hint=str(run.shards_dir or cfg.render))
 
     def evaluate() -> dict:
         """Pretext top-1 on clean, un-mixed images: has the network learned to tell the C classes apart?"""
@@ -407,7 +323,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
         correct = total = 0
         loss_sum = 0.0
         with torch.no_grad(), autocast:
-            for x, y in eval_batches():
+            for x, y in path.eval_batches():
                 x, y = augment.evaluate(x.to(device)), y.to(device)
                 logits = raw_model(x).float()
                 loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
@@ -418,7 +334,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
 
     def save_checkpoint() -> None:
         states = [None] * world_size
-        mine = {**rng_states(), "augment": augment_rng.state()}
+        mine = {**rng_states(), "augment": micro_batches.rng_state()}
         if world_size > 1:
             dist.all_gather_object(states, mine)  # every rank's RNG, so resume restores each one
         else:
@@ -435,17 +351,15 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
         if step:
             earlier_loss = _metrics_up_to(out / "metrics.jsonl", step)
         n_params = sum(p.numel() for p in raw_model.parameters()) / 1e6
-        augs = [name for name, on in [("crop", cfg.crop), ("flips", cfg.flip), (cfg.randaug, cfg.randaug),
-                                      (f"erasing {cfg.reprob}", cfg.reprob), (f"mixup {cfg.mixup}", cfg.mixup),
-                                      (f"cutmix {cfg.cutmix}", cfg.cutmix),
-                                      (f"smoothing {cfg.smoothing}", cfg.smoothing)] if on]
         what = (f"rendered on the fly from {cfg.render}" if cfg.render else
-                f"{manifest['num_samples']} images in {len(urls)} shards")
-        log(f"pretrain: {cfg.model} {model_args} ({n_params:.2f}M params), {num_classes} classes, {what}")
+                f"{manifest['num_samples']} images in {len(run.urls)} shards")
+        log(f"pretrain: {cfg.model} {model_args} ({n_params:.2f}M params, {flops / 1e9:.3g} GFLOP per sample "
+            f"forward + backward), {num_classes} classes, {what}")
         log(f"pretrain: {cfg.steps} steps, global batch {global_batch} ({world_size} x {batch} x {cfg.accum}),"
             f" lr {lr:.2e}, warm-up {warmup} steps, device {device.type}"
-            f"{' bf16' if use_bf16 else ' fp32'}, augment: {', '.join(augs) or 'none'}")
-        log(f"data: {how} ({why})")
+            f"{' bf16' if device.type == 'cuda' else ' fp32'}, augment: {_augmentations(cfg)}")
+        log(f"data: {path.how} ({why})")
+        log(f"step: {fast.describe()}")
         if step:
             log(f"pretrain: resumed from step {step}")
     metrics_file = open(out / "metrics.jsonl", "a") if master_process else None  # noqa: SIM115
@@ -457,45 +371,28 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             metrics_file.write(json.dumps(entry) + "\n")
             metrics_file.flush()
 
-    loss_window = torch.zeros((), device=device)
     window_steps, first_loss, last_loss = 0, earlier_loss, None
     t_window = time.time()
     start_step = step
-    batches = training_batches()
+    stream = iter(micro_batches)
     while step < end:
-        scheduler.step_update(step)
-        for micro in range(cfg.accum):
-            xb, yb = next(batches)
-            if mixup_fn is not None:
-                xb, target = mixup_fn(xb, yb)
-            else:
-                off = cfg.smoothing / num_classes
-                target = one_hot(yb, num_classes, on_value=1 - cfg.smoothing + off, off_value=off)
-            if world_size > 1:
-                # nanoGPT's trick: all-reduce gradients only on the last micro-step of an accumulation.
-                model.require_backward_grad_sync = micro == cfg.accum - 1
-            with autocast:
-                loss = lpce(model(xb), target) / cfg.accum
-            scaler.scale(loss).backward()
-            loss_window += loss.detach()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(step, stream)
         step += 1
         window_steps += 1
 
         if step % cfg.log_every == 0 or step == end:
-            mean_loss = loss_window.item() / window_steps  # rank 0's mean LPCE over the window
+            mean_loss = train_step.take_mean_loss()  # rank 0's mean LPCE over the window
             elapsed = time.time() - t_window
             rate = window_steps * global_batch / elapsed
             first_loss = mean_loss if first_loss is None else first_loss
             last_loss = mean_loss
             lr_now = optimizer.param_groups[0]["lr"]
             eta = (cfg.steps - step) * global_batch / rate
+            used = mfu(rate / world_size, flops, peak)
             log(f"step {step}/{cfg.steps} | LPCE {mean_loss:.4f} | lr {lr_now:.2e} | {rate:.0f} samples/s"
-                f" | eta {eta / 60:.1f} min")
-            record({"step": step, "loss": mean_loss, "lr": lr_now, "samples_per_s": rate})
-            loss_window.zero_()
+                f"{f' | MFU {used:.1f}%' if used is not None else ''} | eta {eta / 60:.1f} min")
+            record({"step": step, "loss": mean_loss, "lr": lr_now, "samples_per_s": rate,
+                    **({"mfu": used} if used is not None else {})})
             window_steps, t_window = 0, time.time()
         if master_process and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             result = evaluate()
@@ -506,7 +403,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             save_checkpoint()
         if window_steps == 0:
             t_window = time.time()  # evaluation and checkpoint time is not training throughput
-    batches.close()
+    stream.close()
 
     # Every rank reports its own count: all ranks must have run the same number of steps (no DDP hang).
     print(f"[rank {rank}] done: {step - start_step} steps this run, at step {step}", flush=True)
@@ -595,6 +492,9 @@ def main(
                                                       "PIL in loader workers (the old path)")] = None,
     cache: Annotated[str | None, typer.Option(help="auto: hold the decoded set in device memory if it fits the "
                                                    "budget, else stream; on; off")] = None,
+    crop_in: Annotated[str | None, typer.Option(help="streamed paths: cut the crops in the loader workers (ship "
+                                                     "model-sized crops) or on the device; auto: workers on CUDA")]
+    = None,
     cache_budget: Annotated[float | None, typer.Option(help="GiB the decoded set may take per rank (default: a "
                                                             "quarter of the device's memory)")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="download cache for a --shards URL or hf:// source, one "
@@ -610,7 +510,12 @@ def main(
     stop_after: Annotated[int | None, typer.Option(help="end this run after N steps with a checkpoint, for job "
                                                         "time limits; --resume continues (the schedule is --steps')")]
     = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model")] = False,
+    fast: Annotated[str | None, typer.Option(help="auto (on on CUDA), on or off: torch.compile, fused AdamW and "
+                                                  "augmentation prefetched on a side stream (train.step)")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model, on any device")] = False,
+    compile_mode: Annotated[str | None, typer.Option(help="torch.compile mode: default, reduce-overhead (CUDA "
+                                                          "graphs), max-autotune, max-autotune-no-cudagraphs")]
+    = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/ckpt.pt")] = False,
 ) -> None:
     """Pre-train on 1p-frac shards (LIEP images, LPCE loss)."""
@@ -625,6 +530,12 @@ def main(
         explicit["global_batch"] = 0  # an explicit --batch wins over a preset's global batch
     if augment not in (None, "device", "cpu"):
         raise TrainError(f"unknown --augment {augment!r}; choose device or cpu")
+    if fast not in (None, "auto", "on", "off"):
+        raise TrainError(f"unknown --fast {fast!r}; choose auto, on or off")
+    if compile_mode not in (None, *COMPILE_MODES):
+        raise TrainError(f"unknown --compile-mode {compile_mode!r}; choose {', '.join(COMPILE_MODES)}")
+    if crop_in not in (None, "auto", "workers", "device"):
+        raise TrainError(f"unknown --crop-in {crop_in!r}; choose auto, workers or device")
     if cache not in (None, "auto", "on", "off"):
         raise TrainError(f"unknown --cache {cache!r}; choose auto, on or off")
     for key, value in (("cache-budget", cache_budget), ("stop-after", stop_after)):

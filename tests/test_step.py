@@ -1,0 +1,114 @@
+"""The training step and its speed-ups (issue 19): prefetched augmentation draws every batch as the plain loop
+does and checkpoints the right random state; the compiled step trains what the eager one trains; MFU counts the
+FLOPs timm's ViT-Tiny is known to need."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from fracgen.dataset import render_dataset
+from train import batches, pretrain
+from train.augment import AugmentRNG
+from train.pretrain import Config, device_augment
+from train.step import Fast, fast_options, flops_per_sample, mfu
+
+TINY = dict(img_size=32, patch_size=8, depth=2, batch=16, log_every=1, eval_every=0, ckpt_every=0)
+AUGMENTED = dict(randaug="rand-m9-mstd0.5-inc1", reprob=0.5, cutmix=1.0, drop_path=0.1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("step") / "shards"
+    render_dataset(out, classes=12, per_class=2, size=64, points=5000, shard_size=8, seed=0, workers=1)
+    return out
+
+
+def _device_batches(shards: Path, prefetch: bool) -> batches.DeviceBatches:
+    cfg = Config(shards=str(shards), **TINY, **AUGMENTED)
+    run = batches.read_run_data(cfg)
+    path, _ = batches.open_data(cfg, run, torch.device("cpu"), cfg.batch)
+    return batches.DeviceBatches(path, device_augment(cfg), AugmentRNG(7, torch.device("cpu")), torch.device("cpu"),
+                                 0, 6, prefetch=prefetch)
+
+
+def test_prefetching_draws_the_same_batches_and_saves_the_state_of_the_next_one(shards):
+    plain, ahead = _device_batches(shards, False), _device_batches(shards, True)
+    plain_it, ahead_it = iter(plain), iter(ahead)
+    for _ in range(4):
+        x, y = next(plain_it)
+        x2, y2 = next(ahead_it)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+        # The prefetcher has already drawn the next batch; the state it reports is the plain loop's, before it.
+        assert torch.equal(ahead.rng_state()["host"], plain.rng_state()["host"])
+        assert not torch.equal(ahead.rng.state()["host"], plain.rng.state()["host"])
+    assert len(list(plain_it)) == len(list(ahead_it)) == 2
+
+
+def _weights(out: Path) -> dict:
+    return torch.load(out / "model.pth", weights_only=True)
+
+
+def test_a_resumed_prefetching_run_equals_an_uninterrupted_plain_one(shards, tmp_path, monkeypatch):
+    """Prefetching changes no random draw, and a checkpoint written mid-run (the next batch already drawn) restarts
+    the augmentation at the batch the loop had not taken: resumed from it, the weights equal those of a plain run
+    that never stopped, bit for bit."""
+    args = dict(shards=str(shards), **{**TINY, "ckpt_every": 3}, **AUGMENTED, steps=6)
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "plain")))
+    save = pretrain.atomic_save
+
+    def keep_step_3(obj, path):  # a copy of the mid-run checkpoint, as a killed run would have left it
+        save(obj, path)
+        if obj["step"] == 3:
+            (tmp_path / "resumed").mkdir()
+            shutil.copy(path, tmp_path / "resumed" / "ckpt.pt")
+
+    monkeypatch.setattr(pretrain, "atomic_save", keep_step_3)
+    monkeypatch.setattr(pretrain, "fast_options", lambda *a: Fast(prefetch=True))
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "ahead")))
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "resumed"), resume=True))
+    plain = _weights(tmp_path / "plain")
+    for run in ("ahead", "resumed"):
+        weights = _weights(tmp_path / run)
+        assert all(torch.equal(plain[k], weights[k]) for k in plain), run
+
+
+def test_fast_is_on_by_default_on_cuda_only_and_can_be_forced():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fast_options("auto", False, "default", cpu) == Fast()
+    assert fast_options("auto", False, "default", cuda) == Fast(True, "default", True, True)
+    assert fast_options("off", False, "default", cuda) == Fast()
+    assert fast_options("on", False, "reduce-overhead", cpu) == Fast(True, "reduce-overhead", False, True)
+    assert fast_options("off", True, "default", cpu).compile
+
+
+def test_flops_per_sample_of_vit_tiny_at_224():
+    """timm's ViT-Tiny/16 at 224 px: 1.26 GMAC forward, so ~7.5 GFLOP for forward + backward (3x the forward)."""
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=1000)
+    flops = flops_per_sample(model, 224, torch.device("cpu"))
+    assert 7.0e9 < flops < 8.0e9
+    assert mfu(15_000, flops, 989e12) == pytest.approx(100 * 15_000 * flops / 989e12)
+    assert mfu(15_000, flops, None) is None
+
+
+def _losses(out: Path) -> list[float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [e["loss"] for e in map(json.loads, lines) if "loss" in e and "final" not in e]
+
+
+@pytest.mark.slow
+def test_the_compiled_step_trains_what_the_eager_step_trains(shards, tmp_path):
+    """Same seeds, same batches: torch.compile only reorders floating-point work, so over 160 steps the loss curve
+    of the compiled model stays within noise of the eager one (windows of 20 steps)."""
+    args = dict(shards=str(shards), **{**TINY, "log_every": 20}, mixup=0.0, smoothing=0.0, blr=2e-2, steps=160)
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "eager")))
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "compiled"), compile=True))
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 8
+    assert eager[-1] < eager[0] - 0.3  # it learns, so the comparison means something
+    assert max(abs(a - b) for a, b in zip(eager, compiled, strict=True)) < 0.1

@@ -1,0 +1,296 @@
+"""The data paths of a pre-training run behind one interface: each hands the training loop micro-batches on the
+device, ready for the model, and the clean images its pretext accuracy is measured on.
+
+| path   | where the pixels come from                                            | who augments         |
+|--------|-----------------------------------------------------------------------|----------------------|
+| memory | one uint8 tensor on the device (decoded shards or rendered on the fly) | the device, batched  |
+| stream | shards read and decoded by loader workers                              | the device, batched  |
+| render | rendered by loader workers (`--render`, a set too large to hold)       | the device, batched  |
+| pil    | shards read, decoded and augmented by loader workers (`--augment cpu`) | PIL, in the workers  |
+
+`read_run_data` reads what a run trains on, `open_data` is the one place that picks a path, and `DeviceBatches`
+moves and augments what the path gives; the training loop knows none of them apart.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from train import data, onthefly
+from train.augment import AugmentRNG, DeviceAugment, HostCrop
+from train.runtime import TrainError
+from train.source import resolve_shards
+
+GiB = 1024**3
+_CROPPING = " and cutting crops"
+
+
+@dataclass
+class RunData:
+    """What a run trains on: the manifest, and the shards (or the manifest alone with `--render`)."""
+
+    manifest: dict
+    source: str  # "--shards X" or "--render X", for messages
+    shards_dir: Path | None = None  # None with --render
+    urls: tuple[str, ...] = ()
+    instances: int = 0  # with --render: instances per class; 0: a fresh instance of every class every epoch
+    images: int | None = None  # distinct images the run draws; None: no end
+    epoch_images: int = 0  # images in one pass (what warm-up epochs count)
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+
+def read_run_data(cfg, local_rank: int = 0, log: Callable[[str], None] = print) -> RunData:
+    """The manifest of --render, or of --shards (pulled into the cache first when it is a URL)."""
+    if cfg.render:
+        manifest = onthefly.read_manifest(Path(cfg.render))
+        instances = manifest["settings"]["per_class"] if cfg.instances < 0 else cfg.instances
+        images = manifest["num_classes"] * instances or None
+        return RunData(manifest, f"--render {cfg.render}", instances=instances, images=images,
+                       epoch_images=images or manifest["num_classes"])
+    shards_dir = resolve_shards(cfg.shards, cfg.cache_dir, local_rank, log=log)
+    manifest = data.read_manifest(shards_dir)
+    return RunData(manifest, f"--shards {cfg.shards}", shards_dir, tuple(data.shard_urls(shards_dir, manifest)),
+                   images=manifest["num_samples"], epoch_images=manifest["num_samples"])
+
+
+def cache_budget(cfg, device) -> int:
+    """Bytes the decoded set may take on this rank: --cache-budget, else a quarter of the device's memory
+    (on the CPU, of the memory available now, shared by the ranks of this node)."""
+    if cfg.cache_budget:
+        return int(cfg.cache_budget * GiB)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: assume 16 GiB free
+        available = 16 * GiB
+    return available // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def choose_data_path(cfg, manifest: dict, device, images: int | None = None) -> tuple[str, str]:
+    """("memory" | "stream" | "pil", why): which way the images reach the model. `images`: how many distinct images
+    the run draws (default: the shard folder's; None with --render --instances 0: no end)."""
+    if cfg.augment == "cpu":
+        if cfg.render:
+            raise TrainError("--render needs --augment device (the PIL path reads shards)")
+        if cfg.cache == "on":
+            raise TrainError("--cache on needs --augment device (the PIL path streams and augments in workers)")
+        return "pil", "--augment cpu"
+    if cfg.render and images is None:
+        if cfg.cache == "on":
+            raise TrainError("--cache on needs a finite --instances: --instances 0 draws a fresh instance every "
+                             "epoch, which no cache holds")
+        return "stream", "--instances 0: a fresh instance of every class every epoch"
+    images = manifest["num_samples"] if images is None else images
+    need, budget = images * data.image_size(manifest) ** 2, cache_budget(cfg, device)
+    fits = need <= budget
+    if cfg.cache == "on" and not fits:
+        raise TrainError(f"--cache on: the decoded set needs {need / GiB:.2f} GiB ({images} images of "
+                         f"{data.image_size(manifest)}^2 bytes) per rank, more than the cache budget of "
+                         f"{budget / GiB:.2f} GiB; raise --cache-budget or stream it with --cache off")
+    why = f"decoded set {need / GiB:.3g} GiB, cache budget {budget / GiB:.3g} GiB"
+    if cfg.cache == "off" or (cfg.cache == "auto" and not fits):
+        return "stream", why + ("" if cfg.cache == "off" else ": too large to hold")
+    return "memory", why
+
+
+class DataPath:
+    """One way the pixels reach the run. `raw(first, last)`: micro-batches [first, last) of this rank as (uint8
+    (B, 1, H, W), labels), or model-ready float images where `augmented`; `eval_batches()`: (uint8 images, labels)
+    of the clean set the pretext accuracy is measured on; `how`: one line for the log."""
+
+    name = ""
+    augmented = False
+    cropped = False  # the loader workers cut the crops (`train.augment.HostCrop`); the device does the rest
+    how = ""
+
+    def raw(self, first: int, last: int):
+        raise NotImplementedError
+
+    def eval_batches(self):
+        raise NotImplementedError
+
+
+class MemoryPath(DataPath):
+    """The whole set on the device, batches drawn by index: micro-batch t is a pure function of (seed, t, rank), so a
+    resumed run continues exactly."""
+
+    name = "memory"
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, seed: int, rank: int,
+                 world_size: int, eval_samples: int, made: str):
+        self.images, self.labels, self.eval_samples = images, labels, eval_samples
+        self.source = data.MemorySource(images, labels, batch, seed, rank, world_size)
+        self.how = (f"in-memory cache on {images.device.type}: {len(labels)} images, {images.numel() / 2**20:.0f} "
+                    f"MiB, {made}; augmentation on the device, no loader processes")
+
+    def raw(self, first: int, last: int):
+        return (self.source(t) for t in range(first, last))
+
+    def eval_batches(self):
+        n = min(self.eval_samples, len(self.labels))
+        return ((self.images[i:i + 256], self.labels[i:i + 256]) for i in range(0, n, 256))
+
+
+class StreamPath(DataPath):
+    """Shards streamed by loader workers that only decode (`augmented` False) or also augment with PIL (the `pil`
+    path). The stream seed includes the start step, so a resumed run draws new samples instead of replaying."""
+
+    def __init__(self, run: RunData, cfg, batch: int, step: int, pin_memory: bool, pil: bool, crop=None):
+        self.run, self.cfg, self.batch, self.pin_memory, self.crop = run, cfg, batch, pin_memory, crop
+        self.seed = cfg.seed + 7919 * step
+        self.name, self.augmented, self.cropped = ("pil", True, False) if pil else ("stream", False, crop is not None)
+        shards = f"streaming {len(run.urls)} shards, {cfg.workers} loader worker(s)"
+        self.how = f"{shards} decoding and augmenting with PIL" if pil else \
+            f"{shards} decoding{_CROPPING if crop else ''}; augmentation on the device"
+
+    def raw(self, first: int, last: int):
+        cfg, urls = self.cfg, list(self.run.urls)
+        if not self.augmented:
+            return data.uint8_loader(urls, self.batch, last - first, self.seed, cfg.shuffle_buffer, cfg.workers,
+                                     pin_memory=self.pin_memory, crop=self.crop)
+        transform = data.train_transform(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip,
+                                         vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob, gray=True,
+                                         ink_gain=cfg.ink_gain)
+        return data.train_loader(urls, self.batch, transform, last - first, self.seed, cfg.shuffle_buffer,
+                                 cfg.workers)
+
+    def eval_batches(self):
+        return data.eval_images(list(self.run.urls), 256, self.cfg.eval_samples)
+
+
+class RenderPath(DataPath):
+    """Samples rendered by loader workers (`train.onthefly`): micro-batch t is a pure function of (seed, t, rank)
+    for any number of workers."""
+
+    name = "render"
+
+    def __init__(self, run: RunData, cfg, batch: int, rank: int, world_size: int, pin_memory: bool, crop=None):
+        self.run, self.cfg, self.pin_memory, self.crop, self.cropped = run, cfg, pin_memory, crop, crop is not None
+        self.draws = onthefly.Draws(run.num_classes, run.instances, batch, cfg.seed, rank, world_size)
+        drawn = (f"{run.instances} instances per class" if run.instances else
+                 "a fresh instance of every class every epoch")
+        self.how = f"rendering on the fly, {cfg.workers} loader worker(s){_CROPPING if crop else ''}: {drawn}; " \
+                   "augmentation on the device, no shards"
+
+    def raw(self, first: int, last: int):
+        return onthefly.loader(self.run.manifest, self.draws, first, last, self.cfg.workers,
+                               pin_memory=self.pin_memory, crop=self.crop)
+
+    def eval_batches(self):
+        return onthefly.eval_batches(self.run.manifest, min(self.cfg.eval_samples, self.run.epoch_images))
+
+
+def crop_in_workers(cfg, device) -> bool:
+    """`--crop-in workers|device|auto`: where the streamed paths cut their crops. auto: in the workers on CUDA,
+    where moving whole images to the card costs more than cutting them (docs/speed.md); on the device elsewhere."""
+    return cfg.crop_in == "workers" or (cfg.crop_in == "auto" and device.type == "cuda")
+
+
+def open_data(cfg, run: RunData, device, batch: int, rank: int = 0, world_size: int = 1,
+              step: int = 0) -> tuple[DataPath, str]:
+    """The data path of this run (chosen by `choose_data_path`) and why it was chosen."""
+    path, why = choose_data_path(cfg, run.manifest, device, run.images)
+    pin = device.type == "cuda"
+    crop = None
+    if path == "stream" and crop_in_workers(cfg, device):
+        crop = HostCrop(cfg.img_size, crop=cfg.crop, scale=cfg.crop_scale, ink_gain=cfg.ink_gain)
+    if path == "memory":
+        t0 = time.time()
+        if cfg.render:
+            images, labels = onthefly.render_all(run.manifest, run.instances, cfg.workers)
+            made = (f"rendered on the fly ({run.instances} per class) in {time.time() - t0:.1f} s by "
+                    f"{cfg.workers or 'no'} loader worker(s)")
+        else:
+            images, labels = data.load_images(run.shards_dir, run.manifest)
+            made = f"decoded in {time.time() - t0:.1f} s"
+        return MemoryPath(images.to(device), labels.to(device), batch, cfg.seed, rank, world_size, cfg.eval_samples,
+                          made), why
+    if cfg.render:
+        return RenderPath(run, cfg, batch, rank, world_size, pin, crop), why
+    return StreamPath(run, cfg, batch, step, pin, pil=path == "pil", crop=crop), why
+
+
+class DeviceBatches:
+    """The micro-batches of a run on the device, ready for the model: the path's raw batches, moved and augmented.
+
+    `prefetch`: the next batch is made while the current step runs. On CUDA it is augmented on a side stream, so
+    the augmentation's many small kernels run beside the model's instead of before them; on the CPU the same
+    order of work is kept (one batch ahead), which changes nothing but lets the tests check the bookkeeping.
+    Either way every random draw happens in the same order as without prefetching, and `rng_state()` is the
+    augmentation's state before the next batch the loop has not taken yet: what a checkpoint must hold for a
+    resumed run to draw that batch again.
+    """
+
+    def __init__(self, path: DataPath, augment: DeviceAugment, rng: AugmentRNG, device, first: int, last: int,
+                 prefetch: bool = False, hint: str = ""):
+        self.path, self.augment, self.rng, self.device = path, augment, rng, device
+        self.first, self.last, self.prefetch, self.hint = first, last, prefetch, hint
+        self.stream = torch.cuda.Stream(device) if prefetch and device.type == "cuda" else None
+        self._pending: list[tuple] = []  # (x, y, ready event, rng state before x)
+        self._raw: Iterator | None = None
+
+    def _make(self) -> tuple | None:
+        """The next micro-batch, augmented; None at the end. Read errors become one line."""
+        state = self.rng.state() if self.prefetch else None
+        try:
+            x, y = next(self._raw)
+        except StopIteration:
+            return None
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # a shard changed under a running job
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise TrainError(f"reading the shards failed mid-run ({last[0][:200]}); check them with "
+                             f"`fracgen verify {self.hint}`") from None
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if not self.path.augmented:
+            x = self.augment(x, self.rng)
+        event = None
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return x, y, event, state
+
+    def _made(self) -> tuple | None:
+        if self.stream is None:
+            return self._make()
+        with torch.cuda.stream(self.stream):
+            return self._make()
+
+    def __iter__(self):
+        self._raw = iter(self.path.raw(self.first, self.last))
+        try:
+            if not self.prefetch:
+                while (item := self._made()) is not None:
+                    yield item[0], item[1]
+                return
+            self._pending = [item] if (item := self._made()) else []
+            while self._pending:
+                x, y, event, _ = self._pending.pop(0)
+                if (ahead := self._made()) is not None:  # queued before the loop runs its step on x
+                    self._pending.append(ahead)
+                if event is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    x.record_stream(current)  # made on the side stream: in use on this one until freed
+                    y.record_stream(current)
+                yield x, y
+        finally:
+            close = getattr(self._raw, "close", None)
+            if close:
+                close()
+
+    def rng_state(self) -> dict:
+        """The augmentation's random state before the first batch the loop has not taken (see the class doc)."""
+        if self._pending and self._pending[0][3] is not None:
+            return self._pending[0][3]
+        return self.rng.state()
