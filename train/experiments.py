@@ -573,9 +573,13 @@ def _render_first(runs: list[Run], root: Path, budget: Budget) -> None:
     per resolution in sweep-resolution) would otherwise race for its folder, and fracgen lets one writer in."""
     for slug, data in {r.data_slug: r.data for r in runs if r.data is not None}.items():
         shards = root / "data" / slug
-        if not (shards / "manifest.json").exists() or not read_manifest(shards)["complete"]:
-            print(f"render {shards}", flush=True)
-            render_dataset(shards, Settings(**{**budget.data, **data}), resume=(shards / "manifest.json").exists())
+        try:
+            if not (shards / "manifest.json").exists() or not read_manifest(shards)["complete"]:
+                print(f"render {shards}", flush=True)
+                render_dataset(shards, Settings(**{**budget.data, **data}),
+                               resume=(shards / "manifest.json").exists())
+        except FracgenError:
+            pass  # its runs meet the same error in their own process, reported once the others have finished
 
 
 def execute_all(runs: list[Run], root: Path, budget: Budget, jobs: int = 1, keep: Path | None = None,
