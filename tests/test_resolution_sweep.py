@@ -84,7 +84,9 @@ def test_a_row_kept_in_the_results_is_reused_without_its_run_folder(tmp_path, ca
 def test_resolutions_are_sweep_resolutions_option_and_checked():
     for args, message in ((["compare", "--resolutions", "32"], "--resolutions is sweep-resolution's option"),
                           (["sweep-resolution", "--resolutions", "48"],
-                           "--resolutions '48': choose from 32,64,112,224")):
+                           "--resolutions '48': choose from 32,64,112,224"),
+                          (["sweep-resolution", "--finetune-preset", "deit"],
+                           "unknown --finetune-preset 'deit'; choose from default, paper")):
         r = CliRunner().invoke(E.app, args)
         assert isinstance(r.exception, E.TrainError) and str(r.exception) == message
 

@@ -665,10 +665,15 @@ def _command(name: str, budget: Budget, jobs: int, time_box: float) -> str:
     """`make NAME` when the call was the make target's, else the module command that repeats it."""
     default = experiment_budget(name)
     options = RUNNER.get(name, {})
-    if (budget.steps, jobs, time_box) == (default.steps, options.get("jobs", 1), options.get("time_box", 0.0)):
+    if (budget.steps, jobs, time_box, budget.finetune_preset, budget.finetune_steps) == (
+            default.steps, options.get("jobs", 1), options.get("time_box", 0.0), default.finetune_preset,
+            default.finetune_steps):
         return f"make {name}"
+    recipe = "" if (budget.finetune_preset, budget.finetune_steps) == (default.finetune_preset,
+                                                                       default.finetune_steps) else (
+        f" --finetune-preset {budget.finetune_preset} --finetune-steps {budget.finetune_steps}")
     return (f"python -m train.experiments {name} --steps {budget.steps}" + (f" --jobs {jobs}" if jobs > 1 else "")
-            + (f" --time-box {time_box:g}" if time_box else ""))
+            + (f" --time-box {time_box:g}" if time_box else "") + recipe)
 
 
 def experiment_budget(name: str, toy: bool = False) -> Budget:
@@ -699,6 +704,8 @@ def main(
                                                         "inside them (default none; sweep-resolution 8)")] = None,
     finetune_steps: Annotated[int | None, typer.Option(help="fine-tuning steps per seed (default 300; "
                                                             "sweep-resolution 200)")] = None,
+    finetune_preset: Annotated[str | None, typer.Option(help="train.finetune's --preset for every run (default "
+                                                              "default; sweep-resolution paper)")] = None,
     resolutions: Annotated[str | None, typer.Option(help="sweep-resolution: a subset of 32,64,112,224")] = None,
     toy: Annotated[bool, typer.Option(help="a rehearsal at toy size: 8 classes, 2 steps, 1 seed, 1 split")] = False,
 ):
@@ -708,6 +715,9 @@ def main(
     for option, value in (("steps", steps), ("jobs", jobs), ("finetune-steps", finetune_steps)):
         if value is not None and value < 1:
             raise TrainError(f"--{option} must be at least 1, got {value}")
+    if finetune_preset is not None and finetune_preset not in finetune_lib.PRESETS:
+        raise TrainError(f"unknown --finetune-preset {finetune_preset!r}; choose from "
+                         f"{', '.join(finetune_lib.PRESETS)}")
     if time_box is not None and time_box < 0:
         raise TrainError(f"--time-box must not be negative, got {time_box:g}")
     runs = None
@@ -723,7 +733,8 @@ def main(
         runs = sweep_resolution(tuple(r for r in NETWORKS if r in chosen))
     budget = experiment_budget(name, toy)
     budget = dataclasses.replace(budget, steps=steps or budget.steps,
-                                 finetune_steps=finetune_steps or budget.finetune_steps)
+                                 finetune_steps=finetune_steps or budget.finetune_steps,
+                                 finetune_preset=finetune_preset or budget.finetune_preset)
     options = RUNNER.get(name, {})
     # a toy's 8-class data sets must never sit where a real run would find and reuse them
     root = root or Path("runs/experiments-toy" if toy else "runs/experiments")
