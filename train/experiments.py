@@ -1,12 +1,15 @@
 """The paper's comparisons at CPU scale, rerunnable: `make compare`, `make sweep-delta`, `make sweep-sigma`,
-`make sweep-bases` (`python -m train.experiments NAME`).
+`make sweep-bases`, and on one GPU `make sweep-resolution` (`python -m train.experiments NAME`).
 
 Every run is the same pipeline at the same budget: render its data with fracgen (the CPU default's 1000 images
 at 128 px, 50k points, unless the run says otherwise), pre-train the CPU preset for `--steps` steps, fine-tune on
 digits 10-shot with the default fine-tuning recipe over 3 seeds, and a linear probe of the frozen features over 3
 splits (a readout no fine-tuning hyper-parameter can move). A run's results are kept in its folder under
 `--root` and a later target reuses them (the sweeps share runs with `compare`); the tables (CSV, markdown) and
-plots (PNG, with matplotlib, `pip install fracgen[plots]`) go to `--results`.
+plots (PNG, with matplotlib, `pip install fracgen[plots]`) go to `--results`, and every finished run's row is kept
+there too (`RESULTS/rows/`), so a sweep split over several calls, or over machines that keep only the repository,
+reruns nothing that finished. `--time-box MINUTES` starts a run only when its estimated time (`RATES`) ends inside
+the box.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import heapq
 import json
 import multiprocessing
 import statistics
@@ -29,9 +33,10 @@ from fracgen.dataset import Settings, available_cores, render_dataset
 from fracgen.errors import FracgenError
 from fracgen.shards import read_manifest
 from train import finetune as finetune_lib
+from train import model as model_lib
 from train import pretrain as pretrain_lib
 from train import probe as probe_lib
-from train.runtime import TrainError, atomic_write_json, run_cli
+from train.runtime import TrainError, atomic_save, atomic_write_json, run_cli, seed_everything
 
 DATA = dict(classes=1000, size=128, points=50_000)  # the CPU default's data (`make pretrain`)
 BASELINE = Settings(**DATA)  # what a run's settings are compared with to name it
@@ -46,9 +51,20 @@ class Run:
     group: str = ""  # runs averaged together in a sweep (the 3 bases of one setting)
     x: float | None = None  # the swept value
     key: str = ""  # the run's folder name when its settings do not make a short one
+    # pretrain Config fields over the CPU preset's network (img_size, patch_size, depth); also the scratch network
+    model: dict | None = None
+    series: str = ""  # the line a run belongs to in a plot over x (sweep-resolution: the data system)
 
     @property
     def slug(self) -> str:
+        if not self.model:
+            return self.data_slug
+        m = self.model
+        return f"{self.data_slug}-img{m['img_size']}-patch{m['patch_size']}-depth{m['depth']}"
+
+    @property
+    def data_slug(self) -> str:
+        """The folder of the run's data under ROOT/data: runs that differ only in their network share it."""
         if self.key:
             return self.key
         if self.data is None:
@@ -59,7 +75,9 @@ class Run:
         return "-".join(f"{k}{v}" for k, v in sorted(items.items())).replace("_", "")
 
     def folder(self, root: Path, budget: Budget) -> Path:
-        return root / f"{self.slug}-steps{budget.steps}"
+        # a fine-tuning recipe other than the default names other runs (their fine-tunes are other results)
+        recipe = "" if budget.finetune_preset == "default" else f"-ft{budget.finetune_preset}{budget.finetune_steps}"
+        return root / f"{self.slug}-steps{budget.steps}{recipe}"
 
 
 def _one_p_frac(group: str, x: float | None = None, **data) -> list[Run]:
@@ -107,8 +125,35 @@ def control() -> list[Run]:
                 "1p-frac, base A, Delta 0.001", key="base-a-delta0.001")]
 
 
+# sweep-resolution's networks: the CPU preset's depth-6 ViT-Tiny at 32 and 64 px (patch 8: 16 and 64 tokens), the
+# full ViT-Tiny at 112 and 224 px (patch 16: 49 and 196 tokens, the paper's network at 224). Largest first: the
+# longest runs start first, which packs runs side by side into the shortest time.
+NETWORKS = {224: dict(img_size=224, patch_size=16, depth=12), 112: dict(img_size=112, patch_size=16, depth=12),
+            64: dict(img_size=64, patch_size=8, depth=6), 32: dict(img_size=32, patch_size=8, depth=6)}
+# The paper's rendering (512 px, 100k points) at every resolution: the CPU default's 128 px / 50k points, scaled
+# down, does not give the same images (3x3 strokes are 4x wider relative to the image: mean ink 15.5 against 9.3
+# of 255 at 32 px, pixel correlation 0.73; docs/results.md), so it would not measure the same.
+PAPER_DATA = dict(size=512, points=100_000)
+
+
+def sweep_resolution(resolutions: tuple[int, ...] = tuple(NETWORKS)) -> list[Run]:
+    runs = []
+    for res in resolutions:
+        net = NETWORKS[res]
+        runs += [Run(f"1p-frac, Delta 0.1, base seed {b}, {res} px", {**PAPER_DATA, "seed": b},
+                     f"1p-frac, Delta 0.1, {res} px", res, model=net, series="1p-frac, Delta 0.1") for b in BASES]
+        runs += [Run(f"1p-frac, Delta 0.001, base seed 0, {res} px", {**PAPER_DATA, "delta": 0.001, "seed": 0},
+                     f"1p-frac, Delta 0.001, {res} px", res, model=net, series="1p-frac, Delta 0.001"),
+                 Run(f"FractalDB-style, 1000 fractals x 1 image, {res} px",
+                     {**PAPER_DATA, "system": "fractaldb", "seed": 0}, f"FractalDB-style, {res} px", res, model=net,
+                     series="FractalDB-style 1000 x 1"),
+                 Run(f"none (scratch), {res} px", None, f"none (scratch), {res} px", res, model=net,
+                     series="none (scratch)")]
+    return runs
+
+
 EXPERIMENTS = {"compare": compare, "sweep-delta": sweep_delta, "sweep-sigma": sweep_sigma,
-               "sweep-bases": sweep_bases, "control": control}
+               "sweep-bases": sweep_bases, "control": control, "sweep-resolution": sweep_resolution}
 
 
 @dataclass
@@ -118,6 +163,14 @@ class Budget:
     finetune_steps: int = finetune_lib.Config.steps
     probe_seeds: tuple[int, ...] = (0, 1, 2)
     data: dict = field(default_factory=lambda: dict(DATA))
+    finetune_preset: str = "default"  # train.finetune's --preset; its warm-up shrinks with finetune_steps
+
+
+# Per experiment, what differs from Budget(): sweep-resolution fits one H200 in 8 minutes (docs/results.md, "the
+# plan"): 1500 steps at batch 128 (192k samples, make pretrain's budget), the paper's fine-tuning recipe for 200 steps
+# (200 epochs of 10-shot digits' 100 images; the official script runs 1000 epochs of CIFAR-100).
+BUDGETS = {"sweep-resolution": dict(steps=1500, finetune_preset="paper", finetune_steps=200)}
+TOY = dict(steps=2, finetune_seeds=(0,), finetune_steps=2, probe_seeds=(0,), data=dict(classes=8, points=2000))
 
 
 def _timed(times: dict, key: str, fn):
@@ -142,11 +195,12 @@ def execute(run: Run, root: Path, budget: Budget, log=print) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     times_file = folder / "times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
-    row = {"label": run.label, "group": run.group, "x": run.x, "slug": run.slug, "steps": budget.steps}
+    row = {"label": run.label, "group": run.group, "x": run.x, "slug": run.slug, "steps": budget.steps,
+           **({"series": run.series} if run.series else {}), **({"network": run.model} if run.model else {})}
     checkpoint = "none"
     if run.data is not None:
         settings = Settings(**{**budget.data, **run.data})
-        shards = root / "data" / run.slug
+        shards = root / "data" / run.data_slug
         if not (shards / "manifest.json").exists() or not read_manifest(shards)["complete"]:
             log(f"[{run.label}] render {shards}")
             _timed(times, "render_s", lambda: render_dataset(shards, settings, resume=(shards / "manifest.json")
@@ -156,7 +210,7 @@ def execute(run: Run, root: Path, budget: Budget, log=print) -> dict:
             log(f"[{run.label}] pre-train {budget.steps} steps")
             cfg = pretrain_lib.Config(shards=str(shards), out=str(folder / "pretrain"), steps=budget.steps,
                                       eval_every=0, log_every=100, ckpt_every=budget.steps,
-                                      resume=(folder / "pretrain" / "ckpt.pt").exists())
+                                      resume=(folder / "pretrain" / "ckpt.pt").exists(), **(run.model or {}))
             _timed(times, "pretrain_s", lambda: pretrain_lib.pretrain(cfg))
         summary = json.loads(summary_file.read_text())
         row.update(first_loss=summary["first_loss"], last_loss=summary["last_loss"],
@@ -165,27 +219,56 @@ def execute(run: Run, root: Path, budget: Budget, log=print) -> dict:
     finetune_file = folder / "finetune" / "results.json"
     if not finetune_file.exists():
         log(f"[{run.label}] fine-tune on digits, seeds {budget.finetune_seeds}")
-        cfg = finetune_lib.Config(checkpoint=checkpoint, out=str(folder / "finetune"), seeds=budget.finetune_seeds,
-                                  steps=budget.finetune_steps)
+        cfg = finetune_config(budget, checkpoint=checkpoint, out=str(folder / "finetune"),
+                              **(run.model if run.data is None and run.model else {}))
         _timed(times, "finetune_s", lambda: finetune_lib.finetune(cfg))
     tuned = json.loads(finetune_file.read_text())
     probe_file = folder / "probe" / "probe.json"
     if not probe_file.exists():
         log(f"[{run.label}] linear probe")
-        _timed(times, "probe_s", lambda: probe_lib.probe(checkpoint, seeds=budget.probe_seeds,
+        probed = checkpoint if run.data is not None or not run.model else _scratch_checkpoint(run, folder)
+        _timed(times, "probe_s", lambda: probe_lib.probe(probed, seeds=budget.probe_seeds,
                                                          out=str(folder / "probe")))
     probed = json.loads(probe_file.read_text())
     atomic_write_json(times, times_file)
     row.update(finetune_top1=tuned["top1_mean"], finetune_std=tuned["top1_std"],
-               finetune_seeds=list(tuned["top1"].values()), finetune_recipe=_recipe(tuned["config"]),
+               finetune_seeds=list(tuned["top1"].values()), finetune_recipe=_recipe(tuned),
                probe_top1=probed["top1_mean"], probe_std=probed["top1_std"], probe_splits=list(probed["top1"].values()),
                **times)
     return row
 
 
-def _recipe(cfg: dict) -> str:
-    return (f"{cfg['opt']} blr {cfg['blr']} wd {cfg['weight_decay']}, {cfg['steps']} steps at batch {cfg['batch']}, "
-            f"crop {cfg['crop_scale'] or 'default'}")
+def finetune_config(budget: Budget, **fields) -> finetune_lib.Config:
+    """train.finetune's Config for the budget's preset and steps: a preset's warm-up keeps its share of the steps
+    (the paper's 650 of 65,000: 1%), so a shortened run has the official schedule's shape."""
+    preset = finetune_lib.PRESETS[budget.finetune_preset]
+    warmup = preset.get("warmup_steps", finetune_lib.Config.warmup_steps)
+    if "steps" in preset:
+        warmup = max(1, round(warmup * budget.finetune_steps / preset["steps"]))
+    return finetune_lib.Config(**{**preset, "steps": budget.finetune_steps, "warmup_steps": warmup,
+                                  "seeds": budget.finetune_seeds, "preset": budget.finetune_preset, **fields})
+
+
+def _scratch_checkpoint(run: Run, folder: Path) -> str:
+    """The scratch network of another shape than the probe's default, initialised as train.probe initialises its
+    own scratch network (seed 0, 10 classes), saved as a checkpoint the probe reads."""
+    path = folder / "init" / "ckpt.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seed_everything(0)
+        args = model_lib.architecture_args(run.model["img_size"], run.model["patch_size"], run.model["depth"])
+        model = model_lib.create(pretrain_lib.Config.model, 10, args)
+        atomic_save({"model_name": pretrain_lib.Config.model, "model_args": args, "num_classes": 10,
+                     "model": model.state_dict(), "step": 0, "config": {}}, path)
+    return str(path)
+
+
+def _recipe(tuned: dict) -> str:
+    cfg = tuned["config"]
+    preset = f"preset {cfg['preset']}: " if cfg.get("preset", "default") != "default" else ""
+    batch = tuned.get("batch_used", cfg["batch"])  # the batch a small training set allows (10-shot digits: 100)
+    return (f"{preset}{cfg['opt']} blr {cfg['blr']} wd {cfg['weight_decay']}, {cfg['steps']} steps at batch "
+            f"{batch}, crop {cfg['crop_scale'] or 'default'}")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -197,7 +280,7 @@ def groups(rows: list[dict]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["group"] for r in rows):
         rs = [r for r in rows if r["group"] == name]
-        g = {"group": name, "x": rs[0]["x"], "runs": len(rs)}
+        g = {"group": name, "x": rs[0]["x"], "runs": len(rs), "series": rs[0].get("series", "")}
         for key in ("finetune_top1", "probe_top1", "pretext_top1", "last_loss"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
@@ -217,12 +300,20 @@ def _devices(rows: list[dict]) -> str:
     return ", ".join(sorted({r.get("device", "CPU, 2 cores") for r in rows}))
 
 
+def _networks(rows: list[dict]) -> str:
+    nets = {r["network"]["img_size"]: r["network"] for r in rows if r.get("network")}
+    if not nets:
+        return "the CPU preset"
+    return "the CPU preset's recipe with ViT-Tiny at " + ", ".join(
+        f"{n['img_size']} px (patch {n['patch_size']}, depth {n['depth']})" for _, n in sorted(nets.items()))
+
+
 def markdown(name: str, rows: list[dict], grouped: list[dict], seconds: float, command: str) -> str:
     own = sum(r.get(k, 0) for r in rows for k in ("render_s", "pretrain_s", "finetune_s", "probe_s"))
     lines = [f"### `{command}`", "",
              f"{len(rows)} runs; their own times add up to {own / 60:.1f} minutes (each run's in the CSV; a run is "
-             f"done once and reused by later calls, this call took {seconds / 60:.1f} minutes). Pre-training: the CPU "
-             f"preset, {rows[0]['steps']} "
+             f"done once and reused by later calls, this call took {seconds / 60:.1f} minutes). Pre-training: "
+             f"{_networks(rows)}, {rows[0]['steps']} "
              f"steps at batch 128. Fine-tuning: {next((r['finetune_recipe'] for r in rows), '')}, digits 10-shot, "
              f"{len(rows[0]['finetune_seeds'])} seed(s). Probe: logistic regression on frozen class + mean tokens, "
              f"10-shot, {len(rows[0]['probe_splits'])} split(s). "
@@ -244,7 +335,25 @@ def markdown(name: str, rows: list[dict], grouped: list[dict], seconds: float, c
             pre = f"{_fmt(g.get('pretext_top1'))} +- {_fmt(g.get('pretext_std'))}" if "pretext_top1" in g else ""
             lines.append(f"| {g['group']} | {g['runs']} | {pre} | {_fmt(g['finetune_top1'])} +- "
                          f"{_fmt(g['finetune_std'])} | {_fmt(g['probe_top1'])} +- {_fmt(g['probe_std'])} |")
+    if any(g["series"] for g in grouped):
+        lines += ["", *series_table(grouped)]
     return "\n".join(lines) + "\n"
+
+
+def series_table(grouped: list[dict]) -> list[str]:
+    """One line per system, one column per swept value: fine-tuned / probe / pretext top-1 (means over runs)."""
+    xs = sorted({g["x"] for g in grouped})
+    lines = ["Against the swept value, one line per system; each cell: digits fine-tuned / linear probe / pretext "
+             "top-1 % (mean over the runs):", "",
+             "| system | " + " | ".join(f"{x:g}" for x in xs) + " |", "|---|" + "---|" * len(xs)]
+    for series in dict.fromkeys(g["series"] for g in grouped):
+        cells = []
+        for x in xs:
+            g = next((g for g in grouped if g["series"] == series and g["x"] == x), None)
+            cells.append("" if g is None else " / ".join(
+                [_fmt(g["finetune_top1"]), _fmt(g["probe_top1"]), _fmt(g.get("pretext_top1")) or "-"]))
+        lines.append(f"| {series} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -279,8 +388,38 @@ def _finish(plt, fig, ax, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_series(name: str, rows: list[dict], grouped: list[dict], path: Path) -> bool:
+    """Pretext top-1, fine-tuned and probed transfer against the swept value, one line per system."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
+    panels = (("pretext_top1", "pretext_std", "pretext top-1 % (chance 0.1%)"),
+              ("finetune_top1", "finetune_std", "digits 10-shot fine-tuned top-1 %"),
+              ("probe_top1", "probe_std", "digits 10-shot linear probe top-1 %"))
+    for ax, (key, std, title) in zip(axes, panels, strict=True):
+        for series in dict.fromkeys(g["series"] for g in grouped):
+            gs = sorted((g for g in grouped if g["series"] == series and key in g), key=lambda g: g["x"])
+            if gs:
+                ax.errorbar([g["x"] for g in gs], [g[key] for g in gs], yerr=[g.get(std, 0) for g in gs],
+                            marker="o", capsize=3, label=series)
+        ax.set_xscale("log", base=2)
+        xs = sorted({g["x"] for g in grouped})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xlabel("resolution, px" if name == "sweep-resolution" else name.replace("sweep-", ""))
+        ax.set_title(title, fontsize=10)
+    axes[1].legend(fontsize=7)  # every system has a fine-tuned line; scratch has no pretext one
+    fig.suptitle(f"{name}: {rows[0]['steps']} pre-training steps per run ({_devices(rows)})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot(name: str, rows: list[dict], grouped: list[dict], path: Path) -> bool:
     """Bars (compare) or lines over the swept value (sweeps), with error bars; False without matplotlib."""
+    if any(g["series"] for g in grouped):
+        return plot_series(name, rows, grouped, path)
     plt = _pyplot()
     if plt is None:
         return False
@@ -333,66 +472,216 @@ def scatter(root: Path, path: Path, steps: int) -> int:
     return len(rows)
 
 
-def _execute_and_keep(run: Run, root: Path, budget: Budget) -> dict:
+@dataclass(frozen=True)
+class Rates:
+    """What one run gets done per second while the other runs of a sweep run beside it."""
+
+    pretrain: float  # pre-training samples/s
+    finetune: float  # fine-tuning training images/s (PIL augmentation on one core, and the model's step)
+    probe: float  # images/s through the frozen network (train.probe runs it on the CPU, one core with --jobs)
+    fixed: float  # seconds: process start, data, the evaluations
+
+
+# Planning rates by device and resolution (docs/results.md, "make sweep-resolution: the plan"). cuda: one H200 with
+# ~12 runs side by side. Measured: 32 px pre-training (4,700 samples/s per run, 10 side by side); fine-tuning and
+# probe per CPU core on the dev VM (the paper preset's augmentation 0.54 / 0.47 / 1.11 / 2.84 ms per image, the
+# frozen forward 2.0 / 5.7 / 8.0 / 37.4 ms). Estimated, not measured: 64 px pre-training Python-bound like 32 px,
+# 112 px with twice the blocks, 224 px the card's ~6,000 samples/s of ViT-Tiny at 224 px shared by 5 runs.
+# cpu: the 2-core dev VM, one run at a time: 32 px measured (make compare), the others scaled by the forward cost.
+RATES = {
+    "cuda": {32: Rates(4700, 1850, 500, 20), 64: Rates(4000, 2100, 175, 20), 112: Rates(2500, 900, 125, 25),
+             224: Rates(1200, 350, 27, 30)},
+    "cpu": {32: Rates(400, 380, 900, 10), 64: Rates(140, 130, 320, 10), 112: Rates(100, 95, 225, 10),
+            224: Rates(21, 20, 48, 10)},
+}
+DIGITS = 1797  # images the probe runs through the network (all of scikit-learn's digits)
+SHOTS = 100  # 10-shot digits: the fine-tuning's training images, so its batch is at most this
+
+
+def estimate(run: Run, budget: Budget, device: str, share: float = 1.0) -> float:
+    """Seconds one run takes by the rate table, getting `share` of the rates (runs side by side on a CPU split its
+    cores); a resolution not in the table gets the slowest rates listed."""
+    table = RATES[device]
+    rates = table.get((run.model or {}).get("img_size", pretrain_lib.Config.img_size), table[max(table)])
+    batch = min(finetune_config(budget).batch, SHOTS)
+    seconds = len(budget.finetune_seeds) * budget.finetune_steps * batch / rates.finetune + DIGITS / rates.probe
+    if run.data is not None:
+        seconds += budget.steps * pretrain_lib.Config.batch / rates.pretrain
+    return rates.fixed + seconds / share
+
+
+def plan(estimates: list[float], jobs: int, seconds: float) -> list[tuple[float, float] | None]:
+    """(start, end) of each run in order on `jobs` slots, each run taking the next free slot; None for a run that
+    would end after `seconds` (it is not started, and its slot stays free for the next)."""
+    free = [0.0] * jobs
+    out = []
+    for est in estimates:
+        start = heapq.heappop(free)
+        if start + est > seconds:
+            heapq.heappush(free, start)
+            out.append(None)
+            continue
+        heapq.heappush(free, start + est)
+        out.append((start, start + est))
+    return out
+
+
+def _kept(keep: Path | None, run: Run, root: Path, budget: Budget) -> Path | None:
+    return keep / f"{run.folder(root, budget).name}.json" if keep else None
+
+
+def finished_row(run: Run, root: Path, budget: Budget, keep: Path | None) -> dict | None:
+    """The run's row if it finished: in its run folder, or kept in the results by an earlier call (maybe on
+    another machine, whose run folders are gone)."""
+    for path in (run.folder(root, budget) / "row.json", _kept(keep, run, root, budget)):
+        if path is not None and path.exists():
+            return json.loads(path.read_text())
+    return None
+
+
+def _execute_and_keep(run: Run, root: Path, budget: Budget, keep: Path | None = None, deadline: float = 0.0,
+                      seconds: float = 0.0) -> dict | None:
+    """A finished row, or None when the run would end after the deadline (not started)."""
+    row = finished_row(run, root, budget, keep)
+    if row is not None:
+        return row
+    if deadline and time.time() + seconds > deadline:
+        print(f"[{run.label}] not started: needs ~{seconds / 60:.1f} min by the rate table, "
+              f"{max(0.0, deadline - time.time()) / 60:.1f} min left of the time box", flush=True)
+        return None
     row = execute(run, root, budget)
     atomic_write_json(row, run.folder(root, budget) / "row.json")
+    if keep:  # as each run finishes: an interrupted or split sweep keeps it
+        keep.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(row, _kept(keep, run, root, budget))
     return row
 
 
-def _execute_in_worker(run: Run, root: Path, budget: Budget, threads: int) -> dict:
+def _execute_in_worker(run: Run, root: Path, budget: Budget, threads: int, keep: Path | None = None,
+                       deadline: float = 0.0, seconds: float = 0.0) -> dict | None:
     import torch
 
     torch.set_num_threads(threads)
     folder = run.folder(root, budget)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "log.txt", "a") as f, contextlib.redirect_stdout(f):  # runs side by side: one log each
-        return _execute_and_keep(run, root, budget)
+        return _execute_and_keep(run, root, budget, keep, deadline, seconds)
 
 
-def execute_all(runs: list[Run], root: Path, budget: Budget, jobs: int = 1) -> list[dict]:
+def _render_first(runs: list[Run], root: Path, budget: Budget) -> None:
+    """Render each data set the runs need once, before they start: runs side by side that share a data set (one
+    per resolution in sweep-resolution) would otherwise race for its folder, and fracgen lets one writer in."""
+    for slug, data in {r.data_slug: r.data for r in runs if r.data is not None}.items():
+        shards = root / "data" / slug
+        try:
+            if not (shards / "manifest.json").exists() or not read_manifest(shards)["complete"]:
+                print(f"render {shards}", flush=True)
+                render_dataset(shards, Settings(**{**budget.data, **data}),
+                               resume=(shards / "manifest.json").exists())
+        except FracgenError:
+            pass  # its runs meet the same error in their own process, reported once the others have finished
+
+
+def execute_all(runs: list[Run], root: Path, budget: Budget, jobs: int = 1, keep: Path | None = None,
+                time_box: float = 0.0) -> list[dict | None]:
     """Execute the runs in order, or `jobs` at a time, each in its own process with its own log.txt: on a GPU the
     CPU preset's small model leaves the card mostly idle, so several runs share it. Rows come back in the runs'
-    order; a run that fails is reported after the others have finished (and kept what they did)."""
+    order; a run that fails is reported after the others have finished (and kept what they did). With `time_box`
+    (seconds from now), a run starts only if the rate table says it ends inside the box; it is None otherwise."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the cpu rates are one run on the 2-core VM's two cores; side by side, runs split the cores they have
+    share = 1.0 if device == "cuda" else min(1.0, available_cores() / (2 * jobs))
+    seconds = [0.0 if finished_row(r, root, budget, keep) else estimate(r, budget, device, share) for r in runs]
+    deadline = time.time() + time_box if time_box else 0.0
+    if time_box:
+        print_plan(runs, seconds, jobs, time_box, device)
     if jobs <= 1:
-        return [_execute_and_keep(run, root, budget) for run in runs]
+        return [_execute_and_keep(run, root, budget, keep, deadline, est) for run, est in zip(runs, seconds,
+                                                                                            strict=True)]
+    if any(est and slot for est, slot in zip(seconds, plan(seconds, jobs, time_box or float("inf")), strict=True)):
+        _render_first([r for r, est in zip(runs, seconds, strict=True) if est], root, budget)
     threads = max(1, available_cores() // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_execute_in_worker, run, root, budget, threads): run for run in runs}
+        futures = {pool.submit(_execute_in_worker, run, root, budget, threads, keep, deadline, est): run
+                   for run, est in zip(runs, seconds, strict=True)}
         for future in as_completed(futures):
             run = futures[future]
-            state = "failed" if future.exception() else "done"
+            state = "failed" if future.exception() else "done" if future.result() else "not started (time box)"
             print(f"[{run.label}] {state} (log: {run.folder(root, budget) / 'log.txt'})", flush=True)
         return [future.result() for future in futures]
 
 
+def print_plan(runs: list[Run], seconds: list[float], jobs: int, time_box: float, device: str) -> None:
+    slots = plan(seconds, jobs, time_box)
+    print(f"plan: {jobs} run(s) at a time, a {time_box / 60:g}-minute time box, rates for {device} "
+          "(train.experiments.RATES):")
+    for run, est, slot in zip(runs, seconds, slots, strict=True):
+        when = ("finished earlier" if est == 0 else f"{slot[0] / 60:4.1f} -> {slot[1] / 60:4.1f} min" if slot
+                else "not started: ends past the time box")
+        print(f"  {run.label}: ~{est / 60:.1f} min, {when}")
+    fits = [slot for slot in slots if slot]
+    print(f"plan: {len(fits)} of {len(runs)} runs end inside the box by the estimates"
+          + (f", the last at {max(end for _, end in fits) / 60:.1f} min" if fits else ""), flush=True)
+
+
 def run_experiment(name: str, root: Path, results: Path, budget: Budget, finished_only: bool = False,
-                   jobs: int = 1) -> list[dict]:
+                   jobs: int = 1, time_box: float = 0.0, runs: list[Run] | None = None) -> list[dict]:
+    """Run (or, finished_only, tabulate) an experiment; `time_box` in minutes (0: none)."""
     t0 = time.time()
-    runs = EXPERIMENTS[name]()
+    runs = EXPERIMENTS[name]() if runs is None else runs
+    keep = results / "rows"
     if finished_only:  # tabulate what an earlier call wrote; start nothing, not even a half-done run's rest
         rows = []
         for run in runs:
-            done = run.folder(root, budget) / "row.json"
-            if done.exists():
-                rows.append(json.loads(done.read_text()))
+            row = finished_row(run, root, budget, keep)
+            if row is not None:
+                rows.append(row)
             else:
                 print(f"[{run.label}] not finished: left out of the tables (--finished-only)")
     else:
-        rows = execute_all(runs, root, budget, jobs)
+        rows = [r for r in execute_all(runs, root, budget, jobs, keep, time_box * 60) if r is not None]
     if not rows:
+        if time_box and not finished_only:
+            raise TrainError(f"none of the {len(runs)} runs of {name} fits in the {time_box:g}-minute time box by "
+                             "the rate table on this device (the plan above); raise --time-box or run it on a GPU")
         raise TrainError(f"no finished run of {name} at {budget.steps} steps under {root}")
     seconds = time.time() - t0
     results.mkdir(parents=True, exist_ok=True)
     grouped = groups(rows)
     write_csv(results / f"{name}.csv", rows)
-    command = (f"make {name}" if budget.steps == STEPS and jobs == 1 else
-               f"python -m train.experiments {name} --steps {budget.steps}" + (f" --jobs {jobs}" if jobs > 1 else ""))
-    (results / f"{name}.md").write_text(markdown(name, rows, grouped, seconds, command))
+    (results / f"{name}.md").write_text(markdown(name, rows, grouped, seconds, _command(name, budget, jobs,
+                                                                                         time_box)))
     drew = plot(name, rows, grouped, results / f"{name}.png")
-    scatter(root, results / "pretext-vs-transfer.png", budget.steps)
-    print(f"{name}: {len(rows)} runs in {seconds / 60:.1f} minutes; tables in {results}/{name}.csv and .md"
-          + (f", plot {results}/{name}.png" if drew else " (no plot: pip install fracgen[plots])"))
+    if budget.finetune_preset == "default":  # the scatter holds the runs of one fine-tuning recipe
+        scatter(root, results / "pretext-vs-transfer.png", budget.steps)
+    print(f"{name}: {len(rows)} of {len(runs)} runs in {seconds / 60:.1f} minutes; tables in {results}/{name}.csv "
+          "and .md" + (f", plot {results}/{name}.png" if drew else " (no plot: pip install fracgen[plots])"))
     return rows
+
+
+def _command(name: str, budget: Budget, jobs: int, time_box: float) -> str:
+    """`make NAME` when the call was the make target's, else the module command that repeats it."""
+    default = experiment_budget(name)
+    options = RUNNER.get(name, {})
+    if (budget.steps, jobs, time_box, budget.finetune_preset, budget.finetune_steps) == (
+            default.steps, options.get("jobs", 1), options.get("time_box", 0.0), default.finetune_preset,
+            default.finetune_steps):
+        return f"make {name}"
+    recipe = "" if (budget.finetune_preset, budget.finetune_steps) == (default.finetune_preset,
+                                                                       default.finetune_steps) else (
+        f" --finetune-preset {budget.finetune_preset} --finetune-steps {budget.finetune_steps}")
+    return (f"python -m train.experiments {name} --steps {budget.steps}" + (f" --jobs {jobs}" if jobs > 1 else "")
+            + (f" --time-box {time_box:g}" if time_box else "") + recipe)
+
+
+def experiment_budget(name: str, toy: bool = False) -> Budget:
+    return Budget(**{**BUDGETS.get(name, {}), **(TOY if toy else {})})
+
+
+# What `make NAME` runs with when the options are not given: sweep-resolution's 24 runs side by side on one H200
+RUNNER = {"sweep-resolution": dict(jobs=12, time_box=8.0)}
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -401,22 +690,58 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def main(
     name: Annotated[str, typer.Argument(help=f"one of {', '.join(EXPERIMENTS)}")],
-    root: Annotated[Path, typer.Option(help="where runs and their data are kept (and reused)")] = Path(
-        "runs/experiments"),
-    results: Annotated[Path, typer.Option(help="where the CSV, markdown and PNG go")] = Path("docs/results"),
-    steps: Annotated[int, typer.Option(help="pre-training steps per run")] = STEPS,
+    root: Annotated[Path | None, typer.Option(help="where runs and their data are kept (and reused); default "
+                                                   "runs/experiments (--toy: runs/experiments-toy)")] = None,
+    results: Annotated[Path | None, typer.Option(help="where the CSV, markdown and PNG go, and every finished run's "
+                                                      "row (RESULTS/rows/, reused by later calls); default "
+                                                      "docs/results (--toy: ROOT/results)")] = None,
+    steps: Annotated[int | None, typer.Option(help=f"pre-training steps per run (default {STEPS}; sweep-resolution "
+                                                   f"{BUDGETS['sweep-resolution']['steps']})")] = None,
     finished_only: Annotated[bool, typer.Option(help="tabulate the runs already finished, run nothing new")] = False,
-    jobs: Annotated[int, typer.Option(help="runs at a time, each in its own process (a GPU fits several)")] = 1,
+    jobs: Annotated[int | None, typer.Option(help="runs at a time, each in its own process (a GPU fits several; "
+                                                  "default 1, sweep-resolution 12)")] = None,
+    time_box: Annotated[float | None, typer.Option(help="minutes: start a run only if the rate table says it ends "
+                                                        "inside them (default none; sweep-resolution 8)")] = None,
+    finetune_steps: Annotated[int | None, typer.Option(help="fine-tuning steps per seed (default 300; "
+                                                            "sweep-resolution 200)")] = None,
+    finetune_preset: Annotated[str | None, typer.Option(help="train.finetune's --preset for every run (default "
+                                                              "default; sweep-resolution paper)")] = None,
+    resolutions: Annotated[str | None, typer.Option(help="sweep-resolution: a subset of 32,64,112,224")] = None,
+    toy: Annotated[bool, typer.Option(help="a rehearsal at toy size: 8 classes, 2 steps, 1 seed, 1 split")] = False,
 ):
-    """Run one of the paper's comparisons at CPU scale and write its tables and plots."""
+    """Run one of the paper's comparisons and write its tables and plots (at CPU scale; sweep-resolution on a GPU)."""
     if name not in EXPERIMENTS:
         raise TrainError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
-    if steps < 1:
-        raise TrainError(f"--steps must be at least 1, got {steps}")
-    if jobs < 1:
-        raise TrainError(f"--jobs must be at least 1, got {jobs}")
+    for option, value in (("steps", steps), ("jobs", jobs), ("finetune-steps", finetune_steps)):
+        if value is not None and value < 1:
+            raise TrainError(f"--{option} must be at least 1, got {value}")
+    if finetune_preset is not None and finetune_preset not in finetune_lib.PRESETS:
+        raise TrainError(f"unknown --finetune-preset {finetune_preset!r}; choose from "
+                         f"{', '.join(finetune_lib.PRESETS)}")
+    if time_box is not None and time_box < 0:
+        raise TrainError(f"--time-box must not be negative, got {time_box:g}")
+    runs = None
+    if resolutions is not None:
+        if name != "sweep-resolution":
+            raise TrainError("--resolutions is sweep-resolution's option")
+        try:
+            chosen = tuple(int(r) for r in resolutions.split(","))
+        except ValueError:
+            chosen = ()
+        if not chosen or not set(chosen) <= set(NETWORKS):
+            raise TrainError(f"--resolutions {resolutions!r}: choose from {','.join(map(str, sorted(NETWORKS)))}")
+        runs = sweep_resolution(tuple(r for r in NETWORKS if r in chosen))
+    budget = experiment_budget(name, toy)
+    budget = dataclasses.replace(budget, steps=steps or budget.steps,
+                                 finetune_steps=finetune_steps or budget.finetune_steps,
+                                 finetune_preset=finetune_preset or budget.finetune_preset)
+    options = RUNNER.get(name, {})
+    # a toy's 8-class data sets must never sit where a real run would find and reuse them
+    root = root or Path("runs/experiments-toy" if toy else "runs/experiments")
+    results = results or (root / "results" if toy else Path("docs/results"))
     try:
-        run_experiment(name, root, results, dataclasses.replace(Budget(), steps=steps), finished_only, jobs)
+        run_experiment(name, root, results, budget, finished_only, jobs or options.get("jobs", 1),
+                       options.get("time_box", 0.0) if time_box is None else time_box, runs)
     except FracgenError as e:
         raise TrainError(str(e)) from None
 
