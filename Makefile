@@ -10,7 +10,7 @@ CPU_SHARDS ?= shards/cpu-seed$(SEED)
 RUN        ?= runs/cpu-seed$(SEED)
 
 .PHONY: install test test-slow lint bench pretrain finetune compare sweep-delta sweep-sigma sweep-bases control \
-	sweep-resolution clean
+	sweep-resolution score-bases clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,9 @@ finetune: install
 # `make control`: base A of DESIGN.md 9b, the positive control (a protocol that shows no gain there shows none).
 # `make sweep-resolution`: 32-224 px on one GPU, 12 runs side by side inside an 8-minute time box (on a CPU nothing
 # fits the box, and it says so); docs/results/gpu/sweep_resolution.sh is the same as one device call.
-compare sweep-delta sweep-sigma sweep-bases control sweep-resolution: install
+# `make score-bases`: 16 bases drawn by seed and base A at the GPU compare budget (5000 steps, 9 runs side by side in
+# a 10-minute box), then fracgen score's measures of their data against their pretext top-1 (Spearman).
+compare sweep-delta sweep-sigma sweep-bases control sweep-resolution score-bases: install
 	$(BIN)/python -m train.experiments $@
 
 clean:

@@ -133,3 +133,25 @@ def test_jobs_below_one_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "train.experiments", "compare", "--jobs", "0"], capture_output=True,
                        text=True, cwd=tmp_path, env={"PYTHONPATH": str(E.Path(E.__file__).parents[1])})
     assert r.returncode == 1 and r.stderr.strip() == "error: --jobs must be at least 1, got 0"
+
+
+def test_score_bases_draws_its_bases_by_seed_and_correlates_each_runs_own_data(tmp_path):
+    """score-bases holds >= 12 bases drawn by seed (and base A); `correlate` scores every pre-trained run's own data:
+    with each run's pretext top-1 set to its own separation, that measure's Spearman correlation must be exactly 1."""
+    runs = E.score_bases()
+    assert sorted(r.data["seed"] for r in runs if r.data and "base" not in r.data) == list(range(16))
+    assert sum(r.data is None for r in runs) == 1 and any(r.key == "base-a" for r in runs)
+    from fracgen import score
+
+    rows = [{"label": "none (scratch)", "slug": "scratch", "finetune_top1": 70.0}]
+    for run in [r for r in runs if r.data and "base" not in r.data][:4]:
+        E.render_dataset(tmp_path / "data" / run.data_slug, E.Settings(**{**TINY.data, "classes": 12, **run.data}))
+        manifest = E.read_manifest(tmp_path / "data" / run.data_slug)
+        separation = score.score(manifest, (32,))[0]["separation"]
+        rows.append({"label": run.label, "slug": run.slug, "pretext_top1": separation, "finetune_top1": 50.0})
+    table = {t["measure"]: t for t in E.correlate(rows, tmp_path, TINY, tmp_path / "results")}
+    assert table["separation"]["pretext_top1"] == pytest.approx(1.0)
+    assert table["separation"]["finetune_top1"] is None  # a constant column has no rank correlation
+    text = (tmp_path / "results" / "score-bases-correlation.md").read_text()
+    assert "| separation | 1.00 |" in text and "predicts" in text and "none." in text  # 4 runs are not 12
+    assert len(list(csv.DictReader(open(tmp_path / "results" / "score-bases-correlation.csv")))) == 4

@@ -36,7 +36,7 @@ from train import finetune as finetune_lib
 from train import model as model_lib
 from train import pretrain as pretrain_lib
 from train import probe as probe_lib
-from train.runtime import TrainError, atomic_save, atomic_write_json, run_cli, seed_everything
+from train.runtime import TrainError, atomic_save, atomic_write_json, atomic_write_text, run_cli, seed_everything
 
 DATA = dict(classes=1000, size=128, points=50_000)  # the CPU default's data (`make pretrain`)
 BASELINE = Settings(**DATA)  # what a run's settings are compared with to name it
@@ -152,8 +152,21 @@ def sweep_resolution(resolutions: tuple[int, ...] = tuple(NETWORKS)) -> list[Run
     return runs
 
 
+SCORE_BASES = tuple(range(16))  # issue 23: at least 12 bases drawn by seed, none picked by hand
+
+
+def score_bases() -> list[Run]:
+    """Which base will learn? 16 bases drawn by seed and base A, each pre-trained at one budget; their pretext top-1
+    and transfer are then set against fracgen.score's data-only measures of their data (`correlate`)."""
+    return [Run("none (scratch)", None, "none (scratch)"),
+            *[Run(f"1p-frac, base seed {b}", {"seed": b}, f"1p-frac, base seed {b}", b) for b in SCORE_BASES],
+            Run("1p-frac, base A (DESIGN.md 9b), Delta 0.1", {"base": json.loads(BASE_A.read_text()), "seed": 0},
+                "1p-frac, base A", key="base-a")]
+
+
 EXPERIMENTS = {"compare": compare, "sweep-delta": sweep_delta, "sweep-sigma": sweep_sigma,
-               "sweep-bases": sweep_bases, "control": control, "sweep-resolution": sweep_resolution}
+               "sweep-bases": sweep_bases, "control": control, "sweep-resolution": sweep_resolution,
+               "score-bases": score_bases}
 
 
 @dataclass
@@ -169,7 +182,10 @@ class Budget:
 # Per experiment, what differs from Budget(): sweep-resolution fits one H200 in 8 minutes (docs/results.md, "the
 # plan"): 1500 steps at batch 128 (192k samples, make pretrain's budget), the paper's fine-tuning recipe for 200 steps
 # (200 epochs of 10-shot digits' 100 images; the official script runs 1000 epochs of CIFAR-100).
-BUDGETS = {"sweep-resolution": dict(steps=1500, finetune_preset="paper", finetune_steps=200)}
+# score-bases: the GPU compare budget of docs/results.md (5000 steps), where the seeded bases learned 2 to 40%: at
+# the CPU's 800 steps every base stays near chance and no measure could be told from another.
+BUDGETS = {"sweep-resolution": dict(steps=1500, finetune_preset="paper", finetune_steps=200),
+           "score-bases": dict(steps=5000)}
 TOY = dict(steps=2, finetune_seeds=(0,), finetune_steps=2, probe_seeds=(0,), data=dict(classes=8, points=2000))
 
 
@@ -654,11 +670,64 @@ def run_experiment(name: str, root: Path, results: Path, budget: Budget, finishe
     (results / f"{name}.md").write_text(markdown(name, rows, grouped, seconds, _command(name, budget, jobs,
                                                                                          time_box)))
     drew = plot(name, rows, grouped, results / f"{name}.png")
+    if name == "score-bases":
+        correlate(rows, root, budget, results)
     if budget.finetune_preset == "default":  # the scatter holds the runs of one fine-tuning recipe
         scatter(root, results / "pretext-vs-transfer.png", budget.steps)
     print(f"{name}: {len(rows)} of {len(runs)} runs in {seconds / 60:.1f} minutes; tables in {results}/{name}.csv "
           "and .md" + (f", plot {results}/{name}.png" if drew else " (no plot: pip install fracgen[plots])"))
     return rows
+
+
+def correlate(rows: list[dict], root: Path, budget: Budget, results: Path) -> list[dict]:
+    """fracgen.score's measures of every pre-trained run's data at the network's resolution, against its pretext
+    top-1 and fine-tuned transfer: a table per run and the Spearman correlation of each measure with both
+    (results/score-bases-correlation.md and .csv, and a scatter of each measure against pretext top-1)."""
+    from scipy.stats import spearmanr
+
+    from fracgen import score as score_lib
+
+    at = pretrain_lib.Config.img_size
+    scored = []
+    for row in rows:
+        if row.get("pretext_top1") is None:
+            continue
+        manifest = read_manifest(root / "data" / row["slug"])  # score-bases' runs share no network: slug = data
+        scored.append({**row, **score_lib.score(manifest, (at,))[0]})
+    measures = score_lib.MEASURES
+    lines = [f"# score-bases: data-only measures against pre-training ({len(scored)} runs, {budget.steps} steps, "
+             f"measured at {at} px)", "", "| run | pretext top-1 | fine-tuned | " + " | ".join(measures) + " |",
+             "|---|---|---|" + "---|" * len(measures)]
+    lines += [f"| {r['label']} | {r['pretext_top1']:.1f} | {r['finetune_top1']:.1f} | "
+              + " | ".join(f"{r[m]:.3f}" for m in measures) + " |" for r in scored]
+    table = []
+    for m in measures:
+        entry = {"measure": m}
+        for target in ("pretext_top1", "finetune_top1"):
+            xs, ys = [r[m] for r in scored], [r[target] for r in scored]
+            # no rank correlation of fewer than 3 runs or of a constant column
+            entry[target] = float(spearmanr(xs, ys).statistic) if min(len(set(xs)), len(set(ys))) > 2 else None
+        table.append(entry)
+    lines += ["", "| measure | Spearman with pretext top-1 | with fine-tuned top-1 |", "|---|---|---|"]
+    lines += [f"| {t['measure']} | {_fmt(t['pretext_top1'], 2)} | {_fmt(t['finetune_top1'], 2)} |" for t in table]
+    predicts = [t["measure"] for t in table if (t["pretext_top1"] or 0) >= 0.8]
+    lines += ["", f"A measure predicts (Spearman >= 0.8 with pretext top-1 over >= 12 bases): "
+              f"{', '.join(predicts) if predicts and len(scored) >= 12 else 'none'}."]
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text("\n".join(lines) + "\n", results / "score-bases-correlation.md")
+    write_csv(results / "score-bases-correlation.csv", scored)
+    plt = _pyplot()
+    if plt is not None and scored:
+        fig, axes = plt.subplots(1, len(measures), figsize=(4 * len(measures), 3.6))
+        for ax, m, t in zip(axes, measures, table, strict=True):
+            ax.scatter([r[m] for r in scored], [r["pretext_top1"] for r in scored])
+            ax.set_xlabel(f"{m} at {at} px (Spearman {_fmt(t['pretext_top1'], 2)})")
+        axes[0].set_ylabel("pretext top-1 %")
+        fig.suptitle(f"which base will learn? {len(scored)} runs, {budget.steps} steps ({_devices(scored)})")
+        fig.tight_layout()
+        fig.savefig(results / "score-bases-correlation.png", dpi=110)
+        plt.close(fig)
+    return table
 
 
 def _command(name: str, budget: Budget, jobs: int, time_box: float) -> str:
@@ -681,7 +750,7 @@ def experiment_budget(name: str, toy: bool = False) -> Budget:
 
 
 # What `make NAME` runs with when the options are not given: sweep-resolution's 24 runs side by side on one H200
-RUNNER = {"sweep-resolution": dict(jobs=12, time_box=8.0)}
+RUNNER = {"sweep-resolution": dict(jobs=12, time_box=8.0), "score-bases": dict(jobs=9, time_box=10.0)}
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
