@@ -50,7 +50,7 @@ finetune: install
 # `make sweep-resolution`: 32-224 px on one GPU, 12 runs side by side inside an 8-minute time box (on a CPU nothing
 # fits the box, and it says so); docs/results/gpu/sweep_resolution.sh is the same as one device call.
 # `make score-bases`: 16 bases drawn by seed and base A at the GPU compare budget (5000 steps, 9 runs side by side in
-# a 10-minute box), then fracgen score's measures of their data against their pretext top-1 (Spearman).
+# an 8-minute box), then fracgen score's measures of their data against their pretext top-1 (Spearman).
 compare sweep-delta sweep-sigma sweep-bases control sweep-resolution score-bases: install
 	$(BIN)/python -m train.experiments $@
 

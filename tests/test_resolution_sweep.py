@@ -55,6 +55,13 @@ def test_the_default_sweep_fits_its_time_box_on_one_h200_by_the_rate_table():
     assert min(E.estimate(r, budget, "cpu", share=2 / 24) for r in runs) > 8 * 60
 
 
+def test_score_bases_fits_its_time_box_on_one_h200_by_the_rate_table():
+    runs, budget = E.score_bases(), E.experiment_budget("score-bases")
+    slots = E.plan([E.estimate(r, budget, "cuda") for r in runs], E.RUNNER["score-bases"]["jobs"],
+                   E.RUNNER["score-bases"]["time_box"] * 60)
+    assert len(runs) == 18 and all(slots) and max(end for _, end in slots) < 8 * 60
+
+
 def test_a_time_box_nothing_fits_in_is_one_line_and_starts_nothing(tmp_path):
     with pytest.raises(E.TrainError, match="none of the 24 runs of sweep-resolution fits in the 0.01-minute time box"):
         E.run_experiment("sweep-resolution", tmp_path / "runs", tmp_path / "results",

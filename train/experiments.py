@@ -750,7 +750,7 @@ def experiment_budget(name: str, toy: bool = False) -> Budget:
 
 
 # What `make NAME` runs with when the options are not given: sweep-resolution's 24 runs side by side on one H200
-RUNNER = {"sweep-resolution": dict(jobs=12, time_box=8.0), "score-bases": dict(jobs=9, time_box=10.0)}
+RUNNER = {"sweep-resolution": dict(jobs=12, time_box=8.0), "score-bases": dict(jobs=9, time_box=8.0)}
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

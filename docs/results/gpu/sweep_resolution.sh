@@ -8,7 +8,8 @@
 # results.tgz (RESULTS' tables, plot and rows, paths from the repository root: `tar xzf results.tgz` there and
 # commit) and logs.tgz (each run's own log). A later call reruns only what has no row yet.
 # TOY=1: a rehearsal at toy size, on a CPU too (tests/test_resolution_sweep.py); ROOT, RESULTS, TIME_BOX, LIMIT and
-# PYTHON may be set.
+# PYTHON may be set. EXPERIMENT=score-bases runs `make score-bases` the same way (17 runs, 9 side by side, in the
+# same 8-minute box; its correlation table is score-bases-correlation.md).
 set -u
 OUT=${OUT:?set OUT to the folder that receives the results}
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -20,12 +21,14 @@ else
 fi
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-ROOT=${ROOT:-/tmp/sweep-resolution}
+EXPERIMENT=${EXPERIMENT:-sweep-resolution}
+ROOT=${ROOT:-/tmp/$EXPERIMENT}
 RESULTS=${RESULTS:-docs/results}
 # The hard limit (8 min 40 s) lets runs started inside the 8-minute box end 40 s past their estimate, and leaves
 # the install and the tables room inside the device call's 10 minutes.
 if [ "${TOY:-0}" = 1 ]; then
-    ARGS=(--toy --resolutions 32 --jobs 2 --time-box "${TIME_BOX:-20}")
+    ARGS=(--toy --jobs 2 --time-box "${TIME_BOX:-20}")
+    [ "$EXPERIMENT" = sweep-resolution ] && ARGS+=(--resolutions 32)
     LIMIT=${LIMIT:-1200}
 else
     ARGS=(--time-box "${TIME_BOX:-8}")
@@ -36,14 +39,14 @@ fi
     "$PY" -c "import os, torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cores', \
 os.cpu_count())"
     date -u
-    timeout --kill-after=10 "$LIMIT" "$PY" -m train.experiments sweep-resolution --root "$ROOT" \
+    timeout --kill-after=10 "$LIMIT" "$PY" -m train.experiments "$EXPERIMENT" --root "$ROOT" \
         --results "$RESULTS" "${ARGS[@]}"
     echo "runner exit status $?"
     date -u
     # the tables again from every finished run (kept rows too), also when the limit cut the runner short
-    "$PY" -m train.experiments sweep-resolution --root "$ROOT" --results "$RESULTS" "${ARGS[@]}" --finished-only
+    "$PY" -m train.experiments "$EXPERIMENT" --root "$ROOT" --results "$RESULTS" "${ARGS[@]}" --finished-only
 } 2>&1 | tee "$OUT/sweep.log" | grep -v "^step \|^seed \|^\[rank"
-cp "$RESULTS/sweep-resolution.md" "$OUT/" 2>/dev/null
-tar czf "$OUT/results.tgz" "$RESULTS"/sweep-resolution.* "$RESULTS/rows" 2>/dev/null
+cp "$RESULTS/$EXPERIMENT"*.md "$OUT/" 2>/dev/null
+tar czf "$OUT/results.tgz" "$RESULTS/$EXPERIMENT".* "$RESULTS/$EXPERIMENT"-* "$RESULTS/rows" 2>/dev/null
 (cd "$ROOT" && tar czf "$OUT/logs.tgz" --exclude=data ./*/log.txt 2>/dev/null)
 ls -la "$OUT"
