@@ -117,6 +117,7 @@ class Config:
     stop_after: int = 0  # > 0: end this run after that many steps with a checkpoint (job time limits); --resume
     compile: bool = False
     resume: bool = False
+    allow_other_data: bool = False  # --resume on data other than the checkpoint's (same class count)
 
 
 PRESETS = {
@@ -130,8 +131,8 @@ PRESETS = {
 }
 
 # Options that may differ on --resume (they do not change what is being trained).
-RESUMABLE = {"out", "shards", "cache_dir", "render", "resume", "steps", "workers", "log_every", "eval_every",
-             "eval_samples",
+RESUMABLE = {"out", "shards", "cache_dir", "render", "resume", "allow_other_data", "steps", "workers", "log_every",
+             "eval_every", "eval_samples",
              "ckpt_every", "stop_after", "compile", "cache", "cache_budget", "augment", "shuffle_buffer"}
 GiB = 1024**3
 
@@ -285,6 +286,9 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     if checkpoint is not None and checkpoint["num_classes"] != num_classes:
         raise TrainError(f"{source} has {num_classes} classes, the checkpoint was trained on "
                          f"{checkpoint['num_classes']}: resume with the data it was trained on")
+    data_sha256 = data.data_sha256(shards_dir, manifest)
+    if checkpoint is not None and not cfg.allow_other_data:
+        data.check_resume_data(checkpoint, data_sha256, source, log)
     batch = per_rank_batch(cfg, world_size)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     if mixing and batch % 2:
@@ -428,7 +432,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
                          "model": model_lib.clean_state_dict(raw_model), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
                          "config": dataclasses.asdict(cfg), "rng": states, "world_size": world_size,
-                         "fracgen_settings": manifest.get("settings", {})}, ckpt_path)
+                         "fracgen_settings": manifest.get("settings", {}), "data_sha256": data_sha256}, ckpt_path)
 
     earlier_loss = None  # the first loss of the run this one continues
     if master_process:
@@ -612,6 +616,8 @@ def main(
     = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/ckpt.pt")] = False,
+    allow_other_data: Annotated[bool, typer.Option("--allow-other-data", help="with --resume: continue on data "
+                                                   "other than the checkpoint's, on purpose")] = False,
 ) -> None:
     """Pre-train on 1p-frac shards (LIEP images, LPCE loss)."""
     if preset not in PRESETS:
@@ -639,8 +645,8 @@ def main(
     for key in ("mixup", "cutmix", "smoothing", "reprob", "lr"):
         if key in explicit and explicit[key] < 0:
             raise TrainError(f"--{key} must not be negative")
-    if instances is not None and instances < 0:
-        raise TrainError("--instances must not be negative")
+    if instances is not None and not 0 <= instances <= onthefly.MAX_INSTANCES:
+        raise TrainError(f"--instances must be in [0, {onthefly.MAX_INSTANCES:,}]")
     explicit["shards"] = str(shards) if shards else None
     explicit["render"] = str(render) if render else None
     explicit["out"] = str(out)
