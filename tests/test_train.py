@@ -427,3 +427,16 @@ def test_pil_path_survives_zero_bit_posterize():
     for _ in range(60):  # 3 ops of 15 per call: Posterize is drawn ~12 times
         transform(image)
     assert data._posterize(image, 0).getextrema() == (0, 0)
+
+
+def test_a_plain_pickle_is_refused_in_one_line_without_warnings(tmp_path, recwarn):
+    """torch's weights-only reader warns on stderr about protocol-4 pickles: that would be a second line."""
+    import pickle
+
+    from train.runtime import load_checkpoint
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"model_name": "x"}, protocol=4))
+    with pytest.raises(data.TrainError, match="is not a train.pretrain checkpoint .unreadable: not tensors"):
+        load_checkpoint(path)
+    assert [str(w.message) for w in recwarn] == []

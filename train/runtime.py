@@ -8,6 +8,7 @@ import pickle
 import random
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -106,7 +107,8 @@ RESUME_FIELDS = {"optimizer": dict, "scheduler": dict, "scaler": dict, "rng": li
 
 # What older checkpoints need beyond tensors and plain values: numpy's RNG state was stored as an array. These
 # rebuild an ndarray from its bytes and run nothing else.
-LEGACY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+LEGACY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType,
+                  (getattr(np, "_core", None) or np.core).multiarray._reconstruct]  # numpy 2 renamed core
 
 
 def load_checkpoint(path: Path, resume: bool = False) -> dict:
@@ -116,15 +118,19 @@ def load_checkpoint(path: Path, resume: bool = False) -> dict:
     refused before any of it runs."""
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(LEGACY_GLOBALS):
+        # catch_warnings: torch warns on stderr about pickle protocols it reads with care; the verdict is ours
+        with torch.serialization.safe_globals(LEGACY_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise TrainError(f"{path} is not a train.pretrain checkpoint (unreadable: UnpicklingError)") from None
         found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
-        what = next((g for g in found.groups() if g), "code") if found else "code"
-        raise TrainError(f"{path} is not a train.pretrain checkpoint: it asks to run {what} on loading; refused, "
-                         "nothing of it was run") from None
+        if found:
+            raise TrainError(f"{path} is not a train.pretrain checkpoint: it asks to run "
+                             f"{next(g for g in found.groups() if g)} on loading; refused, nothing of it was run"
+                             ) from None
+        operand = re.search(r"Unsupported operand \d+", str(e))
+        raise TrainError(f"{path} is not a train.pretrain checkpoint (unreadable: not tensors and plain values"
+                         f"{': ' + operand.group(0) if operand else ''}; nothing of it was run)") from None
     except Exception as e:  # truncated archives, random bytes, empty files: torch raises them all
         reason = (str(e).strip().splitlines() or [""])[0][:120]
         raise TrainError(f"{path} is not a train.pretrain checkpoint (unreadable: {type(e).__name__}"
