@@ -60,9 +60,9 @@ def test_pretrain_checkpoint_loads_into_timm_and_resumes(shards, tmp_path):
     assert {"optimizer", "scheduler", "scaler", "rng", "config"} <= set(ckpt)
     model = timm.create_model(ckpt["model_name"], num_classes=ckpt["num_classes"], **ckpt["model_args"])
     model.load_state_dict(ckpt["model"], strict=True)
-    saved = json.loads((out / "config.json").read_text())
-    bare = timm.create_model(saved["model_name"], num_classes=saved["num_classes"], **saved["model_args"])
-    bare.load_state_dict(torch.load(out / "model.pth", map_location="cpu"), strict=True)
+    saved = json.loads((out / "config.json").read_text())  # timm's hub format (test_weights.py)
+    bare = timm.create_model(saved["architecture"], num_classes=saved["num_classes"], **saved["model_args"])
+    bare.load_state_dict(torch.load(out / "model.pth", map_location="cpu", weights_only=True), strict=True)
 
     second = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--resume", "--steps", "5")
     assert second.returncode == 0, second.stderr
@@ -167,7 +167,8 @@ class WritesAMarker:
         return Path.write_text, (self.marker, "code ran")
 
 
-@pytest.mark.parametrize("command", ["finetune", "probe", "resume"])
+@pytest.mark.parametrize("command", ["finetune", pytest.param("probe", marks=pytest.mark.slow),
+                                     pytest.param("resume", marks=pytest.mark.slow)])  # one loader, three callers
 def test_a_checkpoint_that_would_run_code_is_refused_unread(finished_run, tmp_path, command):
     marker = tmp_path / "marker"
     out = tmp_path / "run"

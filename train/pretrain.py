@@ -18,7 +18,7 @@ way the augmentation runs on the device, batched (`train.augment`); `--augment c
 With `--render` the samples are rendered by fracgen instead of read (`train.onthefly`), into the cache or in loader
 workers, by the same rule.
 Every rank runs exactly --steps optimizer steps; rank 0 alone logs, evaluates the pretext accuracy and writes
-RUN_DIR/{ckpt.pt, model.pth, config.json, metrics.jsonl}.
+RUN_DIR/{ckpt.pt, model.safetensors, config.json, model.pth, summary.json, metrics.jsonl} (train.weights).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fracgen.errors import FracgenError
 from fracgen.lock import writing_folder
-from train import data, onthefly
+from train import data, onthefly, weights
 from train import model as model_lib
 from train.augment import AugmentRNG, DeviceAugment
 from train.runtime import (
@@ -264,7 +264,8 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             raise TrainError(f"--resume: the checkpoint is at step {checkpoint['step']}, past --steps {cfg.steps}; "
                              f"give --steps {checkpoint['step']} or more")
         if checkpoint["step"] == cfg.steps:
-            log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: {out / 'model.pth'})")
+            log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: "
+                f"{out / weights.WEIGHTS})")
             return {}
     elif ckpt_path.exists():
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -522,16 +523,15 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             metrics_file.close()
     elif master_process:
         result = evaluate()
-        torch.save(model_lib.clean_state_dict(raw_model), out / "model.pth")
-        atomic_write_json({"model_name": cfg.model, "num_classes": num_classes, "model_args": model_args,
-                           "step": step}, out / "config.json")
+        weights.write_run(out, raw_model, cfg.model, model_args, num_classes, step, dataclasses.asdict(cfg),
+                          weights.data_record(manifest, data_sha256, source), data.PRETRAIN_MEAN, data.PRETRAIN_STD)
         summary = {"step": step, "first_loss": first_loss, "last_loss": last_loss, **result,
                    "chance_acc": 100 / num_classes}
         record({"final": True, **summary})
         atomic_write_json(summary, out / "summary.json")
         loss_text = f"LPCE {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "no training steps"
         log(f"done: {loss_text} | pretext top-1 {result['pretext_acc']:.1f}% on {result['eval_samples']} clean "
-            f"images (chance {100 / num_classes:.2g}%) | weights: {out / 'model.pth'}")
+            f"images (chance {100 / num_classes:.2g}%) | weights: {out / weights.WEIGHTS}")
         if result["pretext_acc"] < 5 * 100 / num_classes:
             log("warning: pretext accuracy is near chance: the network has not learned to tell the perturbation"
                 " classes apart, and such a pre-training can transfer worse than none (DESIGN.md section 9).")
