@@ -645,8 +645,10 @@ def main(
     for key in ("mixup", "cutmix", "smoothing", "reprob", "lr"):
         if key in explicit and explicit[key] < 0:
             raise TrainError(f"--{key} must not be negative")
-    if instances is not None and not 0 <= instances <= onthefly.MAX_INSTANCES:
-        raise TrainError(f"--instances must be in [0, {onthefly.MAX_INSTANCES:,}]")
+    if instances is not None and instances < 0:
+        raise TrainError("--instances must not be negative")
+    if instances is not None and instances > onthefly.MAX_INSTANCES:
+        raise TrainError(f"--instances must be at most {onthefly.MAX_INSTANCES:,} (0: a fresh instance every epoch)")
     explicit["shards"] = str(shards) if shards else None
     explicit["render"] = str(render) if render else None
     explicit["out"] = str(out)
