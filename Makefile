@@ -9,8 +9,8 @@ SEED       ?= 4
 CPU_SHARDS ?= shards/cpu-seed$(SEED)
 RUN        ?= runs/cpu-seed$(SEED)
 
-.PHONY: install test test-slow lint bench pretrain finetune compare sweep-delta sweep-sigma sweep-bases control \
-	sweep-resolution score-bases clean
+.PHONY: install test test-slow lint bench pretrain finetune publish compare sweep-delta sweep-sigma sweep-bases \
+	control sweep-resolution score-bases clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,12 @@ pretrain: install
 
 # Fine-tunes the pre-trained checkpoint and, as the baseline, the same network from scratch (digits, 3 seeds).
 finetune: install
-	$(BIN)/python -m train.finetune --checkpoint $(RUN)/ckpt.pt --out $(RUN)/digits
+	$(BIN)/python -m train.finetune --checkpoint $(RUN) --out $(RUN)/digits
 	$(BIN)/python -m train.finetune --checkpoint none --out runs/scratch-digits
+
+# Model card (with both fine-tuning results) and SHA256SUMS in the run folder; `--to hf://ORG/NAME` to upload.
+publish: install
+	$(BIN)/python -m train.publish $(RUN) $(if $(wildcard runs/scratch-digits/results.json),--results runs/scratch-digits/results.json)
 
 # The paper's comparisons at CPU scale (train/experiments.py; docs/results.md): each writes docs/results/NAME.csv,
 # .md and .png and prints its time. Runs are kept under runs/experiments and reused by the other targets.

@@ -64,7 +64,7 @@ def test_an_unknown_experiment_is_one_line(tmp_path):
                        text=True, cwd=tmp_path, env={"PYTHONPATH": str(E.Path(E.__file__).parents[1])})
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: unknown experiment 'sweep-everything'; choose one of compare, sweep-delta, sweep-sigma, sweep-bases, "
-        "control, sweep-resolution"]
+        "control, sweep-resolution, score-bases"]
 
 
 def test_a_setting_at_its_default_names_the_same_run():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +60,9 @@ def test_pretrain_checkpoint_loads_into_timm_and_resumes(shards, tmp_path):
     assert {"optimizer", "scheduler", "scaler", "rng", "config"} <= set(ckpt)
     model = timm.create_model(ckpt["model_name"], num_classes=ckpt["num_classes"], **ckpt["model_args"])
     model.load_state_dict(ckpt["model"], strict=True)
-    saved = json.loads((out / "config.json").read_text())
-    bare = timm.create_model(saved["model_name"], num_classes=saved["num_classes"], **saved["model_args"])
-    bare.load_state_dict(torch.load(out / "model.pth", map_location="cpu"), strict=True)
+    saved = json.loads((out / "config.json").read_text())  # timm's hub format (test_weights.py)
+    bare = timm.create_model(saved["architecture"], num_classes=saved["num_classes"], **saved["model_args"])
+    bare.load_state_dict(torch.load(out / "model.pth", map_location="cpu", weights_only=True), strict=True)
 
     second = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--resume", "--steps", "5")
     assert second.returncode == 0, second.stderr
@@ -140,14 +142,111 @@ def test_finetune_on_image_folders_with_and_without_a_test_split(tmp_path):
     assert result["top1_mean"] > 20  # 42.0% when measured
 
 
-def test_finetune_from_pretrain_checkpoint(shards, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(shards, tmp_path_factory) -> Path:
+    """A finished two-step run: its folder (read only: copy it to change it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
     pre = run("train.pretrain", "--shards", str(shards), "--out", str(out), "--steps", "2", *TINY)
     assert pre.returncode == 0, pre.stderr
-    result = run("train.finetune", "--checkpoint", str(out / "ckpt.pt"), "--steps", "5", "--seeds", "0,1",
+    return out
+
+
+def test_finetune_from_pretrain_checkpoint(finished_run, tmp_path):
+    result = run("train.finetune", "--checkpoint", str(finished_run / "ckpt.pt"), "--steps", "5", "--seeds", "0,1",
                  "--out", str(tmp_path / "ft"))
     assert result.returncode == 0, result.stderr
     assert re.search(r"top-1 \d+\.\d \+- \d+\.\d % over 2 seed\(s\)", result.stdout)
+
+
+class WritesAMarker:
+    """A pickle payload: unpickling it calls Path.write_text, as a malicious checkpoint would run its code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "code ran")
+
+
+@pytest.mark.parametrize("command", ["finetune", pytest.param("probe", marks=pytest.mark.slow),
+                                     pytest.param("resume", marks=pytest.mark.slow)])  # one loader, three callers
+def test_a_checkpoint_that_would_run_code_is_refused_unread(finished_run, tmp_path, command):
+    marker = tmp_path / "marker"
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)  # this test's own file
+    torch.save({**ckpt, "extra": WritesAMarker(marker)}, out / "ckpt.pt")  # a real checkpoint, plus a payload
+    args = {"finetune": ["train.finetune", "--checkpoint", str(out / "ckpt.pt"), "--steps", "2", "--seeds", "0"],
+            "probe": ["train.probe", "--checkpoint", str(out / "ckpt.pt"), "--seeds", "0"],
+            "resume": ["train.pretrain", "--shards", "unused", "--out", str(out), "--resume", "--steps", "3"]}[command]
+    result = run(*args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "asks to run" in lines[0] and "refused" in lines[0], result.stderr
+    assert not marker.exists()
+
+
+def _relabel(shard: Path) -> None:
+    """Change one sample's class in place: the same size, a valid tar, another sha256."""
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.name.endswith(".cls"))
+    raw = bytearray(shard.read_bytes())
+    label = raw[member.offset_data:member.offset_data + member.size]
+    raw[member.offset_data] = ord("1") if label[:1] != b"1" else ord("2")
+    shard.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("path", [["--cache", "off"], ["--augment", "cpu"]])
+def test_streaming_and_pil_paths_refuse_a_shard_that_does_not_match_its_manifest(shards, tmp_path, path):
+    copy = Path(shutil.copytree(shards, tmp_path / "shards"))
+    manifest = data.read_manifest(copy)
+    shard = copy / manifest["shards"][1]["file"]
+    _relabel(shard)
+    assert shard.stat().st_size == manifest["shards"][1]["bytes"]
+    result = run("train.pretrain", "--shards", str(copy), "--out", str(tmp_path / "run"), "--steps", "3", *TINY,
+                 "--eval-every", "0", "--workers", "1", *path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == (f"error: shard {shard} does not match its manifest (sha256 differs): "
+                                            "re-render it with `fracgen render ... --resume` or check it with "
+                                            "`fracgen verify`"), result.stderr
+    assert not (tmp_path / "run" / "model.pth").exists()
+
+
+def test_the_pretext_evaluation_checks_the_shards_it_reads(shards, tmp_path):
+    copy = Path(shutil.copytree(shards, tmp_path / "shards"))
+    manifest = data.read_manifest(copy)
+    _relabel(copy / manifest["shards"][0]["file"])
+    urls = data.shard_urls(copy, manifest)
+    with pytest.raises(data.TrainError, match="does not match its manifest"):
+        list(data.eval_images(urls, 4, max_samples=2))  # two samples of the first shard: it is read to its end
+    assert sum(len(y) for _, y in data.eval_images(data.shard_urls(shards, manifest), 4, max_samples=10)) == 10
+
+
+def test_resume_refuses_other_data_of_the_same_class_count(finished_run, tmp_path):
+    other = tmp_path / "other"
+    render_dataset(other, classes=16, size=64, points=5000, shard_size=8, seed=1, workers=1)
+    out = Path(shutil.copytree(finished_run, tmp_path / "run"))  # two steps on `shards`
+    refused = run("train.pretrain", "--shards", str(other), "--out", str(out), "--resume", "--steps", "3")
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not the data the checkpoint was trained on" in lines[0], refused.stderr
+    assert "--allow-other-data" in lines[0]
+    allowed = run("train.pretrain", "--shards", str(other), "--out", str(out), "--resume", "--steps", "3",
+                  "--allow-other-data", "--eval-every", "0")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "resumed from step 2" in allowed.stdout
+
+
+def test_an_undecodable_image_in_an_image_folder_is_one_line(tmp_path):
+    _digits_image_folder(tmp_path / "both", {"train": 3, "val": 2})
+    bad = tmp_path / "both" / "train" / "digit3" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    result = run("train.finetune", "--checkpoint", "none", "--dataset", str(tmp_path / "both"), "--steps", "30",
+                 "--batch", "8", "--seeds", "0", "--depth", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad} is not an image this can read"), result.stderr
 
 
 @pytest.mark.parametrize(
@@ -170,6 +269,10 @@ def test_finetune_from_pretrain_checkpoint(shards, tmp_path):
          "--cache on needs --augment device"),
         ("train.pretrain", ["--shards", "SHARDS", "--out", "OUT", "--global-batch", "30", "--accum", "4"],
          "--global-batch 30 does not divide"),
+        ("train.pretrain", ["--render", "SHARDS", "--out", "OUT", "--instances", str(10**12)],
+         "--instances must be at most 67,108,864"),
+        ("train.pretrain", ["--render", "SHARDS", "--out", "OUT", "--instances", str(2**23), "--batch", "16"],
+         "--instances 8,388,608 x 16 classes is 134,217,728 images an epoch, more than the 67,108,864"),
         ("train.finetune", ["--checkpoint", "/nonexistent.pt"], "no such file"),
         ("train.finetune", ["--checkpoint", "none", "--dataset", "cifar10", "--data-root", "EMPTY"],
          "cifar-10-python.tar.gz"),
@@ -324,3 +427,16 @@ def test_pil_path_survives_zero_bit_posterize():
     for _ in range(60):  # 3 ops of 15 per call: Posterize is drawn ~12 times
         transform(image)
     assert data._posterize(image, 0).getextrema() == (0, 0)
+
+
+def test_a_plain_pickle_is_refused_in_one_line_without_warnings(tmp_path, recwarn):
+    """torch's weights-only reader warns on stderr about protocol-4 pickles: that would be a second line."""
+    import pickle
+
+    from train.runtime import load_checkpoint
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"model_name": "x"}, protocol=4))
+    with pytest.raises(data.TrainError, match="is not a train.pretrain checkpoint .unreadable: not tensors"):
+        load_checkpoint(path)
+    assert [str(w.message) for w in recwarn] == []

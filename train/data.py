@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 import tarfile
 from pathlib import Path
@@ -65,8 +66,126 @@ def read_manifest(shards_dir: Path) -> dict:
     return manifest
 
 
-def shard_urls(shards_dir: Path, manifest: dict) -> list[str]:
-    return [str(Path(shards_dir) / s["file"]) for s in manifest["shards"]]
+class ShardURL(str):
+    """A shard's path that carries what the manifest says of it (bytes, sha256, samples), so that every reader
+    checks what it reads without being handed the manifest (a str subclass: webdataset and loader workers pass it
+    along as a path)."""
+
+    def __new__(cls, path: str, entry: dict):
+        url = super().__new__(cls, path)
+        url.bytes, url.sha256, url.samples = entry["bytes"], entry["sha256"], entry.get("samples")
+        return url
+
+    def __reduce__(self):  # loader workers started by spawn get it pickled: keep the record
+        return ShardURL, (str(self), {"bytes": self.bytes, "sha256": self.sha256, "samples": self.samples})
+
+
+def shard_urls(shards_dir: Path, manifest: dict) -> list[ShardURL]:
+    return [ShardURL(str(Path(shards_dir) / s["file"]), s) for s in manifest["shards"]]
+
+
+def _mismatch(path, what: str) -> TrainError:
+    return TrainError(f"shard {path} does not match its manifest ({what} differs): re-render it with "
+                      "`fracgen render ... --resume` or check it with `fracgen verify`")
+
+
+class _HashingReader:
+    """A shard opened for webdataset's tar reader, hashed as it is read: `finish()` reads what the tar reader
+    left (the end-of-archive padding) and compares size and sha256 with the manifest's, so a streamed shard is
+    checked without a second pass over it."""
+
+    def __init__(self, url: ShardURL):
+        if not isinstance(url, ShardURL):
+            raise TypeError(f"{url!r}: shard readers take data.shard_urls(), which carry the manifest's record")
+        self.url, self.file, self.sha, self.size = url, open(url, "rb"), hashlib.sha256(), 0  # noqa: SIM115
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.file.read(n)
+        self.sha.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    def matches(self) -> str | None:
+        """None when the whole file is the manifest's bytes, else what differs ("size" or "sha256")."""
+        while self.size <= self.url.bytes and self.read(1 << 20):
+            pass
+        if self.size != self.url.bytes:
+            return "size"
+        return None if self.sha.hexdigest() == self.url.sha256 else "sha256"
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def checked_tar_files(src):
+    """webdataset's tar expansion (url -> one dict per file, {} at each shard's end), over shards read through
+    `_HashingReader`: a shard that differs from its manifest stops the stream with one TrainError line at its end,
+    before its last sample is grouped. Samples before that point may already be in a shuffle buffer or a batch;
+    the run stops all the same, so nothing it writes rests on them."""
+    for item in src:
+        reader = _HashingReader(item["url"])
+        try:
+            files = wds.tariterators.tar_file_expander([{"url": item["url"], "stream": reader}],
+                                                       handler=wds.reraise_exception)
+            try:
+                for f in files:
+                    if f == {} and (what := reader.matches()):
+                        raise _mismatch(item["url"], what)
+                    yield f
+            except (tarfile.TarError, OSError, EOFError, ValueError):
+                if what := reader.matches():  # a changed shard can break the tar format before its end
+                    raise _mismatch(item["url"], what) from None
+                raise
+        finally:
+            reader.close()
+
+
+def checked_samples(src):
+    """The samples of the shards (`wds.tarfile_to_samples`), each shard checked against its manifest record."""
+    return wds.tariterators.group_by_keys(checked_tar_files(src), handler=wds.reraise_exception)
+
+
+def _first_then_drain(n: int | None):
+    """The first n items, then the rest read and dropped, so the last shard is read to its end and checked."""
+    def stage(src):
+        for i, item in enumerate(src):
+            if n is None or i < n:
+                yield item
+    return stage
+
+
+def _covering(urls: list[ShardURL], samples: int | None) -> list[ShardURL]:
+    """The first shards that together hold `samples` samples (all of them for None)."""
+    if not samples:
+        return list(urls)
+    out, held = [], 0
+    for url in urls:
+        if held >= samples:
+            break
+        out.append(url)
+        held += url.samples or 0
+    return out
+
+
+def data_sha256(shards_dir: Path | None, manifest: dict) -> str:
+    """What a run records of its data, to resume on nothing else. A shard folder: its manifest.json's sha256 (the
+    name `fracgen pull` and the training cache give a published folder). Rendering on the fly (no folder): the
+    sha256 of what the images are a function of (renderer, settings, base, class systems), which stays the same
+    while the render that wrote the manifest goes on and lists its shards."""
+    if shards_dir is not None:
+        return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
+    drawn = {k: manifest.get(k) for k in ("renderer", "settings", "base", "classes")}
+    return hashlib.sha256(json.dumps(drawn, sort_keys=True).encode()).hexdigest()
+
+
+def check_resume_data(checkpoint: dict, sha256: str, source: str, log) -> None:
+    """--resume continues on the data the checkpoint was trained on: the same class count is not enough."""
+    recorded = checkpoint.get("data_sha256")
+    if recorded is None:
+        log(f"note: the checkpoint does not record its data (written before it did): {source} is not checked")
+    elif recorded != sha256:
+        raise TrainError(f"{source} is not the data the checkpoint was trained on (data sha256 {sha256[:12]}..., "
+                         f"the checkpoint's {recorded[:12]}...): resume with that data, or pass --allow-other-data")
 
 
 def train_transform(
@@ -178,7 +297,7 @@ def _per_worker_shuffle(bufsize: int, seed: int):
     return stage
 
 
-def train_loader(urls: list[str], batch_size: int, transform, batches: int, seed: int,
+def train_loader(urls: list[ShardURL], batch_size: int, transform, batches: int, seed: int,
                  shuffle_buffer: int = 1000, workers: int = 2) -> wds.WebLoader:
     """An endless, resampled stream cut to exactly `batches` batches on every rank.
 
@@ -191,7 +310,7 @@ def train_loader(urls: list[str], batch_size: int, transform, batches: int, seed
     dataset = wds.DataPipeline(
         # deterministic=True: the shard order follows (seed, epoch, rank, worker) instead of pid and time.
         wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        checked_samples,
         _per_worker_shuffle(shuffle_buffer, seed),
         wds.decode("pill", handler=wds.reraise_exception),
         wds.to_tuple("png", "cls"),
@@ -202,17 +321,16 @@ def train_loader(urls: list[str], batch_size: int, transform, batches: int, seed
     return loader.with_epoch(batches)
 
 
-def eval_loader(urls: list[str], transform, batch_size: int, max_samples: int | None = None):
+def eval_loader(urls: list[ShardURL], transform, batch_size: int, max_samples: int | None = None):
     """Every sample of the shards once, in order (no resampling, no node split: only rank 0 evaluates)."""
     dataset = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        wds.SimpleShardList(_covering(urls, max_samples)),
+        checked_samples,
+        _first_then_drain(max_samples),
         wds.decode("pill", handler=wds.reraise_exception),
         wds.to_tuple("png", "cls"),
         wds.map_tuple(transform, int),
     )
-    if max_samples:
-        dataset.append(wds.slice(max_samples))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
 
 
@@ -233,9 +351,7 @@ def _shard_bytes(path: Path, entry: dict) -> bytes:
     """A shard's bytes, trusted only when their size and sha256 equal the manifest's."""
     data = path.read_bytes()
     if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        what = "size" if len(data) != entry["bytes"] else "sha256"
-        raise TrainError(f"shard {path} does not match its manifest ({what} differs): re-render it with "
-                         "`fracgen render ... --resume` or check it with `fracgen verify`")
+        raise _mismatch(path, "size" if len(data) != entry["bytes"] else "sha256")
     return data
 
 
@@ -338,7 +454,7 @@ class _CollateCrop:
         return self.crop(images, self.generator), labels
 
 
-def uint8_loader(urls: list[str], batch_size: int, batches: int, seed: int, shuffle_buffer: int = 1000,
+def uint8_loader(urls: list[ShardURL], batch_size: int, batches: int, seed: int, shuffle_buffer: int = 1000,
                  workers: int = 2, pin_memory: bool = False, crop=None) -> wds.WebLoader:
     """`train_loader`'s endless, resampled stream, but the workers only decode: (B, 1, H, W) uint8 batches for
     augmentation on the device. Pinned memory (on CUDA) lets the copy to the device run beside the model.
@@ -346,7 +462,7 @@ def uint8_loader(urls: list[str], batch_size: int, batches: int, seed: int, shuf
     collate = _collate_uint8 if crop is None else _CollateCrop(crop, seed)
     dataset = wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        checked_samples,
         _per_worker_shuffle(shuffle_buffer, seed),  # shuffles compressed samples: the buffer stays small
         wds.map(_decode_uint8, handler=wds.reraise_exception),
         wds.batched(batch_size, partial=False, collation_fn=collate),
@@ -356,14 +472,13 @@ def uint8_loader(urls: list[str], batch_size: int, batches: int, seed: int, shuf
     return loader.with_epoch(batches)
 
 
-def eval_images(urls: list[str], batch_size: int, max_samples: int | None = None):
+def eval_images(urls: list[ShardURL], batch_size: int, max_samples: int | None = None):
     """The first `max_samples` samples of the shards in order, as (uint8 images, labels) batches."""
     dataset = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        wds.SimpleShardList(_covering(urls, max_samples)),
+        checked_samples,
+        _first_then_drain(max_samples),
         wds.map(_decode_uint8, handler=wds.reraise_exception),
     )
-    if max_samples:
-        dataset.append(wds.slice(max_samples))
     dataset.append(wds.batched(batch_size, partial=True, collation_fn=_collate_uint8))
     return dataset

@@ -85,9 +85,21 @@ def load(name: str, data_root: Path):
     return folder, None, len(folder.classes)
 
 
+def load_image(path: str) -> Image.Image:
+    """ImageFolder's loader, but a file PIL cannot decode is one TrainError line naming it (a module function:
+    loader workers pickle it)."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise TrainError(f"{path} is not an image this can read ({type(e).__name__}{': ' + reason if reason else ''}):"
+                         " remove it or replace it") from None
+
+
 def _image_folder(path: Path):
     try:
-        folder = torchvision.datasets.ImageFolder(str(path))
+        folder = torchvision.datasets.ImageFolder(str(path), loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise TrainError(f"{path} is not an ImageFolder (one sub-folder of images per class): {e}") from None
     if len(folder.classes) < 2:

@@ -2,8 +2,10 @@
 
 Runbook
   pre-trained vs scratch on 10 digits per class (CPU default, DESIGN.md section 9), 3 seeds each:
-    python -m train.finetune --checkpoint runs/cpu/ckpt.pt --out runs/cpu-digits
+    python -m train.finetune --checkpoint runs/cpu --out runs/cpu-digits
     python -m train.finetune --checkpoint none --out runs/scratch-digits
+  from published weights (train.publish; fetched once, checked against the folder's SHA256SUMS):
+    python -m train.finetune --checkpoint https://HOST/PATH/ --out runs/cpu-digits     (or hf://ORG/NAME[@REVISION])
   CIFAR-100 from a local copy (download=False), the paper's recipe (the official finetuning.sh, DESIGN.md 7b):
     python -m train.finetune --preset paper --checkpoint runs/paper/ckpt.pt --dataset cifar100 --data-root data \
         --out runs/c100
@@ -39,13 +41,12 @@ from timm.scheduler import CosineLRScheduler
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from train import data, downstream
+from train import data, downstream, weights
 from train import model as model_lib
 from train.pretrain import Config as PretrainConfig
 from train.runtime import (
     TrainError,
     atomic_write_json,
-    load_checkpoint,
     parse_float_pair,
     run_cli,
     seed_everything,
@@ -56,7 +57,8 @@ from train.runtime import (
 class Config:
     """Defaults are the CPU check of DESIGN.md section 9: 300 steps on 10 digits per class, 3 seeds."""
 
-    checkpoint: str = "none"  # a pretrain ckpt.pt, its run folder, or "none" for the scratch baseline
+    checkpoint: str = "none"  # a run folder, .safetensors, ckpt.pt, http(s)/hf:// published folder, or "none"
+    cache_dir: str = ""  # where a published --checkpoint is fetched to; "" = $XDG_CACHE_HOME/fracgen/models
     out: str = ""
     dataset: str = "digits"
     data_root: str = "data"
@@ -137,15 +139,10 @@ def batch_used(cfg: Config, train_images: int) -> int:
     return batch - batch % 2 if cfg.mixup > 0 or cfg.cutmix > 0 else batch
 
 
-def load_pretrained(path: str):
-    """(model_name, model_args, num_classes, state_dict) from a pretrain checkpoint or run folder."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "ckpt.pt"
-    if not p.is_file():
-        raise TrainError(f"--checkpoint {path}: no such file (give RUN_DIR/ckpt.pt, RUN_DIR, or none)")
-    ckpt = load_checkpoint(p)
-    return ckpt["model_name"], ckpt["model_args"], ckpt["num_classes"], ckpt["model"]
+def load_pretrained(spec: str, cache_dir: str = ""):
+    """(model_name, model_args, num_classes, state_dict) of a --checkpoint (train.weights.load: a run folder, a
+    .safetensors file, a ckpt.pt, or a published folder's URL)."""
+    return weights.load(spec, cache_dir or None)
 
 
 def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, pretrained, device) -> float:
@@ -210,7 +207,7 @@ def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, 
 
 def finetune(cfg: Config) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pretrained = None if cfg.checkpoint.lower() == "none" else load_pretrained(cfg.checkpoint)
+    pretrained = None if cfg.checkpoint.lower() == "none" else load_pretrained(cfg.checkpoint, cfg.cache_dir)
     img_size = cfg.img_size if pretrained is None else pretrained[1].get("img_size", cfg.img_size)
 
     train_base, test_base, num_classes = downstream.load(cfg.dataset, Path(cfg.data_root))
@@ -263,7 +260,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    checkpoint: Annotated[str, typer.Option(help="pretrain RUN_DIR/ckpt.pt (or RUN_DIR), or none for scratch")],
+    checkpoint: Annotated[str, typer.Option(help="pretrain RUN_DIR, its model.safetensors or ckpt.pt, a published "
+                                                 "folder's http(s):// URL or hf://ORG/NAME[@REVISION], or none for "
+                                                 "scratch")],
+    cache_dir: Annotated[Path | None, typer.Option(help="download cache for a published --checkpoint (default "
+                                                      "$XDG_CACHE_HOME/fracgen/models)")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for results.json")] = None,
     dataset: Annotated[str, typer.Option(help="digits, cifar10, cifar100 or an ImageFolder path")] = "digits",
     data_root: Annotated[Path, typer.Option(help="folder holding the extracted CIFAR archives")] = Path("data"),
@@ -316,7 +317,8 @@ def main(
         raise TrainError("--shots must be >= 0 and --train-fraction in [0, 1]")
     if not 0 < crop_pct <= 1 or warmup_blr < 0 or min_blr < 0:
         raise TrainError("--crop-pct must be in (0, 1], --warmup-blr and --min-blr not negative")
-    options = dict(checkpoint=checkpoint, out=str(out or ""), dataset=dataset, data_root=str(data_root), shots=shots,
+    options = dict(checkpoint=checkpoint, cache_dir=str(cache_dir or ""), out=str(out or ""), dataset=dataset,
+                   data_root=str(data_root), shots=shots,
                    train_fraction=train_fraction, split_seed=split_seed, seeds=seed_list, steps=steps, batch=batch,
                    blr=blr, weight_decay=weight_decay, opt=opt, warmup_steps=warmup_steps, crop=crop,
                    crop_scale=parse_float_pair(crop_scale) if crop_scale else None, flip=flip, randaug=randaug,

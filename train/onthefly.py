@@ -30,6 +30,9 @@ from train import data
 from train.runtime import TrainError
 
 CHUNK = 256  # samples per job when the in-memory cache is rendered
+# Bounds on --instances N > 0: an epoch's order is one permutation of C x N positions (8 bytes each) on every rank.
+MAX_EPOCH = 2**26  # images an epoch: a 512 MiB permutation
+MAX_INSTANCES = MAX_EPOCH  # per class, checked before the manifest is read (one class)
 
 
 def read_manifest(path: Path) -> dict:
@@ -70,6 +73,10 @@ class Draws:
     """The (class, instance) pairs of micro-batch t on this rank (see the module's docstring)."""
 
     def __init__(self, num_classes: int, instances: int, batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        if num_classes * instances > MAX_EPOCH:
+            raise TrainError(f"--instances {instances:,} x {num_classes:,} classes is {num_classes * instances:,} "
+                             f"images an epoch, more than the {MAX_EPOCH:,} a run can deal out (each epoch's order "
+                             "is held in memory); give fewer, or --instances 0 for a fresh instance every epoch")
         self.num_classes, self.instances = num_classes, instances
         self.sampler = data.EpochSampler(num_classes * (instances or 1), batch, seed, rank, world_size)
 

@@ -19,7 +19,7 @@ With `--render` the samples are rendered by fracgen instead of read (`train.onth
 workers, by the same rule. The paths live in `train.batches`, the step in `train.step` (`--fast`: compiled model,
 fused AdamW, augmentation prefetched on a side stream; on by default on CUDA).
 Every rank runs exactly --steps optimizer steps; rank 0 alone logs, evaluates the pretext accuracy and writes
-RUN_DIR/{ckpt.pt, model.pth, config.json, metrics.jsonl}.
+RUN_DIR/{ckpt.pt, model.safetensors, config.json, model.pth, summary.json, metrics.jsonl} (train.weights).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fracgen.errors import FracgenError
 from fracgen.lock import writing_folder
-from train import batches, data
+from train import batches, data, onthefly, weights
 from train import model as model_lib
 from train.augment import AugmentRNG, DeviceAugment
 from train.runtime import (
@@ -116,6 +116,7 @@ class Config:
     compile: bool = False  # torch.compile the model on any device (the CPU too), whatever --fast says
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
     resume: bool = False
+    allow_other_data: bool = False  # --resume on data other than the checkpoint's (same class count)
 
 
 PRESETS = {
@@ -129,9 +130,9 @@ PRESETS = {
 }
 
 # Options that may differ on --resume (they do not change what is being trained).
-RESUMABLE = {"out", "shards", "cache_dir", "render", "resume", "steps", "workers", "log_every", "eval_every",
-             "eval_samples", "ckpt_every", "stop_after", "fast", "compile", "compile_mode", "crop_in", "cache",
-             "cache_budget", "augment", "shuffle_buffer"}
+RESUMABLE = {"out", "shards", "cache_dir", "render", "resume", "allow_other_data", "steps", "workers", "log_every",
+             "eval_every", "eval_samples", "ckpt_every", "stop_after", "fast", "compile", "compile_mode", "crop_in",
+             "cache", "cache_budget", "augment", "shuffle_buffer"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -246,7 +247,8 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     ckpt_path = out / "ckpt.pt"
     checkpoint = _load_resume(cfg, ckpt_path)
     if checkpoint is not None and checkpoint["step"] == cfg.steps:
-        log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: {out / 'model.pth'})")
+        log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: "
+            f"{out / weights.WEIGHTS})")
         return {}
 
     run = batches.read_run_data(cfg, local_rank, log=functools.partial(print, flush=True))
@@ -254,6 +256,9 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     if checkpoint is not None and checkpoint["num_classes"] != num_classes:
         raise TrainError(f"{run.source} has {num_classes} classes, the checkpoint was trained on "
                          f"{checkpoint['num_classes']}: resume with the data it was trained on")
+    data_sha256 = data.data_sha256(run.shards_dir, manifest)
+    if checkpoint is not None and not cfg.allow_other_data:
+        data.check_resume_data(checkpoint, data_sha256, run.source, log)
     batch = per_rank_batch(cfg, world_size)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     if mixing and batch % 2:
@@ -344,7 +349,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
                          "model": model_lib.clean_state_dict(raw_model), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
                          "config": dataclasses.asdict(cfg), "rng": states, "world_size": world_size,
-                         "fracgen_settings": manifest.get("settings", {})}, ckpt_path)
+                         "fracgen_settings": manifest.get("settings", {}), "data_sha256": data_sha256}, ckpt_path)
 
     earlier_loss = None  # the first loss of the run this one continues
     if master_process:
@@ -415,16 +420,16 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             metrics_file.close()
     elif master_process:
         result = evaluate()
-        torch.save(model_lib.clean_state_dict(raw_model), out / "model.pth")
-        atomic_write_json({"model_name": cfg.model, "num_classes": num_classes, "model_args": model_args,
-                           "step": step}, out / "config.json")
+        weights.write_run(out, raw_model, cfg.model, model_args, num_classes, step, dataclasses.asdict(cfg),
+                          weights.data_record(manifest, data_sha256, run.source), data.PRETRAIN_MEAN,
+                          data.PRETRAIN_STD)
         summary = {"step": step, "first_loss": first_loss, "last_loss": last_loss, **result,
                    "chance_acc": 100 / num_classes}
         record({"final": True, **summary})
         atomic_write_json(summary, out / "summary.json")
         loss_text = f"LPCE {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "no training steps"
         log(f"done: {loss_text} | pretext top-1 {result['pretext_acc']:.1f}% on {result['eval_samples']} clean "
-            f"images (chance {100 / num_classes:.2g}%) | weights: {out / 'model.pth'}")
+            f"images (chance {100 / num_classes:.2g}%) | weights: {out / weights.WEIGHTS}")
         if result["pretext_acc"] < 5 * 100 / num_classes:
             log("warning: pretext accuracy is near chance: the network has not learned to tell the perturbation"
                 " classes apart, and such a pre-training can transfer worse than none (DESIGN.md section 9).")
@@ -517,6 +522,8 @@ def main(
                                                           "graphs), max-autotune, max-autotune-no-cudagraphs")]
     = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/ckpt.pt")] = False,
+    allow_other_data: Annotated[bool, typer.Option("--allow-other-data", help="with --resume: continue on data "
+                                                   "other than the checkpoint's, on purpose")] = False,
 ) -> None:
     """Pre-train on 1p-frac shards (LIEP images, LPCE loss)."""
     if preset not in PRESETS:
@@ -552,6 +559,8 @@ def main(
             raise TrainError(f"--{key} must not be negative")
     if instances is not None and instances < 0:
         raise TrainError("--instances must not be negative")
+    if instances is not None and instances > onthefly.MAX_INSTANCES:
+        raise TrainError(f"--instances must be at most {onthefly.MAX_INSTANCES:,} (0: a fresh instance every epoch)")
     explicit["shards"] = str(shards) if shards else None
     explicit["render"] = str(render) if render else None
     explicit["out"] = str(out)

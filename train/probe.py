@@ -42,9 +42,9 @@ def features(model: torch.nn.Module, dataset, batch: int = 256) -> np.ndarray:
 
 
 def probe(checkpoint: str = "none", dataset: str = "digits", shots: int = 10, seeds: tuple[int, ...] = (0, 1, 2),
-          init_seed: int = 0, out: str = "") -> dict:
+          init_seed: int = 0, out: str = "", cache_dir: str = "") -> dict:
     """Top-1 (%) of a linear probe on frozen features, one split per seed."""
-    pretrained = None if checkpoint.lower() == "none" else load_pretrained(checkpoint)
+    pretrained = None if checkpoint.lower() == "none" else load_pretrained(checkpoint, cache_dir)
     if pretrained is None:
         cfg = FinetuneConfig()
         seed_everything(init_seed)
@@ -83,7 +83,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    checkpoint: Annotated[str, typer.Option(help="A pretrain ckpt.pt or run folder, or none (random init).")] = "none",
+    checkpoint: Annotated[str, typer.Option(help="A pretrain run folder, its model.safetensors or ckpt.pt, a "
+                                                 "published folder's http(s):// URL or hf://ORG/NAME[@REVISION], or "
+                                                 "none (random init).")] = "none",
+    cache_dir: Annotated[str, typer.Option(help="Download cache for a published --checkpoint.")] = "",
     dataset: Annotated[str, typer.Option(help="digits, or an ImageFolder path (split here).")] = "digits",
     shots: Annotated[int, typer.Option(help="Training images per class.")] = 10,
     seeds: Annotated[str, typer.Option(help="Split seeds, comma-separated.")] = "0,1,2",
@@ -96,7 +99,7 @@ def main(
         raise TrainError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     if shots < 1:
         raise TrainError(f"--shots must be at least 1, got {shots}")
-    r = probe(checkpoint, dataset, shots, seed_list, out=out)
+    r = probe(checkpoint, dataset, shots, seed_list, out=out, cache_dir=cache_dir)
     print(f"linear probe: top-1 {r['top1_mean']:.1f} +- {r['top1_std']:.1f} % over {len(seed_list)} split(s) "
           f"on {dataset} ({checkpoint}, {r['features']} features)")
 

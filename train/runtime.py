@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -32,9 +35,19 @@ def run_cli(app) -> None:
     # typer >= 0.2x vendors its own click (typer.TyperException); older ones raise click's own exceptions.
     except (click.ClickException, typer.TyperException, TrainError) as e:
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_own_line(message)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _own_line(message: str) -> str:
+    """A TrainError raised in a DataLoader worker reaches us as torch re-raised it: its line after the worker's
+    traceback. Keep the line."""
+    lines = message.strip().splitlines()
+    prefix = f"{TrainError.__module__}.{TrainError.__qualname__}: "
+    if "Original Traceback" in message and lines[-1].startswith(prefix):
+        return lines[-1][len(prefix):]
+    return message
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -64,7 +77,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global random stream, as tensors and plain values only: a checkpoint must load with
+    torch.load(weights_only=True), which refuses numpy arrays."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -72,7 +90,11 @@ def rng_states() -> dict:
 
 def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    saved = states["numpy"]
+    if isinstance(saved, dict):
+        saved = (saved["name"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                 saved["cached_gaussian"])
+    np.random.set_state(saved)  # a tuple holding an array: checkpoints written before the dict form
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -83,14 +105,33 @@ CHECKPOINT_FIELDS = {"model_name": str, "model_args": dict, "num_classes": int, 
 RESUME_FIELDS = {"optimizer": dict, "scheduler": dict, "scaler": dict, "rng": list}
 
 
+# What older checkpoints need beyond tensors and plain values: numpy's RNG state was stored as an array. These
+# rebuild an ndarray from its bytes and run nothing else.
+LEGACY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType,
+                  (getattr(np, "_core", None) or np.core).multiarray._reconstruct]  # numpy 2 renamed core
+
+
 def load_checkpoint(path: Path, resume: bool = False) -> dict:
     """A train.pretrain checkpoint, checked once here: every way it can be damaged or foreign is one TrainError
-    line. `resume`: it must also hold the optimizer, scheduler, scaler and RNG states. Checkpoints are pickles:
-    load only your own (torch.load runs what a pickle says)."""
+    line. `resume`: it must also hold the optimizer, scheduler, scaler and RNG states. Loaded with
+    torch.load(weights_only=True): a pickle that asks for anything but tensors, plain values and LEGACY_GLOBALS is
+    refused before any of it runs."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated archives, random bytes, empty files, other pickles: torch raises them all
+        # catch_warnings: torch warns on stderr about pickle protocols it reads with care; the verdict is ours
+        with torch.serialization.safe_globals(LEGACY_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
+        if found:
+            raise TrainError(f"{path} is not a train.pretrain checkpoint: it asks to run "
+                             f"{next(g for g in found.groups() if g)} on loading; refused, nothing of it was run"
+                             ) from None
+        operand = re.search(r"Unsupported operand \d+", str(e))
+        raise TrainError(f"{path} is not a train.pretrain checkpoint (unreadable: not tensors and plain values"
+                         f"{': ' + operand.group(0) if operand else ''}; nothing of it was run)") from None
+    except Exception as e:  # truncated archives, random bytes, empty files: torch raises them all
         reason = (str(e).strip().splitlines() or [""])[0][:120]
         raise TrainError(f"{path} is not a train.pretrain checkpoint (unreadable: {type(e).__name__}"
                          f"{': ' + reason if reason else ''})") from None

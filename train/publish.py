@@ -1,0 +1,308 @@
+"""Share a finished pre-training run as the ecosystem expects: a model card, SHA256SUMS, and the hub.
+
+    python -m train.publish runs/cpu-seed4                          # README.md + SHA256SUMS beside the weights
+    python -m train.publish runs/cpu-seed4 --out /srv/www/cpu-seed4  # or a folder of just the published files
+    python -m train.publish runs/cpu-seed4 --to hf://ORG/NAME        # and upload them (HF_TOKEN or `hf auth login`)
+
+The published files are README.md (the model card: YAML front matter a hub reads, then the data the weights were
+pre-trained on with its manifest's sha256 and the command that renders it again, the recipe, the LPCE curve, the
+pretext top-1 and the fine-tuning results the run folder holds), config.json and model.safetensors (train.weights)
+and SHA256SUMS. Served over HTTP or uploaded, the folder is a `--checkpoint` for train.finetune and train.probe,
+and `timm.create_model("hf-hub:ORG/NAME", pretrained=True)` loads it. Everything copied from a file into the card
+is escaped: a data set's name cannot add markup, links or front matter to it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fracgen import share
+from fracgen.errors import FracgenError
+from fracgen.lock import FolderLock
+from fracgen.shards import atomic_write, file_sha256
+from train import weights
+from train.runtime import TrainError, run_cli
+
+CARD = "README.md"
+FILES = [CARD, weights.CONFIG, weights.WEIGHTS]  # SHA256SUMS lists these
+LICENSE = "cc-by-4.0"  # the data sets' default (fracgen publish); --license changes it
+
+
+# --- escaping --------------------------------------------------------------------------------------------------
+
+def md(value) -> str:
+    """Any value as literal Markdown text on one line: HTML escaped (no tags, no entities), and the characters that
+    make emphasis, code, links, table cells or headings backslashed. Line starts need no care: text from files never
+    begins a line of the card."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return re.sub(r"([\\`*_\[\]|#~])", r"\\\1", text)
+
+
+def code_block(text: str, lang: str = "") -> str:
+    """A fenced block that no backtick run inside `text` can close."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text}\n{fence}"
+
+
+# --- what the run folder holds ---------------------------------------------------------------------------------
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def finished_run(run: Path) -> tuple[dict, dict, bytes]:
+    """(config, summary, the checked weights' bytes) of a finished train.pretrain run; anything else is one line."""
+    if not run.is_dir():
+        raise TrainError(f"{run} is not a folder (give a train.pretrain --out folder)")
+    missing = [name for name in (weights.CONFIG, weights.WEIGHTS, "summary.json") if not (run / name).is_file()]
+    if missing:
+        hint = (f": finish it with `python -m train.pretrain --out {run} --resume`" if (run / "ckpt.pt").is_file()
+                else "")
+        raise TrainError(f"{run} is not a finished train.pretrain run (no {', '.join(missing)}){hint}")
+    config = weights.read_config(run / weights.CONFIG)
+    record = config["fracgen"]["weights"]
+    raw = weights._checked_bytes(run / weights.WEIGHTS, record["bytes"], record["sha256"], str(run / weights.CONFIG))
+    weights._tensors(raw, run / weights.WEIGHTS)  # a safetensors file, not only the recorded bytes
+    summary = _read_json(run / "summary.json")
+    if not isinstance(summary, dict) or not isinstance(summary.get("pretext_acc"), (int, float)):
+        raise TrainError(f"{run / 'summary.json'} is not a train.pretrain summary (no pretext_acc)")
+    return config, summary, raw
+
+
+def lpce_curve(path: Path, points: int = 5) -> list[tuple[int, float]]:
+    """(step, LPCE) at about `points` evenly spaced logged steps of metrics.jsonl, first and last included."""
+    entries = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(e, dict) and isinstance(e.get("step"), int) and isinstance(e.get("loss"), (int, float)):
+            entries.append((e["step"], float(e["loss"])))
+    if len(entries) <= points:
+        return entries
+    picks = sorted({round(i * (len(entries) - 1) / (points - 1)) for i in range(points)})
+    return [entries[i] for i in picks]
+
+
+def fine_tuning_results(run: Path, extra: list[Path]) -> list[dict]:
+    """results.json (train.finetune) and probe.json (train.probe) in the run folder's sub-folders (`make finetune`
+    writes RUN/digits) and in `extra` (e.g. the scratch baseline's): those that read as such."""
+    found = []
+    for path in extra:
+        r = _read_json(path)
+        if not (isinstance(r, dict) and isinstance(r.get("top1_mean"), (int, float))):
+            raise TrainError(f"--results {path}: not a train.finetune results.json or train.probe probe.json")
+    for path in sorted(run.glob("*/results.json")) + sorted(run.glob("*/probe.json")) + list(extra):
+        r = _read_json(path)
+        if isinstance(r, dict) and isinstance(r.get("top1_mean"), (int, float)) and math.isfinite(r["top1_mean"]):
+            seeds = r.get("top1") if isinstance(r.get("top1"), dict) else {}
+            found.append({"kind": "linear probe" if path.name == "probe.json" else "fine-tuning",
+                          "dataset": r.get("dataset", "?"), "checkpoint": str(r.get("checkpoint", "?")),
+                          "top1_mean": float(r["top1_mean"]), "top1_std": r.get("top1_std"), "seeds": len(seeds),
+                          "train_images": r.get("train_images", r.get("shots")), "file": path})
+    return found
+
+
+# --- the card --------------------------------------------------------------------------------------------------
+
+def _hub_dataset(source: str) -> str | None:
+    """ORG/NAME when the data came from hf://datasets/ORG/NAME."""
+    match = re.search(r"hf://datasets/([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@[^@\s]+)?/?$", source or "")
+    return match.group(1) if match else None
+
+
+def model_card(config: dict, summary: dict, curve: list, results: list[dict], *, license: str, name: str,
+               source: str) -> str:
+    fg = config["fracgen"]
+    data, recipe = fg.get("data") or {}, fg.get("recipe") or {}
+    arch, args, c = config["architecture"], config["model_args"], config["num_classes"]
+    system = str(data.get("system", "1p-frac"))
+    dataset = _hub_dataset(str(data.get("source", "")))
+    front = ["---", "library_name: timm", f"license: {share._yaml(license)}", "pipeline_tag: image-classification",
+             "tags:", "- timm", "- image-classification", "- synthetic-pretraining", f"- {share._yaml(system)}",
+             *(["datasets:", f"- {share._yaml(dataset)}"] if dataset else []), "---", ""]
+    args_text = ", ".join(f"{k}={v}" for k, v in args.items())
+    chance = 100 / c
+    rows = [("architecture", f"{arch} ({args_text})"), ("pretext classes", c),
+            ("steps", fg.get("step")), ("batch", recipe.get("global_batch") or recipe.get("batch")),
+            ("lr", recipe.get("lr") or f"blr {recipe.get('blr')} per 512 images"),
+            ("weight decay", recipe.get("weight_decay")), ("warm-up", recipe.get("warmup_epochs") and
+                                                          f"{recipe['warmup_epochs']} epochs"
+                                                          or f"{recipe.get('warmup_steps')} steps"),
+            ("crop scale", recipe.get("crop_scale")), ("flips", recipe.get("flip")),
+            ("RandAugment", recipe.get("randaug") or "off"), ("random erasing", recipe.get("reprob")),
+            ("Mixup / CutMix", f"{recipe.get('mixup')} / {recipe.get('cutmix')}"),
+            ("label smoothing", recipe.get("smoothing")), ("drop path", recipe.get("drop_path")),
+            ("ink gain", recipe.get("ink_gain")), ("seed", recipe.get("seed"))]
+    data_rows = [("system", system), ("classes", data.get("num_classes")), ("images", data.get("num_samples")),
+                 ("manifest.json sha256", data.get("manifest_sha256")), ("read from", data.get("source")),
+                 ("fracgen", data.get("fracgen_version"))]
+    lines = [
+        *front,
+        f"# {md(name)}",
+        "",
+        f"A {md(arch)} pre-trained by fracgen's `train.pretrain` on synthetic {md(system)} images alone: "
+        f"{md(data.get('num_classes'))} classes, {md(data.get('num_samples'))} images, {md(fg.get('step'))} steps. "
+        "Its head tells the pre-training classes apart; it is meant to be fine-tuned.",
+        "",
+        "## Use it",
+        "",
+        code_block("import timm\n\n" + (
+            f"model = timm.create_model({json.dumps('hf-hub:' + source[5:])}, pretrained=True, num_classes=10)"
+            if source.startswith("hf://") else
+            'model = timm.create_model("local-dir:FOLDER", pretrained=True, num_classes=10)  # FOLDER: these files'
+        ) + "\n# num_classes: a new head for your classes (the pre-training head is dropped)", "python"),
+        "",
+        code_block(f"python -m train.finetune --checkpoint {shlex.quote(source)} --out runs/digits   # fetched once, "
+                   "checked against SHA256SUMS", "bash"),
+        "",
+        "## Pre-training data",
+        "",
+        "| | |", "|---|---|",
+        *(f"| {md(k)} | {md(v)} |" for k, v in data_rows if v is not None),
+        "",
+        "Render them again (the same bytes, checked by that sha256):",
+        "",
+        code_block(str(data.get("command", "")), "bash"),
+        "",
+        "## Recipe",
+        "",
+        "| | |", "|---|---|",
+        *(f"| {md(k)} | {md(v)} |" for k, v in rows if v is not None),
+        "",
+        "Every setting is in `config.json` (`fracgen.recipe`).",
+        "",
+        "## Pre-training",
+        "",
+        f"Pretext top-1 **{summary['pretext_acc']:.1f}%** on {md(summary.get('eval_samples'))} clean images "
+        f"(chance {chance:.2g}%).",
+        "",
+    ]
+    if curve:
+        lines += ["| step | LPCE |", "|---|---|", *(f"| {step} | {loss:.4f} |" for step, loss in curve), ""]
+    lines += ["## Fine-tuning", ""]
+    if results:
+        lines += ["| data set | evaluation | from | top-1 (%) | seeds or splits | training images |",
+                  "|---|---|---|---|---|---|"]
+        for r in results:
+            origin = "scratch" if r["checkpoint"].lower() == "none" else "these weights"
+            std = f" ± {r['top1_std']:.1f}" if isinstance(r["top1_std"], (int, float)) else ""
+            lines.append(f"| {md(r['dataset'])} | {r['kind']} | {origin} | {r['top1_mean']:.1f}{std} | "
+                         f"{r['seeds']} | {md(r['train_images'])} |")
+        lines.append("")
+    else:
+        lines += ["No fine-tuning results were in the run folder when it was published.", ""]
+    lines += ["## Files", "",
+              f"- `{weights.WEIGHTS}`: the weights ({fg['weights']['bytes']:,} bytes, sha256 "
+              f"`{fg['weights']['sha256']}`).",
+              f"- `{weights.CONFIG}`: timm's model config, and under `fracgen` the data and the recipe.",
+              f"- `{weights.SUMS}`: `sha256sum -c {weights.SUMS}` checks the files.", ""]
+    return "\n".join(lines)
+
+
+# --- publish ---------------------------------------------------------------------------------------------------
+
+def _hub_token():
+    """(huggingface_hub, the token): checked before any work, so a missing one fails first."""
+    try:
+        hub = share._hub()
+    except FracgenError as e:
+        raise TrainError(str(e)) from None
+    token = hub.get_token()
+    if not token:
+        raise TrainError("uploading needs a Hugging Face token with write access: set HF_TOKEN (or run "
+                         "`hf auth login`)")
+    return hub, token
+
+
+def _upload(folder: Path, files: list[str], to: str) -> str:
+    repo, revision = weights.parse_hub(to)
+    hub, token = _hub_token()
+    api = hub.HfApi(token=token)
+    try:
+        api.create_repo(repo, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model", revision=revision,
+                          allow_patterns=files, commit_message=f"train.publish ({len(files)} files)")
+    except Exception as e:  # the hub's errors are many types; the user gets one line, and never the token
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(token, "***")[:300]
+        raise TrainError(f"upload to {to} failed: {reason}") from None
+    return f"https://huggingface.co/{repo}" + (f"/tree/{revision}" if revision else "")
+
+
+def publish(run: str | Path, out: str | Path | None = None, to: str | None = None, url: str | None = None,
+            license: str = LICENSE, name: str | None = None, results: list[Path] = ()) -> dict:
+    """Check a finished run, write the card and SHA256SUMS into `out` (default: the run folder) beside config.json
+    and model.safetensors, and with `to` (hf://ORG/NAME[@REVISION]) upload those files. `url`: where the folder
+    will be served, for the card's commands (default `to`)."""
+    run = Path(run)
+    out = Path(out) if out else run
+    if to is not None:
+        weights.parse_hub(to)  # a bad destination, or no token, fails before any work
+        _hub_token()
+    try:
+        with FolderLock(run, "train.publish"):
+            config, summary, raw = finished_run(run)
+            curve = lpce_curve(run / "metrics.jsonl")
+            found = fine_tuning_results(run, [Path(p) for p in results])
+            system = (config["fracgen"].get("data") or {}).get("system", "1p-frac")
+            name = name or f"{config['architecture']} pre-trained on {system}"
+            card = model_card(config, summary, curve, found, license=license, name=name,
+                              source=url or to or "https://YOUR-SERVER/PATH/")
+            out.mkdir(parents=True, exist_ok=True)
+            if out.resolve() != run.resolve():
+                config_raw = (run / weights.CONFIG).read_bytes()
+                atomic_write(out / weights.CONFIG, lambda f: f.write(config_raw))
+                atomic_write(out / weights.WEIGHTS, lambda f: f.write(raw))
+            atomic_write(out / CARD, lambda f: f.write(card.encode()))
+            sums = "".join(f"{file_sha256(out / f)[0]}  {f}\n" for f in FILES).encode()  # `sha256sum -c` reads it
+            atomic_write(out / weights.SUMS, lambda f: f.write(sums))
+    except FracgenError as e:
+        raise TrainError(str(e)) from None
+    files = [*FILES, weights.SUMS]
+    page = _upload(out, files, to) if to else None
+    return {"folder": out, "files": files, "url": page, "results": len(found)}
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    run: Annotated[Path, typer.Argument(help="a finished train.pretrain --out folder")],
+    out: Annotated[Path | None, typer.Option(help="write the published files here (default: into RUN)")] = None,
+    to: Annotated[str | None, typer.Option(help="upload to hf://ORG/NAME[@REVISION] (token: HF_TOKEN or `hf auth "
+                                                "login`)")] = None,
+    url: Annotated[str | None, typer.Option(help="where the folder will be served (http(s)://...), for the card's "
+                                                 "commands (default: --to)")] = None,
+    license: Annotated[str, typer.Option(help="the weights' license, for the card")] = LICENSE,
+    name: Annotated[str | None, typer.Option(help="the card's title")] = None,
+    results: Annotated[list[Path] | None, typer.Option(help="more train.finetune results.json or train.probe "
+                                                            "probe.json for the card, e.g. the scratch baseline's "
+                                                            "(repeat)")] = None,
+) -> None:
+    """Write a model card and SHA256SUMS for a finished run; optionally upload it to the Hugging Face hub."""
+    r = publish(run, out, to, url, license, name, results or [])
+    print(f"published {', '.join(r['files'])} in {r['folder']} ({r['results']} fine-tuning result(s) in the card)"
+          + (f"; uploaded to {r['url']}" if r["url"] else ""), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    run_cli(app)
