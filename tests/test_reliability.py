@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -368,3 +369,34 @@ def test_patches_land_one_pixel_right_of_and_above_the_point_as_in_the_reference
     rows, cols = np.nonzero(image)
     assert cols.min() == pad + 1 and cols.max() == size - pad + 3
     assert rows.max() == size - 1 - (pad + 1) and rows.min() == size - 1 - (size - pad + 3)
+
+
+# Issue 20: reliability and security, round 2 (the fracgen side)
+
+def test_a_symlinked_lock_is_refused_and_its_target_left_whole(rendered, tmp_path):
+    """Render, pull, publish and pretrain all take the folder's lock; none may write through a link."""
+    target = tmp_path / "precious.json"
+    target.write_text('{"keep": true}\n')
+    shards = tmp_path / "shards"
+    shutil.copytree(rendered, shards)
+    for folder in (tmp_path / "new", tmp_path / "pulled", shards, tmp_path / "run"):
+        folder.mkdir(exist_ok=True)
+        (folder / ".fracgen.lock").unlink(missing_ok=True)
+        (folder / ".fracgen.lock").symlink_to(target)
+    for args in (["render", "--out", tmp_path / "new", *SMALL], ["pull", rendered, tmp_path / "pulled"],
+                 ["publish", shards]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, "symbolic link")
+    cli_error(run("-m", "train.pretrain", "--shards", rendered, "--out", tmp_path / "run", "--steps", "1", *TINY),
+              "symbolic link")
+    assert target.read_text() == '{"keep": true}\n'
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / ".fracgen.lock")
+    result = fracgen("pull", rendered, fifo)
+    one_line_error(result.output, result.exit_code, "not a regular file")
+
+
+def test_errors_of_commands_that_show_progress_come_without_a_blank_line(tmp_path):
+    result = run("-m", "fracgen", "verify", tmp_path / "missing", timeout=60)
+    assert result.returncode == 1 and result.stderr == f"error: {tmp_path / 'missing'} is not a directory\n"
