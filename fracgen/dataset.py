@@ -399,7 +399,8 @@ def verify_dataset(out: str | Path, progress: Progress | None = None) -> list[st
         problems.append(f"{MANIFEST}: the render did not finish (run `fracgen render --resume`)")
     shards = manifest["shards"]
     for n, entry in enumerate(shards):
-        problem = verify_shard(out / entry["file"], entry, manifest["num_classes"])
+        problem = verify_shard(out / entry["file"], entry, manifest["num_classes"], manifest["image"]["size"],
+                               n * manifest["settings"]["shard_size"])
         if problem:
             problems.append(f"{entry['file']}: {problem}")
         if progress:

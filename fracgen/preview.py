@@ -25,7 +25,7 @@ def contact_sheet(dataset: str | Path, out: str | Path, *, count: int = 16, colu
         path = dataset / entry["file"]
         try:
             for key, parts in islice(iter_samples(path), count - len(tiles)):
-                problem = check_sample(key, parts, manifest["num_classes"])
+                problem = check_sample(key, parts, manifest["num_classes"], manifest["image"]["size"])
                 if problem:
                     raise FracgenError(f"{path}: {problem} (`fracgen verify` checks every shard)")
                 with Image.open(io.BytesIO(parts["png"])) as im:

@@ -40,7 +40,7 @@ from fracgen.errors import FracgenError
 from fracgen.lock import LOCK_NAME, FolderLock, writing_folder
 from fracgen.preview import contact_sheet
 from fracgen.render import RENDERER
-from fracgen.shards import FORMAT_VERSION, atomic_write, check_manifest, file_sha256, matches
+from fracgen.shards import FORMAT_VERSION, atomic_write, check_manifest, check_shard_contents, file_sha256, matches
 
 SOURCE_FILE = "source.json"  # where a pulled folder came from
 CARD, SUMS, PREVIEW = "README.md", "SHA256SUMS", "preview.png"  # what `publish` writes beside the shards
@@ -354,8 +354,9 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
 
     if progress and todo:
         progress("fetch", 0, total)
+    index = {e["file"]: n for n, e in enumerate(shards)}
     for entry in todo:
-        _fetch_shard(src, out, entry, on_bytes, note)
+        _fetch_shard(src, out, entry, on_bytes, note, remote.manifest, index[entry["file"]])
 
     if replaced is not None:  # --overwrite: the replaced data set's shards and published files go too
         keep = {e["file"] for e in shards}
@@ -371,9 +372,11 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
     return PullResult(out, remote.manifest, src, [e["file"] for e in todo], total, kept)
 
 
-def _fetch_shard(src: Source, out: Path, entry: dict, on_bytes, note: Note | None) -> None:
+def _fetch_shard(src: Source, out: Path, entry: dict, on_bytes, note: Note | None, manifest: dict,
+                 index: int) -> None:
     """Download one shard under a hidden temporary name and rename it into place only if its size and sha256 are
-    the manifest's; otherwise remove it and say so in one line."""
+    the manifest's and its samples are the ones the manifest says (a manifest can list the hash of any bytes);
+    otherwise remove it and say so in one line."""
     url = src.url(entry["file"])
     fd, tmp = tempfile.mkstemp(prefix=f".{entry['file']}.", suffix=".tmp", dir=out)
     try:
@@ -387,6 +390,10 @@ def _fetch_shard(src: Source, out: Path, entry: dict, on_bytes, note: Note | Non
                                    f"{entry['sha256'][:12]}...: damaged or replaced at the source; nothing was kept")
             f.flush()
             os.fsync(f.fileno())
+        problem = check_shard_contents(Path(tmp), entry, manifest["num_classes"], manifest["image"]["size"],
+                                       index * manifest["settings"]["shard_size"])
+        if problem:
+            raise FracgenError(f"{url}: {problem}: its samples contradict the manifest; nothing was kept")
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out / entry["file"])
     except BaseException:

@@ -400,3 +400,93 @@ def test_a_symlinked_lock_is_refused_and_its_target_left_whole(rendered, tmp_pat
 def test_errors_of_commands_that_show_progress_come_without_a_blank_line(tmp_path):
     result = run("-m", "fracgen", "verify", tmp_path / "missing", timeout=60)
     assert result.returncode == 1 and result.stderr == f"error: {tmp_path / 'missing'} is not a directory\n"
+
+
+def _edit_manifest(folder: Path, mutate) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    mutate(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("mutate", "match"), [
+    (lambda m: m.update(num_samples=10**18), "num_samples"),
+    (lambda m: m["settings"].update(seed="3"), "'seed' is str"),
+    (lambda m: m["settings"].update(per_class="1"), "'per_class' is str"),
+    (lambda m: m["settings"].update(size=10**6), "size must be at most"),
+    (lambda m: m["settings"].update(seed=10**30), "--seed must be in"),
+    (lambda m: m.update(shards=m["shards"] * 5000), "shards; its settings make 3"),
+    (lambda m: m["shards"][0].update(samples=3), "lists 3 samples"),
+    (lambda m: m["shards"][0].update(bytes=10**15), "take at most"),
+    (lambda m: m["classes"][0].update(fill="high"), "'fill' is str"),
+])
+def test_a_manifest_that_contradicts_itself_is_one_line_everywhere(rendered, tmp_path, mutate, match):
+    _edit_manifest(rendered, mutate)
+    for args in (["verify", rendered], ["info", rendered], ["pull", rendered, tmp_path / "pulled"]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, match)
+
+
+def test_pretrain_render_refuses_settings_fracgen_would_not_render(rendered, tmp_path):
+    for n, (mutate, match) in enumerate([(lambda m: m["settings"].update(seed=10**30), "--seed must be in"),
+                                         (lambda m: m["settings"].update(per_class="2"), "'per_class' is str")]):
+        _edit_manifest(rendered, mutate)
+        cli_error(run("-m", "train.pretrain", "--render", rendered, "--out", tmp_path / f"run{n}", "--steps", "1",
+                      *TINY), match)
+
+
+def _rewrite_shard(folder: Path, index: int, edit) -> None:
+    """Rewrite shard `index` with edit(key, parts) applied to each sample, and record its new size and sha256 in
+    the manifest: the folder then agrees with its manifest byte for byte, whatever its samples say."""
+    from fracgen.shards import Sample, iter_samples, write_shard_unfinished
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    path = folder / manifest["shards"][index]["file"]
+    samples = []
+    for key, parts in iter_samples(path):
+        key, parts = edit(key, dict(parts))
+        samples.append(Sample(key, parts["png"], int(parts["cls"]), json.loads(parts["json"])))
+    tmp, entry = write_shard_unfinished(path, samples)
+    os.replace(tmp, path)
+    manifest["shards"][index].update(bytes=entry["bytes"], sha256=entry["sha256"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _deflate_bomb(size: int, extra: int) -> bytes:
+    """A PNG whose header says size x size but whose data inflate to `extra` more bytes (zeros: ~1000:1)."""
+    import struct
+    import zlib
+
+    from fracgen.png import SIGNATURE, _chunk
+
+    idat = zlib.compress(bytes(size * (size + 1) + extra), 9)
+    return (SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)) + _chunk(b"IDAT", idat)
+            + _chunk(b"IEND", b""))
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated(rendered, tmp_path):
+    from fracgen import png
+
+    bomb = _deflate_bomb(64, 4 << 20)
+    assert len(bomb) < 6_000
+    with pytest.raises(png.PNGError, match="deflate bomb"):
+        png.decode(bomb)
+    with pytest.raises(png.PNGError, match="not 32x32"):
+        png.decode(png.encode(np.zeros((64, 64), np.uint8)), 32)
+    _rewrite_shard(rendered, 1, lambda key, parts: (key, {**parts, "png": bomb}))
+    for args in (["verify", rendered], ["pull", rendered, tmp_path / "pulled"]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, "deflate bomb")
+    assert not (tmp_path / "pulled" / "1p-frac-000001.tar").exists()
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda key, parts: (key, {**parts, "cls": b"1"}), "has class 1 in its .cls"),
+    (lambda key, parts: ("c000000-i000009", parts), "not the sample the manifest puts there"),
+])
+def test_shards_whose_samples_contradict_the_manifest_are_not_pulled_or_verified(rendered, tmp_path, edit, match):
+    """A manifest can list the size and sha256 of any bytes: pull and verify check what the samples say too."""
+    _rewrite_shard(rendered, 2, edit)
+    for args in (["verify", rendered], ["pull", rendered, tmp_path / "pulled"]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, match)
+    assert not (tmp_path / "pulled" / "manifest.json").exists()
