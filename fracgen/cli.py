@@ -28,6 +28,7 @@ from fracgen.errors import FracgenError
 from fracgen.ifs import IFS, load_base
 from fracgen.preview import contact_sheet
 from fracgen.shards import read_manifest
+from fracgen.share import RATE_WINDOW, Limits
 from fracgen.share import publish as publish_folder
 from fracgen.share import pull as pull_folder
 from fracgen.systems import SYSTEMS
@@ -294,6 +295,12 @@ def pull(
                                                "manifest.json), or hf://datasets/ORG/NAME[@REVISION].")],
     dataset: Annotated[Path, typer.Argument(help="Folder to pull into (created if missing).")],
     overwrite: Annotated[bool, typer.Option(help="Replace another data set already in the folder.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds a server may stay silent (connecting or sending).")]
+    = Limits.timeout,
+    min_rate: Annotated[float, typer.Option(help="Bytes/s each file must arrive at, measured over every "
+                                                 f"{RATE_WINDOW:g} s (slower: tried again).")] = Limits.min_rate,
+    deadline: Annotated[float, typer.Option(help="Seconds one file may take, its retries included.")]
+    = Limits.deadline,
 ):
     """Fetch a published folder, each shard checked by size and sha256 before it takes its name; run it again to
     resume."""
@@ -307,8 +314,9 @@ def pull(
                     tasks[phase] = bar.add_task(phase, total=total)
                 bar.update(tasks[phase], completed=done, total=total)
 
-            result = pull_folder(source, dataset, overwrite=overwrite, progress=report,
-                                 note=_note, command=shlex.join(["fracgen", "pull", source, str(dataset)]))
+            result = pull_folder(source, dataset, overwrite=overwrite, progress=report, note=_note,
+                                 command=shlex.join(["fracgen", "pull", source, str(dataset)]),
+                                 limits=Limits(timeout=timeout, min_rate=min_rate, deadline=deadline))
         n = len(result.manifest["shards"])
         if not result.fetched:
             _say(out, f"{dataset} already holds all {n} shards of {source} (each checked by sha256): nothing fetched")
