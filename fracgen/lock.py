@@ -100,9 +100,14 @@ class FolderLock:
                 self.note(f"taking over the lock of {self.folder} left by pid {holder['pid']} ({state})")
         record = json.dumps({"pid": os.getpid(), "host": host, "started": time.time(),
                              "command": redact(self.command)})  # readable by all: no password of a URL
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode() + b"\n", 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode() + b"\n", 0)
+            os.fsync(fd)
+        except OSError as e:  # a full disk: name the file (the error names none)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise FracgenError(f"cannot write the lock {self.path}: {e.strerror or e}") from None
         self.fd = fd
         return self
 

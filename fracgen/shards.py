@@ -129,13 +129,21 @@ def write_bytes_unfinished(path: Path, data: bytes, entry: dict) -> Path:
 
 
 def _write_unfinished(path: Path, write) -> tuple[Path, object]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Every file fracgen writes goes through here, so a full disk or a lost permission names the file (the
+    OSError of a write or fsync names none)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise FracgenError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             result = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; shards are for sharing
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise FracgenError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -294,6 +294,7 @@ def test_a_truncated_shard_is_named_before_training(tmp_path):
     lambda m: m.update(num_classes="16"),
     lambda m: m.update(shards=[{"file": "../../etc/passwd", "samples": 1, "bytes": 1, "sha256": "0" * 64}]),
     lambda m: m["base"].update(ifs=3),
+    lambda m: m["shards"][0].update(file="n" * 300 + ".tar"),  # was "cannot write the run folder" in pretrain
 ])
 def test_manifests_of_the_wrong_shape_are_one_line_everywhere(rendered, tmp_path, mutate):
     manifest = json.loads((rendered / "manifest.json").read_text())
@@ -490,3 +491,48 @@ def test_shards_whose_samples_contradict_the_manifest_are_not_pulled_or_verified
         result = fracgen(*args)
         one_line_error(result.output, result.exit_code, match)
     assert not (tmp_path / "pulled" / "manifest.json").exists()
+
+
+def test_deeply_nested_json_is_one_line(rendered, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "base.json").write_text(deep)
+    result = fracgen("render", "--out", tmp_path / "ds", *SMALL, "--base", tmp_path / "base.json")
+    one_line_error(result.output, result.exit_code, "nested too deeply")
+    _edit_manifest(rendered, lambda m: None)
+    text = (rendered / "manifest.json").read_text()
+    (rendered / "manifest.json").write_text(text.replace('"command": ', f'"command": {deep}, "x": ', 1))
+    for args in (["verify", rendered], ["info", rendered], ["pull", rendered, tmp_path / "pulled"]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, "nested too deeply")
+
+
+def test_odd_arguments_elsewhere_are_one_short_line(rendered, tmp_path):
+    import resource
+
+    def cap_memory():  # without the bound, a 100000 px tile asks for 10^10 bytes a tile
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    cli_error(run("-m", "fracgen", "preview", rendered, "--out", tmp_path / "p.png", "--tile", "100000", timeout=60,
+                  preexec_fn=cap_memory), "--tile in 32..1024")
+    result = fracgen("render", "--out", tmp_path / ("n" * 5000), *SMALL)
+    one_line_error(result.output, result.exit_code, "File name too long")
+    assert len(result.output) < 500, len(result.output)
+    (tmp_path / "file").write_text("")
+    cli_error(run("-m", "train.experiments", "compare", "--root", tmp_path / "file", "--finished-only",
+                  "--results", tmp_path / "results", timeout=120), "--root")
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    import errno
+
+    calls, fsync = [], os.fsync
+
+    def full(fd):  # the disk fills after the lock is taken
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = fracgen("render", "--out", tmp_path / "ds", *SMALL)
+    one_line_error(result.output, result.exit_code, f"cannot write {tmp_path / 'ds' / 'manifest.json'}: No space")

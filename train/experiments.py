@@ -415,6 +415,9 @@ def main(
         raise TrainError(f"--steps must be at least 1, got {steps}")
     if jobs < 1:
         raise TrainError(f"--jobs must be at least 1, got {jobs}")
+    for option, folder in (("--root", root), ("--results", results)):
+        if folder.exists() and not folder.is_dir():
+            raise TrainError(f"{option} {folder} is a file, not a folder")
     try:
         run_experiment(name, root, results, dataclasses.replace(Budget(), steps=steps), finished_only, jobs)
     except FracgenError as e:
