@@ -528,8 +528,11 @@ def test_secrets_in_a_url_are_neither_printed_nor_stored(published, tmp_path):
         assert server.headers[0]["Authorization"] == "Basic cmVhZGVyOmh1bnRlcjI="  # the login still works
         missing = fracgen("pull", url.replace("manifest.json", "gone/"), tmp_path / "other")
         one_line_error(missing.output, missing.exit_code, "HTTP 404")
+        trainer = run("-m", "train.pretrain", "--shards", url.replace("manifest.json", "gone/"), "--out",
+                      tmp_path / "run", "--cache-dir", tmp_path / "cache", "--steps", "1", *TINY)
+        one_line_error(trainer.stderr, trainer.returncode, "HTTP 404")
     stored = (tmp_path / "pulled" / "source.json").read_text() + (tmp_path / "pulled" / ".fracgen.lock").read_text()
-    for text in (result.output, missing.output, stored):
+    for text in (result.output, missing.output, trainer.stdout + trainer.stderr, stored):
         assert "hunter2" not in text and "s3cr3t" not in text and "reader" not in text
     assert "http://***@127.0.0.1" in json.loads((tmp_path / "pulled" / "source.json").read_text())["source"]
 
