@@ -11,7 +11,7 @@ from fracgen import png
 from fracgen.errors import FracgenError
 from fracgen.render import check_canvas, check_points
 from fracgen.rng import TAG_RENDER, derive_seed
-from fracgen.shards import MAX_MAPS  # noqa: F401 (API: FractalDB draws 2..8; a sample's .json grows with the maps)
+from fracgen.shards import MAX_MAPS  # defined beside the shard size bounds it sets
 
 MAX_CLASSES = 100_000
 MAX_NAME = 100  # a shard's file name and its tar members' names must stay short

@@ -251,7 +251,7 @@ SETTINGS_USED = ("classes", "per_class", "size", "seed", "shard_size", "name", "
 SETTINGS_SINCE_0_3 = ("system", "bases", "search", "image", "image_mode", "noise")
 
 
-MAX_MAPS = 256  # settings.MAX_MAPS (settings imports the renderer; this module must not)
+MAX_MAPS = 256  # the most --maps (validate_common): FractalDB draws 2..8; a sample's .json grows with the maps
 MAX_META_BYTES = 1024  # a sample's .json without its maps; each map adds at most META_BYTES_PER_MAP (measured: ~300)
 META_BYTES_PER_MAP = 512
 VERSION = re.compile(r"[0-9A-Za-z.+-]{1,40}")

@@ -334,6 +334,7 @@ def test_bad_base_files_are_one_line(tmp_path, base, match):
     (["--classes", "10000000"], "--classes"),
     (["--name", "n" * 300], "--name"),
     (["--seed", str(2**64)], "--seed"),
+    (["--maps", "1000"], "--maps must be in 1..256"),  # bounds a sample's .json, so a shard's size
 ])
 def test_odd_render_options_are_one_line_and_leave_nothing(tmp_path, args, match):
     out = tmp_path / "ds"
