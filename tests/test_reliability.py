@@ -429,11 +429,16 @@ def test_a_manifest_that_contradicts_itself_is_one_line_everywhere(rendered, tmp
 
 
 def test_pretrain_render_refuses_settings_fracgen_would_not_render(rendered, tmp_path):
-    for n, (mutate, match) in enumerate([(lambda m: m["settings"].update(seed=10**30), "--seed must be in"),
-                                         (lambda m: m["settings"].update(per_class="2"), "'per_class' is str")]):
-        _edit_manifest(rendered, mutate)
-        cli_error(run("-m", "train.pretrain", "--render", rendered, "--out", tmp_path / f"run{n}", "--steps", "1",
-                      *TINY), match)
+    from train import data, onthefly
+    from train.runtime import TrainError
+
+    _edit_manifest(rendered, lambda m: m["settings"].update(per_class="2"))
+    for read in (onthefly.read_manifest, data.read_manifest):  # --render and --shards
+        with pytest.raises(TrainError, match="'per_class' is str"):
+            read(rendered)
+    _edit_manifest(rendered, lambda m: m["settings"].update(per_class=1, seed=10**30))
+    cli_error(run("-m", "train.pretrain", "--render", rendered, "--out", tmp_path / "run", "--steps", "1", *TINY),
+              "--seed must be in")
 
 
 def _rewrite_shard(folder: Path, index: int, edit) -> None:
@@ -518,9 +523,14 @@ def test_odd_arguments_elsewhere_are_one_short_line(rendered, tmp_path):
     result = fracgen("render", "--out", tmp_path / ("n" * 5000), *SMALL)
     one_line_error(result.output, result.exit_code, "File name too long")
     assert len(result.output) < 500, len(result.output)
+    from train import experiments
+    from train.runtime import TrainError
+
     (tmp_path / "file").write_text("")
-    cli_error(run("-m", "train.experiments", "compare", "--root", tmp_path / "file", "--finished-only",
-                  "--results", tmp_path / "results", timeout=120), "--root")
+    result = CliRunner().invoke(experiments.app, ["compare", "--root", str(tmp_path / "file"), "--finished-only",
+                                                  "--results", str(tmp_path / "results")])
+    assert isinstance(result.exception, TrainError) and "--root" in str(result.exception), result.output
+    assert "is a file, not a folder" in str(result.exception)
 
 
 def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
