@@ -28,9 +28,11 @@ from fracgen.errors import FracgenError
 from fracgen.ifs import IFS, load_base
 from fracgen.preview import contact_sheet
 from fracgen.shards import read_manifest
+from fracgen.share import RATE_WINDOW, Limits
 from fracgen.share import publish as publish_folder
 from fracgen.share import pull as pull_folder
 from fracgen.systems import SYSTEMS
+from fracgen.untrusted import printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Render synthetic pre-training data (1p-frac, FractalDB, one real image, noise) "
@@ -52,15 +54,37 @@ def _errors(interrupted: str = "finished shards are kept, `--resume` completes t
     try:
         yield
     except FracgenError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(1) from None
     except OSError as e:  # disk full, permissions: still one line, never a traceback
-        err.print(f"[bold red]error:[/] {escape(str(e.strerror or e))}: {escape(str(e.filename or ''))}",
-                  highlight=False, soft_wrap=True)
+        _error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print(f"[bold red]interrupted[/]; {interrupted}")
         raise typer.Exit(130) from None
+
+
+def _say(console: Console, text: object, prefix: str = "") -> None:
+    """Print one line whose text may come from files or servers: shown as it is (`printable`), markup escaped."""
+    console.print(prefix + escape(printable(text)), highlight=False, soft_wrap=True)
+
+
+def _error(text: object) -> None:
+    _say(err, text, "[bold red]error:[/] ")
+
+
+@contextmanager
+def _bars(progress: Progress):
+    """`with _bars(_progress()) as bar:`; when the block fails, the bar goes and the error line takes its place
+    (rich's Progress ends with an empty line when stderr is not a terminal: it came before every such error)."""
+    with progress:
+        try:
+            yield progress
+        except BaseException:
+            progress.live.transient = True
+            progress.live.stop()
+            progress.disable = True  # Progress.stop then prints nothing more
+            raise
 
 
 def _progress(transient: bool = False):
@@ -75,7 +99,7 @@ def _byte_progress():
 
 
 def _note(text: str) -> None:
-    err.print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
+    _say(err, text, "note: ")
 
 
 def _command(s: Settings, out_dir: Path, base: Path | None) -> str:
@@ -147,7 +171,7 @@ def render(
                             image_mode=image_mode, noise=noise)
         t0 = time.perf_counter()
         stats: dict = {}
-        with _progress() as bar:
+        with _bars(_progress()) as bar:
             tasks = {}
 
             def report(phase, done, total):
@@ -157,33 +181,33 @@ def render(
 
             manifest = render_dataset(out_dir, settings, workers=workers or None, backend=backend or None,
                                       scheduler=scheduler or None, overwrite=overwrite, resume=resume,
-                                      progress=report, note=lambda text: err.print(f"note: {escape(text)}"),
+                                      progress=report, note=_note,
                                       stats=stats, command=_command(settings, out_dir, base))
         dt = time.perf_counter() - t0
         total = sum(e["bytes"] for e in manifest["shards"])
         if not stats["rendered"]:
             repaired = f", {len(stats['repaired'])} shard(s) re-rendered" if stats["repaired"] else ""
-            err.print(f"{out_dir} is complete (renderer {renderer_of(manifest)}, fracgen "
-                      f"{manifest['fracgen_version']}){repaired}: every shard matches the manifest")
+            _say(err, f"{out_dir} is complete (renderer {renderer_of(manifest)}, fracgen "
+                 f"{manifest['fracgen_version']}){repaired}: every shard matches the manifest")
             return
         n = len(manifest["shards"])
         what = f"{manifest['num_samples']} samples in {n} shards" if stats["rendered"] == n else \
             f"{stats['rendered']} of {n} shards ({manifest['num_samples']} samples in all)"
-        err.print(f"wrote {what} ({total / 1e6:.1f} MB) to {out_dir} in {dt:.1f} s")
+        _say(err, f"wrote {what} ({total / 1e6:.1f} MB) to {out_dir} in {dt:.1f} s")
 
 
 @app.command()
 def verify(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.json and shards.")]):
     """Re-hash every shard against the manifest and decode every sample."""
     with _errors():
-        with _progress() as bar:
+        with _bars(_progress()) as bar:
             task = bar.add_task("verify")
             problems = verify_dataset(dataset, lambda _, done, total: bar.update(task, completed=done, total=total))
         if problems:
             for p in problems:
-                err.print(f"[bold red]error:[/] {escape(p)}", highlight=False, soft_wrap=True)
+                _error(p)
             raise typer.Exit(1)
-        out.print(f"ok: {dataset} matches its manifest")
+        _say(out, f"ok: {dataset} matches its manifest")
 
 
 @app.command()
@@ -193,7 +217,7 @@ def info(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.j
         m = read_manifest(dataset)
         s, b = m["settings"], m["base"]
         system = s.get("system", "1p-frac")
-        t = Table(title=f"{dataset}", show_header=False)
+        t = Table(title=escape(printable(dataset)), show_header=False)
         rows = [
             ("fracgen", f"{m['fracgen_version']} (format {m['format_version']}, renderer {renderer_of(m)})"),
             ("system", f"{system}: {SYSTEMS[system].summary}"),
@@ -223,8 +247,8 @@ def info(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.j
             retries = sum(c.get("attempt", 0) for c in m["classes"])
             rows.append(("class fill", f"min {min(fills):.3f}, mean {sum(fills) / len(fills):.3f}, "
                                        f"max {max(fills):.3f}; {retries} redraws in all"))
-        for k, v in rows:
-            t.add_row(k, v)
+        for k, v in rows:  # values come from the manifest: shown as text, never as markup or terminal codes
+            t.add_row(k, escape(printable(v)))
         out.print(t)
 
 
@@ -239,7 +263,7 @@ def preview(
     """Write a contact sheet of the first images, labelled with their classes."""
     with _errors():
         n = contact_sheet(dataset, out_file, count=count, columns=columns, tile=tile)
-        out.print(f"wrote {n} images to {out_file}")
+        _say(out, f"wrote {n} images to {out_file}")
 
 
 @app.command()
@@ -256,13 +280,13 @@ def publish(
 ):
     """Verify a folder, then write a dataset card (README.md), SHA256SUMS and preview.png beside its shards."""
     with _errors(interrupted="run publish again"):
-        with _progress(transient=True) as bar:
+        with _bars(_progress(transient=True)) as bar:
             task = bar.add_task("verify")
             result = publish_folder(dataset, to=to, url=url, license=license, pretty_name=pretty_name,
                                     progress=lambda _, done, total: bar.update(task, completed=done, total=total),
                                     note=_note)
-        out.print(f"wrote README.md (dataset card), SHA256SUMS and preview.png to {dataset}; serve the folder with "
-                  "any static web server" + (f"; uploaded to {result['url']}" if result["url"] else ""))
+        _say(out, f"wrote README.md (dataset card), SHA256SUMS and preview.png to {dataset}; serve the folder with "
+             "any static web server" + (f"; uploaded to {result['url']}" if result["url"] else ""))
 
 
 @app.command()
@@ -271,12 +295,18 @@ def pull(
                                                "manifest.json), or hf://datasets/ORG/NAME[@REVISION].")],
     dataset: Annotated[Path, typer.Argument(help="Folder to pull into (created if missing).")],
     overwrite: Annotated[bool, typer.Option(help="Replace another data set already in the folder.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds a server may stay silent (connecting or sending).")]
+    = Limits.timeout,
+    min_rate: Annotated[float, typer.Option(help="Bytes/s each file must arrive at, measured over every "
+                                                 f"{RATE_WINDOW:g} s (slower: tried again).")] = Limits.min_rate,
+    deadline: Annotated[float, typer.Option(help="Seconds one file may take, its retries included.")]
+    = Limits.deadline,
 ):
     """Fetch a published folder, each shard checked by size and sha256 before it takes its name; run it again to
     resume."""
     with _errors(interrupted="finished shards are kept; run the same pull again to fetch the rest"):
         t0 = time.perf_counter()
-        with _byte_progress() as bar:
+        with _bars(_byte_progress()) as bar:
             tasks = {}
 
             def report(phase, done, total):
@@ -284,11 +314,12 @@ def pull(
                     tasks[phase] = bar.add_task(phase, total=total)
                 bar.update(tasks[phase], completed=done, total=total)
 
-            result = pull_folder(source, dataset, overwrite=overwrite, progress=report,
-                                 note=_note, command=shlex.join(["fracgen", "pull", source, str(dataset)]))
+            result = pull_folder(source, dataset, overwrite=overwrite, progress=report, note=_note,
+                                 command=shlex.join(["fracgen", "pull", source, str(dataset)]),
+                                 limits=Limits(timeout=timeout, min_rate=min_rate, deadline=deadline))
         n = len(result.manifest["shards"])
         if not result.fetched:
-            out.print(f"{dataset} already holds all {n} shards of {source} (each checked by sha256): nothing fetched")
+            _say(out, f"{dataset} already holds all {n} shards of {source} (each checked by sha256): nothing fetched")
             return
-        out.print(f"pulled {len(result.fetched)} of {n} shards ({result.fetched_bytes / 1e6:.1f} MB) from {source} "
-                  f"into {dataset} in {time.perf_counter() - t0:.1f} s; every shard matches the manifest")
+        _say(out, f"pulled {len(result.fetched)} of {n} shards ({result.fetched_bytes / 1e6:.1f} MB) from {source} "
+             f"into {dataset} in {time.perf_counter() - t0:.1f} s; every shard matches the manifest")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from fracgen.render import RENDERER
 from fracgen.workers import PROBE_PREFIX, Probe, sees_folder
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler and to find a worker there
+MAX_HANDSHAKE = 1 << 16  # bytes of a Dask scheduler's first message (~200); more is some other protocol
 RETRIES = 2  # extra tries for a job that raises (a lost worker's jobs are rescheduled by the scheduler itself)
 
 
@@ -56,9 +59,11 @@ def connect(scheduler: object = None) -> DaskPool:
     if not address:
         raise FracgenError("--backend dask needs a scheduler: --scheduler tcp://HOST:8786, or its address in "
                            "DASK_SCHEDULER_ADDRESS")
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    _probe(str(address), deadline)
     try:
-        client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
-    except (OSError, TimeoutError, ValueError) as e:
+        client = Client(address, timeout=max(1.0, deadline - time.monotonic()), set_as_default=False)
+    except Exception as e:  # dask's errors are many types (a peer that is not Dask gave a MemoryError)
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FracgenError(f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT:g} s: "
                            f"{why[:200]}") from None
@@ -69,6 +74,63 @@ def connect(scheduler: object = None) -> DaskPool:
         raise FracgenError(f"the Dask scheduler at {address} has no workers (none joined within "
                            f"{CONNECT_TIMEOUT:g} s): start some with `dask worker {address}`") from None
     return DaskPool(client, own=True)
+
+
+def _probe(address: str, deadline: float) -> None:
+    """Is a Dask scheduler listening at `address` (tcp)? One FracgenError line by `deadline` if not. dask's own
+    connect waits for the peer's first message with no deadline (a silent peer hung it) and allocates whatever size
+    that message claims (another protocol's bytes made it ask for 3 EiB); a scheduler sends its handshake at once,
+    framed by an 8-byte length, so we read that much ourselves first."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location, 8786)  # Dask's default port
+    except (ValueError, TypeError) as e:
+        raise FracgenError(f"--scheduler {address!r} is not a Dask address like tcp://HOST:8786 ({e})") from None
+    if scheme != "tcp":
+        return  # tls://, ucx://: dask's connect (and the catch-all around it) decide
+
+    def fail(why: str):
+        raise FracgenError(f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT:g} s: {why}")
+
+    found: list = []
+    resolver = threading.Thread(target=lambda: found.append(_resolve(host, port)), daemon=True)
+    resolver.start()
+    resolver.join(max(0.0, deadline - time.monotonic()))  # a resolver can take 20 s to give up
+    if not found:
+        fail(f"the name {host} did not resolve")
+    if isinstance(found[0], str):
+        fail(found[0])
+    try:
+        with socket.create_connection(found[0], timeout=max(0.1, deadline - time.monotonic())) as conn:
+            header = _receive(conn, 8, deadline)
+            size = int.from_bytes(header, "little")
+            if not 0 < size <= MAX_HANDSHAKE:
+                fail("the peer sent bytes that are not Dask's protocol (is it a Dask scheduler's port?)")
+            _receive(conn, size, deadline)
+    except TimeoutError:
+        fail("the peer accepted the connection but sent nothing (is it a Dask scheduler's port?)")
+    except OSError as e:
+        fail(e.strerror or str(e))
+
+
+def _resolve(host: str, port: int) -> tuple | str:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][:2]
+    except OSError as e:
+        return f"the name {host} did not resolve ({e.strerror or e})"
+
+
+def _receive(conn: socket.socket, n: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < n:
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the peer closed the connection before Dask's handshake")
+        data += chunk
+    return data
 
 
 class DaskPool:

@@ -38,6 +38,7 @@ from fracgen.shards import (
     write_shard_unfinished,
 )
 from fracgen.systems import COMMON, get_system, image_of
+from fracgen.untrusted import parse_json
 from fracgen.workers import PROBE_PREFIX, LocalPool, Probe, sees_folder
 
 MANIFEST = "manifest.json"
@@ -188,9 +189,9 @@ def _read_journal(out: Path) -> dict[str, dict]:
         return recorded
     for line in lines:
         try:
-            entry = json.loads(line)
+            entry = parse_json(line, JOURNAL)
             recorded[entry["file"]] = entry
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (FracgenError, KeyError, TypeError):
             continue
     return recorded
 
@@ -299,9 +300,12 @@ def _render_locked(out: Path, s: Settings, pool, overwrite: bool, resume: bool, 
     with open(out / JOURNAL, "a") as journal, contextlib.closing(
             _render_shards(out, s, header, classes, pngs, todo, pool)) as shards:
         for index, entry in shards:
-            journal.write(json.dumps(entry) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
+            try:
+                journal.write(json.dumps(entry) + "\n")
+                journal.flush()
+                os.fsync(journal.fileno())
+            except OSError as e:  # a full disk: say which file (the error itself names none)
+                raise FracgenError(f"cannot write {out / JOURNAL}: {e.strerror or e}") from None
             done[index] = entry
             stats["rendered"] += 1
             if progress:
@@ -399,7 +403,8 @@ def verify_dataset(out: str | Path, progress: Progress | None = None) -> list[st
         problems.append(f"{MANIFEST}: the render did not finish (run `fracgen render --resume`)")
     shards = manifest["shards"]
     for n, entry in enumerate(shards):
-        problem = verify_shard(out / entry["file"], entry, manifest["num_classes"])
+        problem = verify_shard(out / entry["file"], entry, manifest["num_classes"], manifest["image"]["size"],
+                               n * manifest["settings"]["shard_size"])
         if problem:
             problems.append(f"{entry['file']}: {problem}")
         if progress:

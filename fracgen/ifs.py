@@ -16,6 +16,7 @@ import numpy as np
 
 from fracgen.errors import FracgenError
 from fracgen.rng import TAG_PERTURB, derive_seed, uniforms
+from fracgen.untrusted import read_json
 
 COEFFICIENTS = ("a", "b", "c", "d", "e", "f")
 PERTURB_MODES = ("scale", "shift")
@@ -180,11 +181,9 @@ def class_seed(seed: int, k: int, attempt: int) -> int:
 def load_base(path: Path) -> IFS:
     """A base system from JSON: an IFS object ({"maps": [...]}) or a fracgen manifest (its "base")."""
     try:
-        obj = json.loads(Path(path).read_text())
+        obj = read_json(path, f"--base file {path}")
     except FileNotFoundError:
         raise FracgenError(f"--base file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FracgenError(f"--base file {path} is not valid JSON: {e}") from None
     if isinstance(obj, dict) and isinstance(obj.get("base"), dict):
         obj = obj["base"].get("ifs", obj["base"])
     if not isinstance(obj, dict) or "maps" not in obj:

@@ -10,16 +10,19 @@ does not share flocks between hosts, so that case is refused with the command th
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from fracgen.errors import FracgenError
+from fracgen.untrusted import parse_json, redact
 
 LOCK_NAME = ".fracgen.lock"
 
@@ -61,16 +64,22 @@ class FolderLock:
         os.lseek(fd, 0, os.SEEK_SET)
         raw = os.read(fd, 1 << 16)
         try:
-            holder = json.loads(raw) if raw.strip() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            holder = parse_json(raw, str(self.path)) if raw.strip() else {}
+        except FracgenError:
             holder = {"pid": "?", "host": "?"}
         return holder if isinstance(holder, dict) else {"pid": "?", "host": "?"}
 
     def __enter__(self) -> FolderLock:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the holder record would truncate whatever the link points at
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise FracgenError(f"{self.path} is a symbolic link, not a lock fracgen made: remove it "
+                                   "(fracgen writes into its lock file and will not write through a link)") from None
             raise FracgenError(f"cannot create the lock {self.path}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FracgenError(f"{self.path} is not a regular file, so not a lock fracgen made: remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -89,10 +98,16 @@ class FolderLock:
             if self.note:
                 state = "still running but not holding it" if _pid_alive(holder["pid"]) else "no longer running"
                 self.note(f"taking over the lock of {self.folder} left by pid {holder['pid']} ({state})")
-        record = json.dumps({"pid": os.getpid(), "host": host, "started": time.time(), "command": self.command})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode() + b"\n", 0)
-        os.fsync(fd)
+        record = json.dumps({"pid": os.getpid(), "host": host, "started": time.time(),
+                             "command": redact(self.command)})  # readable by all: no password of a URL
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode() + b"\n", 0)
+            os.fsync(fd)
+        except OSError as e:  # a full disk: name the file (the error names none)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise FracgenError(f"cannot write the lock {self.path}: {e.strerror or e}") from None
         self.fd = fd
         return self
 

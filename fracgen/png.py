@@ -17,6 +17,8 @@ import numpy as np
 from isal import isal_zlib
 from PIL import Image
 
+from fracgen.errors import FracgenError
+
 LEVELS = (0, 1, 2, 3)  # ISA-L's levels; 1 is the measured sweet spot for these images
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -48,26 +50,49 @@ def encode(image: np.ndarray, level: int = 1) -> bytes:
     return encode_rows(rows, level)
 
 
-def decode(data: bytes) -> np.ndarray:
-    """(H, W) uint8 pixels of an 8-bit grayscale PNG.
+class PNGError(FracgenError, ValueError):
+    """Not a PNG this decoder takes: a one-line reason (a ValueError too, as decoders' errors usually are)."""
+
+
+MAX_SIDE = 16384  # fracgen's largest canvas (render.MAX_SIZE); a larger header is not one of our images
+
+
+def decode(data: bytes, size: int | None = None) -> np.ndarray:
+    """(H, W) uint8 pixels of an 8-bit grayscale PNG; with `size`, it must be size x size.
+
+    The header is checked before anything is inflated, and inflating stops at the bytes the header's size needs:
+    a small PNG whose data inflate to gigabytes (a deflate bomb) is refused after reading one byte too many.
 
     fracgen's own PNGs (unfiltered rows, see `encode_rows`) are inflated by ISA-L directly: 0.2 ms for a
     512 px image against Pillow's 0.63 ms, which is what a loader decoding FractalDB-sized shards spends its
-    time on. Any other PNG (filtered rows, other modes, several IDATs) goes through Pillow, converted to L.
+    time on. Any other PNG (filtered rows, other modes, several IDATs) goes through Pillow, converted to L;
+    Pillow inflates no more than the image's size either.
     """
-    raw = None
-    if data[:8] == SIGNATURE and data[12:16] == b"IHDR":
-        width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-        n = struct.unpack(">I", data[33:37])[0]
-        if depth == 8 and color == 0 and interlace == 0 and data[37:41] == b"IDAT" and data[45 + n : 53 + n] == (
-                b"\x00\x00\x00\x00IEND"):
-            try:
-                raw = np.frombuffer(isal_zlib.decompress(data[41 : 41 + n]), np.uint8)
-            except isal_zlib.error:
-                raw = None
-            if raw is not None and raw.size == height * (width + 1):
-                raw = raw.reshape(height, width + 1)
-                if not raw[:, 0].any():  # every row unfiltered: the pixels are the rest
-                    return raw[:, 1:].copy()  # writable and contiguous, like Pillow's
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("L"))
+    if data[:8] != SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+        raise PNGError("not a PNG (no PNG signature and header)")
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if size is not None and (width, height) != (size, size):
+        raise PNGError(f"a {width}x{height} px PNG, not {size}x{size}")
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise PNGError(f"a {width}x{height} px PNG: each side must be 1..{MAX_SIDE}")
+    n = struct.unpack(">I", data[33:37])[0] if len(data) >= 37 else -1
+    if depth == 8 and color == 0 and interlace == 0 and data[37:41] == b"IDAT" and data[45 + n : 53 + n] == (
+            b"\x00\x00\x00\x00IEND"):
+        expected = height * (width + 1)  # a filter byte and the pixels of each row
+        inflater = isal_zlib.decompressobj()
+        try:
+            raw = inflater.decompress(data[41 : 41 + n], expected + 1)
+        except isal_zlib.error:
+            raw = None
+        if raw is not None and len(raw) > expected:
+            raise PNGError(f"its image data inflate to more than the {expected:,} bytes its {width}x{height} header "
+                           "needs (a deflate bomb, or damaged)")
+        if raw is not None and len(raw) == expected:
+            raw = np.frombuffer(raw, np.uint8).reshape(height, width + 1)
+            if not raw[:, 0].any():  # every row unfiltered: the pixels are the rest
+                return raw[:, 1:].copy()  # writable and contiguous, like Pillow's
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("L"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise PNGError(f"does not decode: {e}") from None

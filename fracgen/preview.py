@@ -12,12 +12,15 @@ from PIL import Image, ImageDraw, ImageOps
 from fracgen.errors import FracgenError
 from fracgen.shards import atomic_write, check_sample, iter_samples, read_manifest
 
+MAX_COUNT, MAX_TILE = 1024, 1024  # a sheet for a person to look at: at most 1 Gpixel, not unbounded
+
 
 def contact_sheet(dataset: str | Path, out: str | Path, *, count: int = 16, columns: int = 4,
                   tile: int = 192) -> int:
     """Write a grid of the first `count` images to `out` (PNG); return how many were drawn."""
-    if count < 1 or columns < 1 or tile < 32:
-        raise FracgenError("--count and --columns must be >= 1 and --tile >= 32")
+    if not (1 <= count <= MAX_COUNT and 1 <= columns <= MAX_COUNT and 32 <= tile <= MAX_TILE):
+        raise FracgenError(f"--count and --columns must be in 1..{MAX_COUNT} and --tile in 32..{MAX_TILE}, got "
+                           f"{count}, {columns} and {tile}")
     dataset = Path(dataset)
     manifest = read_manifest(dataset)
     tiles = []
@@ -25,7 +28,7 @@ def contact_sheet(dataset: str | Path, out: str | Path, *, count: int = 16, colu
         path = dataset / entry["file"]
         try:
             for key, parts in islice(iter_samples(path), count - len(tiles)):
-                problem = check_sample(key, parts, manifest["num_classes"])
+                problem = check_sample(key, parts, manifest["num_classes"], manifest["image"]["size"])
                 if problem:
                     raise FracgenError(f"{path}: {problem} (`fracgen verify` checks every shard)")
                 with Image.open(io.BytesIO(parts["png"])) as im:

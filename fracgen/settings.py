@@ -11,9 +11,11 @@ from fracgen import png
 from fracgen.errors import FracgenError
 from fracgen.render import check_canvas, check_points
 from fracgen.rng import TAG_RENDER, derive_seed
+from fracgen.shards import MAX_MAPS  # defined beside the shard size bounds it sets
 
 MAX_CLASSES = 100_000
 MAX_NAME = 100  # a shard's file name and its tar members' names must stay short
+MAX_SAMPLES = 10**9  # 1000x FractalDB-1M; bounds what a manifest may claim (num_samples, shards)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,10 @@ def validate_common(s: Settings) -> None:
     if s.classes > MAX_CLASSES:
         raise FracgenError(f"--classes must be at most {MAX_CLASSES:,} (the manifest holds every class's system; "
                            f"FractalDB-10k has 10,000), got {s.classes:,}")
+    if s.num_samples > MAX_SAMPLES:
+        raise FracgenError(f"--classes x --per-class must be at most {MAX_SAMPLES:,}, got {s.num_samples:,}")
+    if not 1 <= s.maps <= MAX_MAPS:
+        raise FracgenError(f"--maps must be in 1..{MAX_MAPS}, got {s.maps}")
     if not (re.fullmatch(r"[A-Za-z0-9_-]+", s.name) and len(s.name) <= MAX_NAME):
         raise FracgenError(f"--name must be 1 to {MAX_NAME} letters, digits, '-' and '_', got {s.name[:40]!r}"
                            + ("..." if len(s.name) > 40 else ""))

@@ -18,9 +18,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
+from fracgen import png
 from fracgen.errors import FracgenError
+from fracgen.untrusted import parse_json, read_json
 
 EXTENSIONS = ("cls", "json", "png")  # members of a sample, in tar order
 
@@ -129,13 +129,21 @@ def write_bytes_unfinished(path: Path, data: bytes, entry: dict) -> Path:
 
 
 def _write_unfinished(path: Path, write) -> tuple[Path, object]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Every file fracgen writes goes through here, so a full disk or a lost permission names the file (the
+    OSError of a write or fsync names none)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise FracgenError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             result = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; shards are for sharing
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise FracgenError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -178,8 +186,9 @@ def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, parts
 
 
-def check_sample(key: str, parts: dict[str, bytes], num_classes: int) -> str | None:
-    """Why a sample is broken, or None."""
+def check_sample(key: str, parts: dict[str, bytes], num_classes: int, size: int | None = None) -> str | None:
+    """Why a sample is broken, or None. With `size`, its image must be size x size (checked before it is
+    inflated: see `png.decode`)."""
     missing = [e for e in EXTENSIONS if e not in parts]
     if missing:
         return f"sample {key} lacks .{', .'.join(missing)}"
@@ -189,35 +198,49 @@ def check_sample(key: str, parts: dict[str, bytes], num_classes: int) -> str | N
         return f"sample {key} has a non-integer .cls"
     if not 0 <= label < num_classes:
         return f"sample {key} has class {label} outside 0..{num_classes - 1}"
+    if not key.startswith(f"c{label:06d}-"):
+        return f"sample {key} has class {label} in its .cls"
     try:
-        json.loads(parts["json"])
-        with Image.open(io.BytesIO(parts["png"])) as im:
-            im.load()
-    except Exception as e:  # any decoder failure is a corrupt sample
-        return f"sample {key} does not decode: {e}"
+        parse_json(parts["json"], f"sample {key}'s .json", MAX_META_BYTES + META_BYTES_PER_MAP * MAX_MAPS)
+        png.decode(parts["png"], size)
+    except FracgenError as e:
+        return f"sample {key}: {e}"
     return None
 
 
-def verify_shard(path: Path, entry: dict, num_classes: int) -> str | None:
-    """Why a shard disagrees with its manifest entry, or None when it is intact."""
+def verify_shard(path: Path, entry: dict, num_classes: int, size: int | None = None, first: int | None = None
+                 ) -> str | None:
+    """Why a shard disagrees with its manifest entry, or None when it is intact. With `first` (the shard's first
+    sample index), its samples must be those the writer puts there, in order: sample i is instance i // C of
+    class i % C."""
     if not path.is_file():
         return "missing"
-    digest, size = file_sha256(path)
-    if size != entry["bytes"]:
-        return f"size {size} bytes, manifest says {entry['bytes']}"
+    digest, size_on_disk = file_sha256(path)
+    if size_on_disk != entry["bytes"]:
+        return f"size {size_on_disk} bytes, manifest says {entry['bytes']}"
     if digest != entry["sha256"]:
         return f"sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}..."
+    return check_shard_contents(path, entry, num_classes, size, first)
+
+
+def check_shard_contents(path: Path, entry: dict, num_classes: int, size: int | None = None,
+                         first: int | None = None) -> str | None:
+    """The sample-by-sample half of `verify_shard`: what `pull` checks in a shard before it keeps it."""
     n = 0
     try:
         for key, parts in iter_samples(path):
-            problem = check_sample(key, parts, num_classes)
+            if first is not None and key != f"c{(first + n) % num_classes:06d}-i{(first + n) // num_classes:06d}":
+                return f"sample {n} is {key[:40]!r}, not the sample the manifest puts there"
+            problem = check_sample(key, parts, num_classes, size)
             if problem:
                 return problem
             n += 1
+            if n > entry["samples"]:
+                break
     except tarfile.TarError as e:
         return f"not a readable tar: {e}"
     if n != entry["samples"]:
-        return f"{n} samples, manifest says {entry['samples']}"
+        return f"{'more than ' if n > entry['samples'] else ''}{n} samples, manifest says {entry['samples']}"
     return None
 
 
@@ -228,9 +251,31 @@ SETTINGS_USED = ("classes", "per_class", "size", "seed", "shard_size", "name", "
 SETTINGS_SINCE_0_3 = ("system", "bases", "search", "image", "image_mode", "noise")
 
 
+MAX_MAPS = 256  # the most --maps (validate_common): FractalDB draws 2..8; a sample's .json grows with the maps
+MAX_META_BYTES = 1024  # a sample's .json without its maps; each map adds at most META_BYTES_PER_MAP (measured: ~300)
+META_BYTES_PER_MAP = 512
+VERSION = re.compile(r"[0-9A-Za-z.+-]{1,40}")
+
+
+def max_sample_bytes(size: int, maps: int) -> int:
+    """The most one sample can take in a shard: three tar headers padded to blocks, a class number, the .json, and
+    a PNG of `size` rows that deflate stored uncompressed (5 bytes per 64 KiB block) plus its 57 bytes of chunks."""
+    raw = size * (size + 1)
+    png_bytes = raw + 5 * (raw // 65535 + 1) + 6 + 57
+    return 3 * 2 * BLOCK + 24 + MAX_META_BYTES + META_BYTES_PER_MAP * maps + png_bytes
+
+
+def max_shard_bytes(samples: int, size: int, maps: int) -> int:
+    """The most a shard of `samples` samples can take (tar's end blocks and record padding included): a manifest
+    listing more is not fracgen's, and `pull` never writes more."""
+    return samples * max_sample_bytes(size, maps) + 2 * BLOCK + RECORD
+
+
 def check_manifest(manifest: object, path: Path) -> dict:
-    """The manifest if it has the shape every reader relies on; else one FracgenError line saying what is wrong.
-    The one place a manifest is checked: fracgen's commands and the trainer read it through here."""
+    """The manifest if every reader can rely on it; else one FracgenError line saying what is wrong. The one place
+    a manifest is checked (render --resume, verify, info, preview, publish, pull, and the trainer read it through
+    here): its shape and types, settings a render accepts (the render's own checks), and totals that agree with
+    those settings (counts, every shard's name and sample count, sizes no shard can exceed)."""
 
     def fail(what: str):
         raise FracgenError(f"{path} is not a usable fracgen manifest: {what}")
@@ -242,55 +287,110 @@ def check_manifest(manifest: object, path: Path) -> dict:
                  f"{getattr(kind, '__name__', 'a number')}")
         return value
 
+    def number(obj: dict, key: str, where: str):
+        if key in obj and obj[key] is not None and (isinstance(obj[key], bool) or not isinstance(obj[key],
+                                                                                                  (int, float))):
+            fail(f"{where}'{key}' is {type(obj[key]).__name__}, not a number")
+
     if not isinstance(manifest, dict) or manifest.get("format") != "fracgen-shards":
         fail("its 'format' is not fracgen-shards")
     if need(manifest, "format_version", int) > FORMAT_VERSION:
         fail(f"format_version {manifest['format_version']} is newer than this fracgen reads ({FORMAT_VERSION})")
     need(manifest, "complete", bool)
+    if not VERSION.fullmatch(str(manifest.get("fracgen_version", "0"))):
+        fail("'fracgen_version' is not a version number")
+    if not isinstance(manifest.get("renderer", 1), int) or isinstance(manifest.get("renderer"), bool):
+        fail("'renderer' is not an integer")
+    if not isinstance(manifest.get("command"), (str, type(None))):
+        fail("'command' is not a string")
     settings = need(manifest, "settings", dict)
     for key in SETTINGS_USED:
         if key not in settings:
             fail(f"settings lack '{key}'")
-    if need(manifest, "num_classes", int) < 1 or need(manifest, "num_samples", int) < 0:
+    num_classes, num_samples = need(manifest, "num_classes", int), need(manifest, "num_samples", int)
+    if num_classes < 1 or num_samples < 0:
         fail("num_classes must be >= 1 and num_samples >= 0")
     if need(need(manifest, "image", dict), "size", int, "image.") < 1:
         fail("image.size must be >= 1")
-    from fracgen.systems import SYSTEMS  # the systems import the shard writer's neighbours; import late
+    from fracgen.dataset import validate  # the render's own checks; the systems import this module: import late
+    from fracgen.settings import Settings
+    from fracgen.systems import SYSTEMS
 
     name = settings.get("system", "1p-frac")  # manifests before fracgen 0.3 are all 1p-frac
     if name not in SYSTEMS:
-        fail(f"its system {name!r} is not one this fracgen knows ({', '.join(SYSTEMS)})")
+        fail(f"its system {str(name)[:40]!r} is not one this fracgen knows ({', '.join(SYSTEMS)})")
     for key in SYSTEMS[name].uses:
         if key not in settings and key not in SETTINGS_SINCE_0_3:
             fail(f"settings lack '{key}'")
+    fields = Settings.__dataclass_fields__
+    known = {}
+    for key, value in settings.items():
+        if key not in fields:
+            continue  # a newer fracgen's setting: the renderer check below refuses what this one cannot draw
+        kind = {"int": int, "float": (int, float), "str": str, "dict | None": (dict, type(None)),
+                "str | None": (str, type(None))}[fields[key].type]
+        if not isinstance(value, kind) or (value is not None and isinstance(value, bool)):
+            fail(f"setting '{key}' is {type(value).__name__}, not {fields[key].type}")
+        known[key] = value
+    try:
+        s = Settings(**known)
+        validate(s)
+    except FracgenError as e:
+        fail(f"its settings are not ones fracgen renders ({e})")
+    if (num_classes, num_samples, manifest["image"]["size"]) != (s.classes, s.num_samples, s.size):
+        fail(f"num_classes {num_classes}, num_samples {num_samples} and image.size {manifest['image']['size']} "
+             f"contradict its settings (classes {s.classes} x per_class {s.per_class}, size {s.size})")
     base = need(manifest, "base", dict)
     if name == "1p-frac" and not isinstance(need(base, "ifs", dict, "base.").get("maps"), list):
         fail("base.ifs has no 'maps' list")
+    for key in ("fill", "sigma_drawn", "attempt"):
+        number(base, key, "base.")
     keys = SYSTEMS[name].class_keys
-    for c in need(manifest, "classes", list):
+    classes = need(manifest, "classes", list)
+    if len(classes) != num_classes:
+        fail(f"it holds {len(classes)} classes, num_classes says {num_classes}")
+    for c in classes:
         if not isinstance(c, dict) or any(key not in c for key in keys):
             fail(f"every class must be an object with {', '.join(repr(k) for k in keys)}")
-    for entry in need(manifest, "shards", list):
+        for key in ("fill", "attempt"):
+            number(c, key, "a class's ")
+    shards = need(manifest, "shards", list)
+    if len(shards) > s.num_shards or (manifest["complete"] and len(shards) != s.num_shards):
+        fail(f"it lists {len(shards)} shards; its settings make {s.num_shards}")
+    for index, entry in enumerate(shards):
         if not isinstance(entry, dict):
             fail("every shard must be an object with file, samples, bytes, sha256")
-        name = need(entry, "file", str, "a shard's ")
-        if not SHARD_FILE.fullmatch(name):
-            fail(f"shard file {name!r} is not a plain file name in the folder")
-        if need(entry, "samples", int, "a shard's ") < 0 or need(entry, "bytes", int, "a shard's ") < 0:
-            fail(f"shard {name}: samples and bytes must be >= 0")
+        file = need(entry, "file", str, "a shard's ")
+        if not SHARD_FILE.fullmatch(file):
+            fail(f"shard file {file[:60]!r} is not a plain file name in the folder")
+        if file != s.shard_name(index):
+            fail(f"shard {index} is {file[:60]!r}, not {s.shard_name(index)!r}")
+        samples, size = need(entry, "samples", int, "a shard's "), need(entry, "bytes", int, "a shard's ")
+        expected = min(s.shard_size, s.num_samples - index * s.shard_size)
+        if samples != expected:
+            fail(f"shard {file} lists {samples} samples; its settings put {expected} in it")
+        if not 0 <= size <= max_shard_bytes(samples, s.size, s.maps):
+            fail(f"shard {file} lists {size:,} bytes; {samples} samples of {s.size} px take at most "
+                 f"{max_shard_bytes(samples, s.size, s.maps):,}")
         if not re.fullmatch(r"[0-9a-f]{64}", need(entry, "sha256", str, "a shard's ")):
-            fail(f"shard {name}: sha256 is not 64 hex digits")
+            fail(f"shard {file}: sha256 is not 64 hex digits")
     return manifest
 
 
-def read_manifest(out: Path) -> dict:
-    path = Path(out) / "manifest.json"
-    if not Path(out).is_dir():
-        raise FracgenError(f"{out} is not a directory")
+def load_manifest(path: Path) -> dict:
+    """A manifest file parsed (bounded in size and nesting) and checked (`check_manifest`)."""
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path)
     except FileNotFoundError:
-        raise FracgenError(f"no manifest.json in {out}: not a fracgen dataset") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FracgenError(f"no {Path(path).name} at {Path(path).parent}: not a fracgen dataset") from None
+    except FracgenError as e:
         raise FracgenError(f"{path} is unreadable: {e}") from None
     return check_manifest(manifest, path)
+
+
+def read_manifest(out: Path) -> dict:
+    if not Path(out).is_dir():
+        raise FracgenError(f"{out} is not a directory")
+    if not (Path(out) / "manifest.json").exists():
+        raise FracgenError(f"no manifest.json in {out}: not a fracgen dataset")
+    return load_manifest(Path(out) / "manifest.json")

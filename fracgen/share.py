@@ -16,7 +16,9 @@ size and sha256 are the manifest's; the manifest itself is written last, so a fo
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import html
 import http.client
 import io
 import json
@@ -24,6 +26,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import tempfile
 import time
 import urllib.error
@@ -32,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import fracgen
 from fracgen.dataset import MANIFEST, verify_dataset
@@ -40,16 +43,40 @@ from fracgen.errors import FracgenError
 from fracgen.lock import LOCK_NAME, FolderLock, writing_folder
 from fracgen.preview import contact_sheet
 from fracgen.render import RENDERER
-from fracgen.shards import FORMAT_VERSION, atomic_write, check_manifest, file_sha256, matches
+from fracgen.shards import (
+    FORMAT_VERSION,
+    atomic_write,
+    check_manifest,
+    check_shard_contents,
+    file_sha256,
+    load_manifest,
+    matches,
+)
+from fracgen.untrusted import MAX_JSON_BYTES, parse_json, printable, read_json, redact
 
 SOURCE_FILE = "source.json"  # where a pulled folder came from
 CARD, SUMS, PREVIEW = "README.md", "SHA256SUMS", "preview.png"  # what `publish` writes beside the shards
-TRIES = 5  # attempts per file on transient errors (connection, timeout, HTTP 429 and 5xx)
+TRIES = 5  # attempts per file on transient errors (connection, timeout, too slow, HTTP 429 and 5xx)
 BACKOFF = 0.5  # seconds before the second attempt, doubled for each further one
-MAX_WAIT = 60.0  # the most a server's Retry-After may make us wait
-TIMEOUT = 60.0  # seconds a connection may stay silent
+MAX_WAIT = 10.0  # the most a server's Retry-After may make us wait (it made a file wait 4 minutes at 60 s)
+RATE_WINDOW = 10.0  # seconds over which a transfer's rate is measured against Limits.min_rate
 CHUNK = 1 << 20
-MAX_MANIFEST_BYTES = 1 << 30  # a manifest holds every class's IFS: 0.7 MB at 1000 classes, x100 at the 100,000 max
+RESERVE = 1 << 28  # bytes a pull leaves free on the disk it fills
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a source may cost: a server that sends forever, slowly or not at all ends in one line, naming the file."""
+
+    timeout: float = 30.0  # seconds a connection may stay silent (connecting, or between two reads)
+    min_rate: float = 10_000.0  # bytes/s each transfer must average over every RATE_WINDOW seconds
+    deadline: float = 900.0  # seconds one file may take, its retries and their waits included
+
+    def check(self) -> Limits:
+        if not (self.timeout > 0 and self.min_rate >= 0 and self.deadline > 0):
+            raise FracgenError(f"--timeout and --deadline must be > 0 and --min-rate >= 0, got {self.timeout}, "
+                               f"{self.deadline} and {self.min_rate}")
+        return self
 HF_PATTERN = re.compile(r"hf://datasets/([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@([^@]+))?/?")
 Progress = Callable[[str, int, int], None]  # (phase "check" or "fetch", bytes done, bytes in all)
 Note = Callable[[str], None]
@@ -89,7 +116,7 @@ def _retry_after(headers) -> float | None:
 class Source:
     """Where a published folder lives: `kind` folder (a path), http (a base URL ending in /) or hf (a repo id)."""
 
-    spec: str  # as the user wrote it
+    spec: str  # as the user wrote it, less the secrets a URL may carry (see untrusted.redact)
     kind: str
     base: str
     revision: str | None = None  # hf: the branch, tag or commit asked for
@@ -104,8 +131,9 @@ class Source:
             return urljoin(self.base, name)
         return _hub().hf_hub_url(self.base, name, repo_type="dataset", revision=self.commit or self.revision)
 
-    def open(self, name: str):
-        """A readable binary stream of one file; FracgenError when it is not there, _Transient when worth a retry."""
+    def open(self, name: str, timeout: float = Limits.timeout):
+        """A readable binary stream of one file; FracgenError when it is not there, _Transient when worth a retry.
+        `timeout`: seconds the server may stay silent."""
         url = self.url(name)
         if self.kind == "folder":
             try:
@@ -117,10 +145,12 @@ class Source:
         headers = {"User-Agent": f"fracgen/{fracgen.__version__}"}
         if self.token and self.kind == "hf":
             headers["Authorization"] = f"Bearer {self.token}"
+        elif self.token:  # http://USER:PASSWORD@HOST/: urllib sends no login of its own (it took it for the host)
+            headers["Authorization"] = f"Basic {self.token}"
         redirects = _Redirects()
         try:
             response = urllib.request.build_opener(redirects).open(urllib.request.Request(url, headers=headers),
-                                                                   timeout=TIMEOUT)
+                                                                   timeout=timeout)
         except urllib.error.HTTPError as e:
             e.close()
             if e.code == 429 or e.code >= 500:
@@ -129,7 +159,11 @@ class Source:
                     401: " (the server wants a login" + ("; set HF_TOKEN" if self.kind == "hf" else "") + ")",
                     403: " (access refused" + ("; does HF_TOKEN give access to it?" if self.kind == "hf" else "")
                          + ")"}.get(e.code, "")
-            raise FracgenError(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
+            if 300 <= e.code < 400:  # urllib's reason spans three lines here
+                hint = f" (a redirect loop, or more than {urllib.request.HTTPRedirectHandler.max_redirections} " \
+                       "redirects)"
+            reason = (str(e.reason).splitlines() or [""])[0]
+            raise FracgenError(f"{url}: HTTP {e.code} {reason}{hint}") from None
         except urllib.error.URLError as e:
             raise _Transient(str(e.reason)) from None
         except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
@@ -174,7 +208,12 @@ def open_source(spec: str) -> Source:
             base = base[: -len(MANIFEST)]
         elif not base.endswith("/"):
             base += "/"  # the folder's URL: its files are relative to it
-        return Source(spec, "http", base)
+        token = None
+        if "@" in parts.netloc:  # the login leaves the URL (which is printed and stored) for a header
+            login, _, host = parts.netloc.rpartition("@")
+            token = base64.b64encode(unquote(login).encode()).decode()
+            base = urlunsplit(urlsplit(base)._replace(netloc=host))
+        return Source(redact(spec), "http", base, token=token)
     if "://" in spec:
         raise FracgenError(f"{spec!r}: a source is a folder, an http(s):// URL or hf://datasets/ORG/NAME")
     folder = Path(spec)
@@ -184,17 +223,21 @@ def open_source(spec: str) -> Source:
 
 
 def _download(source: Source, name: str, f, limit: int, on_bytes: Callable[[int], None],
-              note: Note | None) -> tuple[str, int]:
+              note: Note | None, limits: Limits = Limits()) -> tuple[str, int]:
     """Stream one file into the binary file `f` (emptied first), hashing it; retry transient failures from the
-    start (the hash must cover bytes of one response); return (sha256, size). More than `limit` bytes is an error."""
+    start (the hash must cover bytes of one response); return (sha256, size). More than `limit` bytes is an error;
+    so is a transfer slower than `limits` allow (retried) or one past their deadline (not retried)."""
     url = source.url(name)
+    end, last = time.monotonic() + limits.deadline, ""
     for attempt in range(1, TRIES + 1):
         f.seek(0)
         f.truncate()
         sha, size = hashlib.sha256(), 0
         try:
-            with source.open(name) as response:
-                while chunk := response.read(CHUNK):
+            with source.open(name, min(limits.timeout, max(0.1, end - time.monotonic()))) as response:
+                window, window_size = time.monotonic(), 0
+                # read1: whatever has arrived (read(n) waits for all n bytes, so a trickle never timed out)
+                while chunk := response.read1(CHUNK):
                     size += len(chunk)
                     if size > limit:
                         raise FracgenError(f"{url}: more than the {limit:,} bytes the manifest lists: damaged or "
@@ -202,16 +245,35 @@ def _download(source: Source, name: str, f, limit: int, on_bytes: Callable[[int]
                     sha.update(chunk)
                     f.write(chunk)
                     on_bytes(len(chunk))
+                    now, window_size = time.monotonic(), window_size + len(chunk)
+                    if now > end:
+                        raise _Deadline(f"{size:,} of {limit:,} bytes")
+                    if now - window >= RATE_WINDOW:
+                        if window_size / (now - window) < limits.min_rate:
+                            raise _Transient(f"{window_size / (now - window):,.0f} bytes/s, below the "
+                                             f"--min-rate of {limits.min_rate:,.0f}")
+                        window, window_size = now, 0
             return sha.hexdigest(), size
+        except _Deadline as e:
+            raise FracgenError(f"{url}: not finished within the --deadline of {limits.deadline:g} s ({e}{last}); "
+                               "nothing was kept") from None
         except (_Transient, TimeoutError, ConnectionError, http.client.HTTPException) as e:
             on_bytes(-size)
-            if attempt == TRIES:
-                raise FracgenError(f"{url}: {e} (gave up after {TRIES} tries)") from None
+            reason = str(e) or type(e).__name__
+            last = f"; the try before: {reason}"
             wait = max(BACKOFF * 2 ** (attempt - 1), getattr(e, "wait", None) or 0)
+            if attempt == TRIES or time.monotonic() + wait >= end:
+                within = f"gave up after {attempt} tries" if attempt == TRIES else \
+                    f"gave up after {attempt} tries: the --deadline of {limits.deadline:g} s comes first"
+                raise FracgenError(f"{url}: {reason} ({within})") from None
             if note:
-                note(f"{url}: {e}; trying again in {wait:.1f} s ({attempt + 1} of {TRIES})")
+                note(f"{url}: {reason}; trying again in {wait:.1f} s ({attempt + 1} of {TRIES})")
             time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+class _Deadline(Exception):
+    """A file took longer than Limits.deadline (not retried: the deadline covers every try)."""
 
 
 @dataclass(frozen=True)
@@ -221,17 +283,14 @@ class RemoteManifest:
     sha256: str  # of `data`: names the data set (the training cache is keyed by it)
 
 
-def fetch_manifest(source: Source, note: Note | None = None) -> RemoteManifest:
+def fetch_manifest(source: Source, note: Note | None = None, limits: Limits = Limits()) -> RemoteManifest:
     """The source's manifest, checked: fracgen's schema, our format version, a finished render. A hub source is
     pinned to the commit that served it, so every shard comes from the same revision as the manifest."""
     url = source.url(MANIFEST)
     buf = io.BytesIO()
-    _download(source, MANIFEST, buf, MAX_MANIFEST_BYTES, lambda n: None, note)
+    _download(source, MANIFEST, buf, MAX_JSON_BYTES, lambda n: None, note, limits)
     data = buf.getvalue()
-    try:
-        manifest = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FracgenError(f"{url} is not a fracgen manifest (not JSON: {e})") from None
+    manifest = parse_json(data, f"{url} (not a fracgen manifest)")
     check_manifest(manifest, url)
     if manifest["format_version"] != FORMAT_VERSION:
         raise FracgenError(f"{url} has shard format_version {manifest['format_version']}, this fracgen reads "
@@ -276,7 +335,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def pull(source: str | Source, out: str | Path, *, overwrite: bool = False, remote: RemoteManifest | None = None,
-         progress: Progress | None = None, note: Note | None = None, command: str | None = None) -> PullResult:
+         progress: Progress | None = None, note: Note | None = None, command: str | None = None,
+         limits: Limits = Limits()) -> PullResult:
     """Fetch a published folder into `out` (see the module docstring); return what was done. Shards already in
     `out` with the manifest's size and sha256 are kept, so a killed pull run again fetches only what is missing.
     One writer per folder: the run holds `out`'s lock (FolderLock). `remote`: its manifest, if already fetched."""
@@ -284,9 +344,10 @@ def pull(source: str | Source, out: str | Path, *, overwrite: bool = False, remo
     out = Path(out)
     if src.kind == "folder" and out.exists() and Path(src.base).resolve() == out.resolve():
         raise FracgenError(f"{out} is the source folder itself")
-    remote = remote or fetch_manifest(src, note)
+    limits.check()
+    remote = remote or fetch_manifest(src, note, limits)
     with writing_folder(out, command or f"fracgen pull {shlex.quote(src.spec)} {shlex.quote(str(out))}", note):
-        return _pull_locked(src, out, remote, overwrite, progress, note)
+        return _pull_locked(src, out, remote, overwrite, progress, note, limits)
 
 
 def _claim(out: Path, remote: RemoteManifest, overwrite: bool) -> dict | None:
@@ -299,8 +360,8 @@ def _claim(out: Path, remote: RemoteManifest, overwrite: bool) -> dict | None:
         what = "another data set (its manifest.json differs)"
     elif source_path.exists():
         try:
-            recorded = json.loads(source_path.read_text()).get("manifest_sha256")
-        except (OSError, ValueError, AttributeError):
+            recorded = read_json(source_path, max_bytes=1 << 16).get("manifest_sha256")
+        except (OSError, FracgenError, AttributeError):
             recorded = None
         if recorded == remote.sha256:
             return None
@@ -314,21 +375,22 @@ def _claim(out: Path, remote: RemoteManifest, overwrite: bool) -> dict | None:
     if not overwrite:
         raise FracgenError(f"{out} holds {what}; pass --overwrite to replace it, or pull into another folder")
     try:
-        old = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
+        old = read_json(manifest_path)
+    except (OSError, FracgenError):
         old = {}
     manifest_path.unlink(missing_ok=True)  # from here on the folder does not look complete until this pull is
     return old if isinstance(old, dict) else {}
 
 
 def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool, progress: Progress | None,
-                 note: Note | None) -> PullResult:
+                 note: Note | None, limits: Limits) -> PullResult:
     replaced = _claim(out, remote, overwrite)
     shards = remote.manifest["shards"]
     for entry in shards:  # temporaries of a pull (or render) that died: nobody else's, we hold the lock
         for tmp in out.glob(f".{entry['file']}.*.tmp"):
             tmp.unlink()
-    origin = {"source": src.spec, "url": src.url(MANIFEST), "revision": src.revision, "commit": src.commit,
+    origin = {"source": redact(src.spec), "url": redact(src.url(MANIFEST)), "revision": src.revision,
+              "commit": src.commit,
               "manifest_sha256": remote.sha256, "fracgen_version": fracgen.__version__, "started": _now(),
               "finished": None}
     _write_json(out / SOURCE_FILE, origin)  # first, so a rerun knows which data set this folder is receiving
@@ -345,6 +407,10 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
             todo.append(entry)
     kept = len(shards) - len(todo)
     total, done = sum(e["bytes"] for e in todo), 0
+    free = shutil.disk_usage(out).free
+    if total > free - RESERVE:  # before any byte: a source cannot fill the disk, and a pull cannot fail half-way
+        raise FracgenError(f"the {len(todo)} shard(s) to fetch take {total / 1e9:.2f} GB; {out} has "
+                           f"{free / 1e9:.2f} GB free (and {RESERVE / 1e9:.2f} GB are left free)")
 
     def on_bytes(n: int) -> None:
         nonlocal done
@@ -354,8 +420,9 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
 
     if progress and todo:
         progress("fetch", 0, total)
+    index = {e["file"]: n for n, e in enumerate(shards)}
     for entry in todo:
-        _fetch_shard(src, out, entry, on_bytes, note)
+        _fetch_shard(src, out, entry, on_bytes, note, remote.manifest, index[entry["file"]], limits)
 
     if replaced is not None:  # --overwrite: the replaced data set's shards and published files go too
         keep = {e["file"] for e in shards}
@@ -371,14 +438,16 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
     return PullResult(out, remote.manifest, src, [e["file"] for e in todo], total, kept)
 
 
-def _fetch_shard(src: Source, out: Path, entry: dict, on_bytes, note: Note | None) -> None:
+def _fetch_shard(src: Source, out: Path, entry: dict, on_bytes, note: Note | None, manifest: dict,
+                 index: int, limits: Limits) -> None:
     """Download one shard under a hidden temporary name and rename it into place only if its size and sha256 are
-    the manifest's; otherwise remove it and say so in one line."""
+    the manifest's and its samples are the ones the manifest says (a manifest can list the hash of any bytes);
+    otherwise remove it and say so in one line."""
     url = src.url(entry["file"])
     fd, tmp = tempfile.mkstemp(prefix=f".{entry['file']}.", suffix=".tmp", dir=out)
     try:
         with os.fdopen(fd, "w+b") as f:
-            digest, size = _download(src, entry["file"], f, entry["bytes"], on_bytes, note)
+            digest, size = _download(src, entry["file"], f, entry["bytes"], on_bytes, note, limits)
             if size != entry["bytes"]:
                 raise FracgenError(f"{url}: {size:,} bytes, the manifest says {entry['bytes']:,}: truncated or "
                                    "replaced at the source; nothing was kept")
@@ -387,6 +456,10 @@ def _fetch_shard(src: Source, out: Path, entry: dict, on_bytes, note: Note | Non
                                    f"{entry['sha256'][:12]}...: damaged or replaced at the source; nothing was kept")
             f.flush()
             os.fsync(f.fileno())
+        problem = check_shard_contents(Path(tmp), entry, manifest["num_classes"], manifest["image"]["size"],
+                                       index * manifest["settings"]["shard_size"])
+        if problem:
+            raise FracgenError(f"{url}: {problem}: its samples contradict the manifest; nothing was kept")
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out / entry["file"])
     except BaseException:
@@ -406,10 +479,13 @@ def size_category(n: int) -> str:
 
 
 def regenerate_command(manifest: dict) -> str:
-    """The manifest's `command`; for a folder rendered through the library (no command), the same command built
-    from its settings (a base read from a file is read from this manifest, which records it)."""
-    if manifest.get("command"):
-        return manifest["command"]
+    """The manifest's `command` when it is one plain line of `fracgen render`; otherwise (a folder rendered through
+    the library, or a command that could break out of the card's code block) the same command built from its
+    checked settings (a base read from a file is read from this manifest, which records it)."""
+    command = manifest.get("command")
+    if isinstance(command, str) and command.startswith("fracgen render ") and printable(command) == command \
+            and "`" not in command:
+        return command
     args = ["fracgen", "render", "--out", "shards/"]
     for key, value in manifest["settings"].items():
         if key == "base":
@@ -420,7 +496,12 @@ def regenerate_command(manifest: dict) -> str:
 
 
 def _yaml(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a YAML double-quoted scalar
+    return json.dumps(printable(value))  # a JSON string is a YAML double-quoted scalar
+
+
+def _md(value: object) -> str:
+    """Text from a manifest or the command line as Markdown text: one line, no HTML, no table cells or code."""
+    return html.escape(printable(value)).replace("|", "\\|").replace("`", "'")
 
 
 def _system_text(system: str, s: dict, base: dict, c: int) -> tuple[str, list[str], list[str]]:
@@ -449,7 +530,7 @@ def _system_text(system: str, s: dict, base: dict, c: int) -> tuple[str, list[st
                 "with weight variants, patch masks and flips per class.",
                 [f"| system | fractaldb, {s['search']} search, sigma {s['sigma']} |"], [])
     if system == "real":
-        return (f"one real image ({base.get('image')}, {s['image_mode']}) in {c} classes, each a random affine "
+        return (f"one real image ({_md(base.get('image'))}, {s['image_mode']}) in {c} classes, each a random affine "
                 f"perturbation of size Delta {s['delta']}.", [f"| system | real, Delta {s['delta']} |"], [])
     return (f"{c} classes of {s.get('noise')} noise, each one fixed image: a shape-free control.",
             [f"| system | noise ({s.get('noise')}) |"], [])
@@ -459,6 +540,7 @@ def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str,
     """README.md for a published folder: YAML front matter a dataset hub reads, then what the data are, how to make
     them again, a sample grid and how to pull and train from them."""
     s, image, base = manifest["settings"], manifest["image"], manifest["base"]
+    source = printable(source).replace("`", "%60")  # no secret of the URL in a public card, no end of its code
     pattern = f"{s['name']}-*.tar"  # the shards only: manifest.json must not be taken for data
     n, c = manifest["num_samples"], manifest["num_classes"]
     system = s.get("system", "1p-frac")
@@ -473,7 +555,7 @@ def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str,
         "configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {_yaml(pattern)}",
         "---",
         "",
-        f"# {pretty_name}",
+        f"# {_md(pretty_name)}",
         "",
         f"Synthetic pre-training images rendered by fracgen {manifest.get('fracgen_version')} (renderer "
         f"{manifest.get('renderer', 1)}): {what} Every image is a pure function of the settings below.",
@@ -552,7 +634,7 @@ def publish(folder: str | Path, *, to: str | None = None, url: str | None = None
         if problems:
             more = f" (and {len(problems) - 1} more; `fracgen verify` lists them)" if len(problems) > 1 else ""
             raise FracgenError(f"{folder} does not verify, so it is not published: {problems[0]}{more}")
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = load_manifest(folder / MANIFEST)
         s = manifest["settings"]
         system = s.get("system", "1p-frac")
         knobs = {"1p-frac": f"sigma {s.get('sigma')}, delta {s.get('delta')}", "fractaldb": f"sigma {s.get('sigma')}",

@@ -168,3 +168,59 @@ def test_cluster_mistakes_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if fracgen[dask] were not installed
     _one_line(CliRunner().invoke(app, [*args, "--scheduler", "tcp://127.0.0.1:9"]), "pip install fracgen[dask]")
     assert not out.exists()
+
+
+class Peer:
+    """A loopback TCP server that is not a Dask scheduler: it sends `greeting` to each connection (b"": nothing),
+    then keeps it open until the test ends."""
+
+    def __init__(self, greeting: bytes):
+        import socket
+        import threading
+
+        self.greeting, self.stop = greeting, threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.sendall(self.greeting)
+            self.stop.wait()
+            conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize(("greeting", "address", "match"), [
+    (b"HTTP/1.1 200 OK\r\nServer: not dask\r\n\r\n" * 4, None, "not Dask's protocol"),
+    (b"", None, "sent nothing"),
+    (b"", "notanaddress", "did not resolve"),
+])
+def test_a_scheduler_address_that_is_not_dask_is_one_line_in_time(tmp_path, monkeypatch, greeting, address, match):
+    import threading
+
+    from fracgen import cluster as fracgen_cluster
+
+    monkeypatch.setattr(fracgen_cluster, "CONNECT_TIMEOUT", 1.0)
+    out = tmp_path / "ds"
+    with Peer(greeting) as peer:
+        box = {}
+        args = ["render", "--out", str(out), "--classes", "8", "--size", "64", "--scheduler", address or peer.address]
+        thread = threading.Thread(target=lambda: box.update(result=CliRunner().invoke(app, args)), daemon=True)
+        t0 = time.monotonic()
+        thread.start()
+        thread.join(8)
+        assert not thread.is_alive(), "still connecting after 8 s"
+    _one_line(box["result"], match)
+    assert len(box["result"].output.strip().splitlines()) == 1 and time.monotonic() - t0 < 4
+    assert not out.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -293,6 +294,7 @@ def test_a_truncated_shard_is_named_before_training(tmp_path):
     lambda m: m.update(num_classes="16"),
     lambda m: m.update(shards=[{"file": "../../etc/passwd", "samples": 1, "bytes": 1, "sha256": "0" * 64}]),
     lambda m: m["base"].update(ifs=3),
+    lambda m: m["shards"][0].update(file="n" * 300 + ".tar"),  # was "cannot write the run folder" in pretrain
 ])
 def test_manifests_of_the_wrong_shape_are_one_line_everywhere(rendered, tmp_path, mutate):
     manifest = json.loads((rendered / "manifest.json").read_text())
@@ -332,6 +334,7 @@ def test_bad_base_files_are_one_line(tmp_path, base, match):
     (["--classes", "10000000"], "--classes"),
     (["--name", "n" * 300], "--name"),
     (["--seed", str(2**64)], "--seed"),
+    (["--maps", "1000"], "--maps must be in 1..256"),  # bounds a sample's .json, so a shard's size
 ])
 def test_odd_render_options_are_one_line_and_leave_nothing(tmp_path, args, match):
     out = tmp_path / "ds"
@@ -368,3 +371,179 @@ def test_patches_land_one_pixel_right_of_and_above_the_point_as_in_the_reference
     rows, cols = np.nonzero(image)
     assert cols.min() == pad + 1 and cols.max() == size - pad + 3
     assert rows.max() == size - 1 - (pad + 1) and rows.min() == size - 1 - (size - pad + 3)
+
+
+# Issue 20: reliability and security, round 2 (the fracgen side)
+
+def test_a_symlinked_lock_is_refused_and_its_target_left_whole(rendered, tmp_path):
+    """Render, pull, publish and pretrain all take the folder's lock; none may write through a link."""
+    target = tmp_path / "precious.json"
+    target.write_text('{"keep": true}\n')
+    shards = tmp_path / "shards"
+    shutil.copytree(rendered, shards)
+    for folder in (tmp_path / "new", tmp_path / "pulled", shards, tmp_path / "run"):
+        folder.mkdir(exist_ok=True)
+        (folder / ".fracgen.lock").unlink(missing_ok=True)
+        (folder / ".fracgen.lock").symlink_to(target)
+    for args in (["render", "--out", tmp_path / "new", *SMALL], ["pull", rendered, tmp_path / "pulled"],
+                 ["publish", shards]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, "symbolic link")
+    cli_error(run("-m", "train.pretrain", "--shards", rendered, "--out", tmp_path / "run", "--steps", "1", *TINY),
+              "symbolic link")
+    assert target.read_text() == '{"keep": true}\n'
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / ".fracgen.lock")
+    result = fracgen("pull", rendered, fifo)
+    one_line_error(result.output, result.exit_code, "not a regular file")
+
+
+def test_errors_of_commands_that_show_progress_come_without_a_blank_line(tmp_path):
+    result = run("-m", "fracgen", "verify", tmp_path / "missing", timeout=60)
+    assert result.returncode == 1 and result.stderr == f"error: {tmp_path / 'missing'} is not a directory\n"
+
+
+def _edit_manifest(folder: Path, mutate) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    mutate(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("mutate", "match"), [
+    (lambda m: m.update(num_samples=10**18), "num_samples"),
+    (lambda m: m["settings"].update(seed="3"), "'seed' is str"),
+    (lambda m: m["settings"].update(per_class="1"), "'per_class' is str"),
+    (lambda m: m["settings"].update(size=10**6), "size must be at most"),
+    (lambda m: m["settings"].update(seed=10**30), "--seed must be in"),
+    (lambda m: m.update(shards=m["shards"] * 5000), "shards; its settings make 3"),
+    (lambda m: m["shards"][0].update(samples=3), "lists 3 samples"),
+    (lambda m: m["shards"][0].update(bytes=10**15), "take at most"),
+    (lambda m: m["classes"][0].update(fill="high"), "'fill' is str"),
+])
+def test_a_manifest_that_contradicts_itself_is_one_line_everywhere(rendered, tmp_path, mutate, match):
+    _edit_manifest(rendered, mutate)
+    for args in (["verify", rendered], ["info", rendered], ["pull", rendered, tmp_path / "pulled"]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, match)
+
+
+def test_pretrain_render_refuses_settings_fracgen_would_not_render(rendered, tmp_path):
+    from train import data, onthefly
+    from train.runtime import TrainError
+
+    _edit_manifest(rendered, lambda m: m["settings"].update(per_class="2"))
+    for read in (onthefly.read_manifest, data.read_manifest):  # --render and --shards
+        with pytest.raises(TrainError, match="'per_class' is str"):
+            read(rendered)
+    _edit_manifest(rendered, lambda m: m["settings"].update(per_class=1, seed=10**30))
+    cli_error(run("-m", "train.pretrain", "--render", rendered, "--out", tmp_path / "run", "--steps", "1", *TINY),
+              "--seed must be in")
+
+
+def _rewrite_shard(folder: Path, index: int, edit) -> None:
+    """Rewrite shard `index` with edit(key, parts) applied to each sample, and record its new size and sha256 in
+    the manifest: the folder then agrees with its manifest byte for byte, whatever its samples say."""
+    from fracgen.shards import Sample, iter_samples, write_shard_unfinished
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    path = folder / manifest["shards"][index]["file"]
+    samples = []
+    for key, parts in iter_samples(path):
+        key, parts = edit(key, dict(parts))
+        samples.append(Sample(key, parts["png"], int(parts["cls"]), json.loads(parts["json"])))
+    tmp, entry = write_shard_unfinished(path, samples)
+    os.replace(tmp, path)
+    manifest["shards"][index].update(bytes=entry["bytes"], sha256=entry["sha256"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _deflate_bomb(size: int, extra: int) -> bytes:
+    """A PNG whose header says size x size but whose data inflate to `extra` more bytes (zeros: ~1000:1)."""
+    import struct
+    import zlib
+
+    from fracgen.png import SIGNATURE, _chunk
+
+    idat = zlib.compress(bytes(size * (size + 1) + extra), 9)
+    return (SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)) + _chunk(b"IDAT", idat)
+            + _chunk(b"IEND", b""))
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated(rendered, tmp_path):
+    from fracgen import png
+
+    bomb = _deflate_bomb(64, 4 << 20)
+    assert len(bomb) < 6_000
+    with pytest.raises(png.PNGError, match="deflate bomb"):
+        png.decode(bomb)
+    with pytest.raises(png.PNGError, match="not 32x32"):
+        png.decode(png.encode(np.zeros((64, 64), np.uint8)), 32)
+    _rewrite_shard(rendered, 1, lambda key, parts: (key, {**parts, "png": bomb}))
+    for args in (["verify", rendered], ["pull", rendered, tmp_path / "pulled"]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, "deflate bomb")
+    assert not (tmp_path / "pulled" / "1p-frac-000001.tar").exists()
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda key, parts: (key, {**parts, "cls": b"1"}), "has class 1 in its .cls"),
+    (lambda key, parts: ("c000000-i000009", parts), "not the sample the manifest puts there"),
+])
+def test_shards_whose_samples_contradict_the_manifest_are_not_pulled_or_verified(rendered, tmp_path, edit, match):
+    """A manifest can list the size and sha256 of any bytes: pull and verify check what the samples say too."""
+    _rewrite_shard(rendered, 2, edit)
+    for args in (["verify", rendered], ["pull", rendered, tmp_path / "pulled"]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, match)
+    assert not (tmp_path / "pulled" / "manifest.json").exists()
+
+
+def test_deeply_nested_json_is_one_line(rendered, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "base.json").write_text(deep)
+    result = fracgen("render", "--out", tmp_path / "ds", *SMALL, "--base", tmp_path / "base.json")
+    one_line_error(result.output, result.exit_code, "nested too deeply")
+    _edit_manifest(rendered, lambda m: None)
+    text = (rendered / "manifest.json").read_text()
+    (rendered / "manifest.json").write_text(text.replace('"command": ', f'"command": {deep}, "x": ', 1))
+    for args in (["verify", rendered], ["info", rendered], ["pull", rendered, tmp_path / "pulled"]):
+        result = fracgen(*args)
+        one_line_error(result.output, result.exit_code, "nested too deeply")
+
+
+def test_odd_arguments_elsewhere_are_one_short_line(rendered, tmp_path):
+    import resource
+
+    def cap_memory():  # without the bound, a 100000 px tile asks for 10^10 bytes a tile
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    cli_error(run("-m", "fracgen", "preview", rendered, "--out", tmp_path / "p.png", "--tile", "100000", timeout=60,
+                  preexec_fn=cap_memory), "--tile in 32..1024")
+    result = fracgen("render", "--out", tmp_path / ("n" * 5000), *SMALL)
+    one_line_error(result.output, result.exit_code, "File name too long")
+    assert len(result.output) < 500, len(result.output)
+    from train import experiments
+    from train.runtime import TrainError
+
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(experiments.app, ["compare", "--root", str(tmp_path / "file"), "--finished-only",
+                                                  "--results", str(tmp_path / "results")])
+    assert isinstance(result.exception, TrainError) and "--root" in str(result.exception), result.output
+    assert "is a file, not a folder" in str(result.exception)
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    import errno
+
+    calls, fsync = [], os.fsync
+
+    def full(fd):  # the disk fills after the lock is taken
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = fracgen("render", "--out", tmp_path / "ds", *SMALL)
+    one_line_error(result.output, result.exit_code, f"cannot write {tmp_path / 'ds' / 'manifest.json'}: No space")

@@ -428,3 +428,131 @@ def test_two_ranks_train_from_a_url_with_one_download(published, tmp_path):
     assert result.stdout.count("shards: pulled 8 shards") == 1
     assert sorted(server.tars()) == sorted(n for n in data_files(published) if n.endswith(".tar"))
     assert "[rank 1] done: 2 steps" in result.stdout
+
+
+# Issue 20: a source can neither fill the disk nor hang a pull; what it sends is shown safely; URLs keep secrets
+
+class Odd(Server):
+    """`Server`, misbehaving on shards as `how` says: trickle (a byte every 50 ms), silent (headers, then
+    nothing), busy (503 with Retry-After: 3600), endless (more bytes than the manifest lists, forever), loop (every
+    path redirects to itself). It stops misbehaving when the test ends."""
+
+    def __init__(self, root: Path, how: str):
+        super().__init__(root)
+        self.stop = threading.Event()
+        owner, handler = self, self.httpd.RequestHandlerClass
+
+        class Handler(handler.func):
+            def do_GET(self):
+                owner.requests.append(self.path)
+                if how == "loop":
+                    self.send_response(302)
+                    self.send_header("Location", self.path)
+                    self.end_headers()
+                    return
+                if not self.path.endswith(".tar"):
+                    return super().do_GET()
+                if how == "busy":
+                    self.send_response(503)
+                    self.send_header("Retry-After", "3600")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(10**12 if how == "endless" else 30_000))
+                self.end_headers()
+                try:
+                    while not owner.stop.is_set():
+                        if how == "trickle":
+                            self.wfile.write(b"\0")
+                        elif how == "endless":
+                            self.wfile.write(bytes(1 << 16))
+                            continue
+                        owner.stop.wait(0.05)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+                    pass
+
+        self.httpd.RequestHandlerClass = partial(Handler, directory=handler.keywords["directory"])
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        super().__exit__(*exc)
+
+
+def _pull_in_thread(*args, seconds: float):
+    """`fracgen pull` in process, in a thread that must finish within `seconds` (a hung pull fails the test)."""
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=fracgen("pull", *args)), daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"pull still running after {seconds} s"
+    return box["result"], time.monotonic() - t0
+
+
+@pytest.mark.parametrize(("how", "options", "match"), [
+    ("trickle", ["--min-rate", "1000", "--deadline", "3"], "below the --min-rate of 1,000"),
+    ("silent", ["--timeout", "0.5", "--deadline", "2"], "timed out"),
+    ("busy", ["--deadline", "2"], "HTTP 503"),
+    ("endless", [], "more than the"),
+])
+def test_a_slow_silent_busy_or_endless_server_ends_in_one_line_naming_the_shard(published, tmp_path, monkeypatch,
+                                                                                 how, options, match):
+    monkeypatch.setattr(share, "RATE_WINDOW", 0.5)
+    with Odd(published, how) as server:
+        result, seconds = _pull_in_thread(server.url, tmp_path / "pulled", *options, seconds=12)
+    one_line_error(result.output, result.exit_code, match)
+    assert "1p-frac-000000.tar" in result.output and seconds < 8
+    assert leftovers(tmp_path / "pulled") == [] and not (tmp_path / "pulled" / "manifest.json").exists()
+
+
+def test_a_pull_that_would_fill_the_disk_is_refused_before_it_starts(published, tmp_path, monkeypatch):
+    monkeypatch.setattr(share.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6,
+                                                                                           share.RESERVE + 10**4))
+    with Server(published) as server:
+        result = fracgen("pull", server.url, tmp_path / "pulled")
+        assert server.tars() == []
+    one_line_error(result.output, result.exit_code, "GB free")
+
+
+def test_a_redirect_loop_is_one_line(published, tmp_path):
+    with Odd(published, "loop") as server:
+        result = fracgen("pull", server.url, tmp_path / "pulled")
+    one_line_error(result.output, result.exit_code, "redirect loop")
+
+
+def test_secrets_in_a_url_are_neither_printed_nor_stored(published, tmp_path):
+    with Server(published) as server:
+        url = server.url.replace("http://", "http://reader:hunter2@") + "manifest.json?X-Signature=s3cr3t"
+        result = fracgen("pull", url, tmp_path / "pulled")
+        assert result.exit_code == 0, result.output
+        assert server.headers[0]["Authorization"] == "Basic cmVhZGVyOmh1bnRlcjI="  # the login still works
+        missing = fracgen("pull", url.replace("manifest.json", "gone/"), tmp_path / "other")
+        one_line_error(missing.output, missing.exit_code, "HTTP 404")
+        trainer = run("-m", "train.pretrain", "--shards", url.replace("manifest.json", "gone/"), "--out",
+                      tmp_path / "run", "--cache-dir", tmp_path / "cache", "--steps", "1", *TINY)
+        one_line_error(trainer.stderr, trainer.returncode, "HTTP 404")
+    stored = (tmp_path / "pulled" / "source.json").read_text() + (tmp_path / "pulled" / ".fracgen.lock").read_text()
+    for text in (result.output, missing.output, trainer.stdout + trainer.stderr, stored):
+        assert "hunter2" not in text and "s3cr3t" not in text and "reader" not in text
+    assert "http://***@127.0.0.1" in json.loads((tmp_path / "pulled" / "source.json").read_text())["source"]
+
+
+def test_what_a_manifest_says_is_printed_and_published_as_text(copy, tmp_path):
+    """Terminal escapes and rich markup in a manifest reach neither the terminal nor the dataset card."""
+    served = copy()
+    manifest = json.loads((served / "manifest.json").read_text())
+    manifest["command"] = "fracgen render\x1b[2J [bold red]x[/]\n```\n<script>alert(1)</script>"
+    manifest["fracgen_version"] = "0.1\x1b]0;pwned\x07"
+    (served / "manifest.json").write_text(json.dumps(manifest))
+    result = fracgen("info", served)
+    one_line_error(result.output, result.exit_code, "fracgen_version")
+    manifest["fracgen_version"] = "0.1"
+    (served / "manifest.json").write_text(json.dumps(manifest))
+    (served / "README.md").unlink()
+    (served / "SHA256SUMS").unlink()
+    shown = fracgen("info", served)
+    assert shown.exit_code == 0, shown.output
+    assert "\x1b" not in shown.output and "[bold red]x[/]" in shown.output and "\\x1b" in shown.output
+    assert fracgen("publish", served).exit_code == 0
+    card = (served / "README.md").read_text()
+    assert "\x1b" not in card and "<script>" not in card and card.count("```") == 4

@@ -808,6 +808,9 @@ def main(
     # a toy's 8-class data sets must never sit where a real run would find and reuse them
     root = root or Path("runs/experiments-toy" if toy else "runs/experiments")
     results = results or (root / "results" if toy else Path("docs/results"))
+    for option, folder in (("--root", root), ("--results", results)):
+        if folder.exists() and not folder.is_dir():
+            raise TrainError(f"{option} {folder} is a file, not a folder")
     try:
         run_experiment(name, root, results, budget, finished_only, jobs or options.get("jobs", 1),
                        options.get("time_box", 0.0) if time_box is None else time_box, runs)

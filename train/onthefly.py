@@ -17,7 +17,6 @@ and a resumed run continues the sequence where its checkpoint stopped.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -44,9 +43,7 @@ def read_manifest(path: Path) -> dict:
         raise TrainError(f"--render {path}: no manifest there (give a `fracgen render` output folder or its "
                          "manifest.json)")
     try:
-        manifest = fracgen_shards.check_manifest(json.loads(file.read_text()), file)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TrainError(f"{file} is unreadable: {e}") from None
+        manifest = fracgen_shards.load_manifest(file)
     except FracgenError as e:
         raise TrainError(str(e)) from None
     if len(manifest["classes"]) != manifest["num_classes"]:

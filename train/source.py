@@ -19,6 +19,7 @@ import torch.distributed as dist
 from fracgen import share
 from fracgen.errors import FracgenError
 from fracgen.lock import FolderBusy
+from fracgen.untrusted import printable, redact
 from train.runtime import TrainError
 
 LOCK_WAIT = 3600.0  # seconds to wait for another job on this node that is pulling the same data set
@@ -53,15 +54,16 @@ def resolve_shards(spec: str, cache_dir: str | Path | None = None, local_rank: i
 def _pull_into_cache(spec: str, cache: Path, log) -> tuple[str, str, str]:
     """("ok", the cache folder's name, host) or ("error", one line, host)."""
     t0 = time.time()
+    shown = redact(spec)  # what the log and the lock show: no password or signed query of the URL
     try:
         source = share.open_source(spec)
-        remote = share.fetch_manifest(source, note=lambda text: log(f"note: {text}"))
+        remote = share.fetch_manifest(source, note=lambda text: log(f"note: {printable(text)}"))
         folder = cache / remote.sha256
         waited = False
         while True:
             try:
-                result = share.pull(source, folder, remote=remote, note=lambda text: log(f"note: {text}"),
-                                    command=f"train.pretrain --shards {spec}")
+                result = share.pull(source, folder, remote=remote, note=lambda text: log(f"note: {printable(text)}"),
+                                    command=f"train.pretrain --shards {shown}")
                 break
             except FolderBusy as e:  # another job on this node is pulling the same data set: let it finish
                 if time.time() - t0 > LOCK_WAIT:
@@ -71,11 +73,11 @@ def _pull_into_cache(spec: str, cache: Path, log) -> tuple[str, str, str]:
                     waited = True
                 time.sleep(2)
     except FracgenError as e:
-        return "error", f"--shards {spec}: {e}", socket.gethostname()
+        return "error", printable(f"--shards {shown}: {e}"), socket.gethostname()
     if result.fetched:
-        log(f"shards: pulled {len(result.fetched)} shards ({result.fetched_bytes / 1e6:.1f} MB) from {spec} into "
+        log(f"shards: pulled {len(result.fetched)} shards ({result.fetched_bytes / 1e6:.1f} MB) from {shown} into "
             f"{folder} in {time.time() - t0:.1f} s")
     else:
-        log(f"shards: found in cache {folder} (all {result.kept} shards checked by sha256 against {spec}'s manifest; "
+        log(f"shards: found in cache {folder} (all {result.kept} shards checked by sha256 against {shown}'s manifest; "
             "nothing fetched)")
     return "ok", remote.sha256, socket.gethostname()
