@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fracgen.errors import FracgenError
 from train import data, onthefly
 from train.augment import AugmentRNG, DeviceAugment, HostCrop
 from train.runtime import TrainError
@@ -247,9 +248,11 @@ class DeviceBatches:
             x, y = next(self._raw)
         except StopIteration:
             return None
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # a shard changed under a running job
+        except (tarfile.TarError, OSError, EOFError, ValueError, FracgenError) as e:  # a shard changed mid-run
+            # from a loader worker, torch's message is the worker's traceback: its last line says what happened
             last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-            raise TrainError(f"reading the shards failed mid-run ({last[0][:200]}); check them with "
+            what = last[0].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
+            raise TrainError(f"reading the shards failed mid-run ({what[:200]}); check them with "
                              f"`fracgen verify {self.hint}`") from None
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if not self.path.augmented:
