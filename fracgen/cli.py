@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from fracgen.dataset import Settings, render_dataset, renderer_of, used_settings
 from fracgen.errors import FracgenError
 from fracgen.ifs import IFS, load_base
 from fracgen.preview import contact_sheet
-from fracgen.shards import read_manifest
+from fracgen.shards import atomic_write, read_manifest
 from fracgen.share import RATE_WINDOW, Limits
 from fracgen.share import publish as publish_folder
 from fracgen.share import pull as pull_folder
@@ -211,7 +212,12 @@ def verify(dataset: Annotated[Path, typer.Argument(help="Directory with manifest
 
 
 @app.command()
-def info(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.json and shards.")]):
+def info(
+    dataset: Annotated[Path, typer.Argument(help="Directory with manifest.json and shards.")],
+    score_at: Annotated[list[int] | None, typer.Option(help="Also `fracgen score`'s measures at this training "
+                                                            "resolution in px (repeatable; renders 2 images a "
+                                                            "class).")] = None,
+):
     """Summarise a dataset: settings, base system, shards."""
     with _errors():
         m = read_manifest(dataset)
@@ -247,9 +253,52 @@ def info(dataset: Annotated[Path, typer.Argument(help="Directory with manifest.j
             retries = sum(c.get("attempt", 0) for c in m["classes"])
             rows.append(("class fill", f"min {min(fills):.3f}, mean {sum(fills) / len(fills):.3f}, "
                                        f"max {max(fills):.3f}; {retries} redraws in all"))
+        if score_at:
+            from fracgen import score as score_lib
+
+            for r in score_lib.score(m, _resolutions(score_at)):
+                rows.append((f"score at {r['at']} px", ", ".join(f"{k} {r[k]:.3f}" for k in score_lib.MEASURES)))
         for k, v in rows:  # values come from the manifest: shown as text, never as markup or terminal codes
             t.add_row(k, escape(printable(v)))
         out.print(t)
+
+
+def _resolutions(sizes) -> tuple[int, ...]:
+    if any(not 4 <= a <= 4096 for a in sizes):
+        raise FracgenError(f"training resolutions go from 4 to 4096 px, got {', '.join(map(str, sizes))}")
+    return tuple(sizes)
+
+
+@app.command()
+def score(
+    dataset: Annotated[Path, typer.Argument(help="Directory with manifest.json (the shards are not read).")],
+    at: Annotated[list[int] | None, typer.Option(help="Training resolution in px, repeatable (default: 32 and "
+                                                      "224).")] = None,
+    classes: Annotated[int | None, typer.Option(help="Score only the first N classes (default: all).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows to this JSON file.")] = None,
+):
+    """How learnable the set is at a training resolution, from the data alone (fracgen/score.py): separation (the
+    nearest other class over the spread of two renders of one class), the share of confusable classes, diversity
+    and fill. Renders instances 0 and 1 of every class: seconds for 1000 classes."""
+    from fracgen import score as score_lib
+
+    with _errors():
+        sizes = _resolutions(at or (32, 224))
+        if classes is not None and classes < 2:
+            raise FracgenError(f"--classes must be at least 2 (a nearest other class), got {classes}")
+        m = read_manifest(dataset)
+        if m["num_classes"] < 2:
+            raise FracgenError(f"{dataset} has one class: there is nothing to tell apart")
+        rows = score_lib.score(m, sizes, classes)
+        t = Table(title=f"{dataset}: {rows[0]['classes']} classes")
+        for column in ("at px", *score_lib.MEASURES, "spread", "nearest"):
+            t.add_column(column, justify="right")
+        for r in rows:
+            t.add_row(str(r["at"]), *(f"{r[k]:.3f}" for k in (*score_lib.MEASURES, "spread", "nearest")))
+        out.print(t)
+        if json_out is not None:
+            text = json.dumps(rows, indent=2) + "\n"
+            atomic_write(json_out, lambda f: f.write(text.encode()))
 
 
 @app.command()

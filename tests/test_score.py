@@ -48,3 +48,24 @@ def test_lower_resolutions_average_out_the_render_noise(manifests):
     size that noise hides the classes' differences, shrunk to the training resolution it averages out."""
     low, full = score.score(manifests[0.1], (32, 128))
     assert low["separation"] > full["separation"] and low["spread"] < full["spread"]
+
+
+def test_the_score_command_prints_the_measures_and_writes_json(manifests, tmp_path):
+    from typer.testing import CliRunner
+
+    from fracgen.cli import app
+
+    folder = tmp_path / "set"
+    render_dataset(folder, classes=12, size=64, points=4000, seed=1, workers=1)
+    result = CliRunner().invoke(app, ["score", str(folder), "--at", "16", "--at", "32", "--json",
+                                      str(tmp_path / "score.json")])
+    assert result.exit_code == 0, result.output
+    assert "separation" in result.output and "12 classes" in result.output
+    rows = json.loads((tmp_path / "score.json").read_text())
+    assert [r["at"] for r in rows] == [16, 32] and rows[1] == score.score(json.loads(
+        (folder / "manifest.json").read_text()), (32,))[0]
+    for args, says in ((["--at", "2"], "resolutions go from 4 to 4096"), (["--classes", "1"], "at least 2")):
+        bad = CliRunner().invoke(app, ["score", str(folder), *args])
+        assert bad.exit_code == 1 and says in bad.output and len(bad.output.strip().splitlines()) == 1
+    shown = CliRunner().invoke(app, ["info", str(folder), "--score-at", "32"])
+    assert shown.exit_code == 0 and f"separation {rows[1]['separation']:.3f}" in shown.output
