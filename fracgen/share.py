@@ -600,22 +600,31 @@ def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str,
     return "\n".join(lines)
 
 
-def _upload(folder: Path, files: list[str], to: str, note: Note | None) -> str:
-    repo, revision = parse_hub(to)
+def hub_token():
+    """(huggingface_hub, a write token): asked before any work, so a missing one fails first."""
     hub = _hub()
     token = hub.get_token()
     if not token:
         raise FracgenError("uploading needs a Hugging Face token with write access: set HF_TOKEN (or run "
                            "`hf auth login`)")
+    return hub, token
+
+
+def hub_upload(folder: Path, files: list[str], to: str, repo: str, revision: str | None,
+               repo_type: str = "dataset", tool: str = "fracgen publish") -> str:
+    """Upload `files` of `folder` to the hub repository `to` names (a data set here, a model for train.publish,
+    each parsing its own form of hf://); its page."""
+    hub, token = hub_token()
     api = hub.HfApi(token=token)
     try:
-        api.create_repo(repo, repo_type="dataset", exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="dataset", revision=revision,
-                          allow_patterns=files, commit_message=f"fracgen publish ({len(files)} files)")
+        api.create_repo(repo, repo_type=repo_type, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type=repo_type, revision=revision,
+                          allow_patterns=files, commit_message=f"{tool} ({len(files)} files)")
     except Exception as e:  # the hub's errors are many types; the user gets one line, and never the token
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(token, "***")[:300]
         raise FracgenError(f"upload to {to} failed: {reason}") from None
-    return f"https://huggingface.co/datasets/{repo}" + (f"/tree/{revision}" if revision else "")
+    page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo}"
+    return page + (f"/tree/{revision}" if revision else "")
 
 
 def publish(folder: str | Path, *, to: str | None = None, url: str | None = None, license: str = "cc-by-4.0",
@@ -650,6 +659,6 @@ def publish(folder: str | Path, *, to: str | None = None, url: str | None = None
         text = "".join(f"{digest}  {name}\n" for digest, name in sums).encode()  # the format `sha256sum -c` reads
         atomic_write(folder / SUMS, lambda f: f.write(text))
         files = [CARD, SUMS, PREVIEW, MANIFEST] + [e["file"] for e in manifest["shards"]]
-        url = _upload(folder, files, to, note) if to else None
+        url = hub_upload(folder, files, to, *parse_hub(to)) if to else None
     return {"files": files, "url": url, "pretty_name": pretty_name}
 

@@ -16,11 +16,11 @@ import sys
 import threading
 import time
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import Server, wait_for
 from typer.testing import CliRunner
 
 from fracgen import share
@@ -66,53 +66,6 @@ def data_files(folder: Path) -> dict[str, bytes]:
 
 def leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.glob(".*.tmp")]
-
-
-class Server:
-    """A folder over HTTP on a free loopback port (ThreadingHTTPServer), recording each request's path and headers.
-    `delay` slows every shard; `fail_once` answers 503 the first time a path is asked for; `commit` is sent as the
-    hub's X-Repo-Commit header."""
-
-    def __init__(self, root: Path, delay: float = 0.0, fail_once: tuple[str, ...] = (), commit: str | None = None):
-        self.delay, self.fail_once, self.commit = delay, set(fail_once), commit
-        self.requests: list[str] = []
-        self.headers: list[dict] = []
-        owner = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self):
-                owner.requests.append(self.path)
-                owner.headers.append(dict(self.headers))
-                if self.path in owner.fail_once:
-                    owner.fail_once.discard(self.path)
-                    self.send_error(503, "busy")
-                    return
-                if owner.delay and self.path.endswith(".tar"):
-                    time.sleep(owner.delay)
-                super().do_GET()
-
-            def end_headers(self):
-                if owner.commit:
-                    self.send_header("X-Repo-Commit", owner.commit)
-                super().end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-
-    def tars(self) -> list[str]:
-        return [p.lstrip("/") for p in self.requests if p.endswith(".tar")]
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")

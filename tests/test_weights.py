@@ -11,15 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import timm
 import torch
+from helpers import Server
 
 from fracgen.dataset import render_dataset
 from train import publish, weights
@@ -42,41 +40,6 @@ def one_line(result: subprocess.CompletedProcess, match: str) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.stderr
-
-
-class Server:
-    """A folder over HTTP on a free loopback port, recording the paths asked for and the headers sent."""
-
-    def __init__(self, root: Path, commit: str | None = None):
-        self.requests: list[str] = []
-        self.headers: list[dict] = []
-        owner = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self):
-                owner.requests.append(self.path)
-                owner.headers.append(dict(self.headers))
-                super().do_GET()
-
-            def end_headers(self):
-                if commit:
-                    self.send_header("X-Repo-Commit", commit)
-                super().end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")

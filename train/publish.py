@@ -221,30 +221,17 @@ def model_card(config: dict, summary: dict, curve: list, results: list[dict], *,
 # --- publish ---------------------------------------------------------------------------------------------------
 
 def _hub_token():
-    """(huggingface_hub, the token): checked before any work, so a missing one fails first."""
     try:
-        hub = share._hub()
+        return share.hub_token()
     except FracgenError as e:
         raise TrainError(str(e)) from None
-    token = hub.get_token()
-    if not token:
-        raise TrainError("uploading needs a Hugging Face token with write access: set HF_TOKEN (or run "
-                         "`hf auth login`)")
-    return hub, token
 
 
 def _upload(folder: Path, files: list[str], to: str) -> str:
-    repo, revision = weights.parse_hub(to)
-    hub, token = _hub_token()
-    api = hub.HfApi(token=token)
     try:
-        api.create_repo(repo, repo_type="model", exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model", revision=revision,
-                          allow_patterns=files, commit_message=f"train.publish ({len(files)} files)")
-    except Exception as e:  # the hub's errors are many types; the user gets one line, and never the token
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(token, "***")[:300]
-        raise TrainError(f"upload to {to} failed: {reason}") from None
-    return f"https://huggingface.co/{repo}" + (f"/tree/{revision}" if revision else "")
+        return share.hub_upload(folder, files, to, *weights.parse_hub(to), repo_type="model", tool="train.publish")
+    except FracgenError as e:
+        raise TrainError(str(e)) from None
 
 
 def publish(run: str | Path, out: str | Path | None = None, to: str | None = None, url: str | None = None,
