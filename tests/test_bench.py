@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import bench  # noqa: E402
@@ -43,6 +45,7 @@ def test_bench_scaling_table():
     assert rows[0][4] == "1.00x"
 
 
+@pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
 def test_trainer_rows_run_every_data_path():
     from train.bench import training_rows
 

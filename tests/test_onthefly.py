@@ -126,6 +126,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=240)
 
 
+@pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
 def test_unbounded_runs_repeat_exactly(shards, tmp_path):
     args = ["--render", str(shards), "--instances", "0", "--steps", "3", "--img-size", "32", "--patch-size", "8",
             "--depth", "2", "--batch", "16", "--log-every", "1", "--eval-every", "2", "--eval-samples", "20"]

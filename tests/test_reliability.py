@@ -114,6 +114,7 @@ def test_resume_of_an_interrupted_render_never_adopts_a_shard_it_did_not_record(
 
 # 2. a resumed pre-training never trains past --steps
 
+@pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
 def test_pretrain_resume_below_the_checkpoint_step_is_refused(tmp_path):
     shards = tmp_path / "shards"
     render_dataset(shards, Settings(classes=8, size=64, points=3000, shard_size=4), workers=1)
@@ -126,6 +127,7 @@ def test_pretrain_resume_below_the_checkpoint_step_is_refused(tmp_path):
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr
 
 
+@pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
 def test_metrics_after_a_resume_hold_each_step_once(tmp_path):
     shards = tmp_path / "shards"
     render_dataset(shards, Settings(classes=8, size=64, points=3000, shard_size=4), workers=1)
@@ -161,6 +163,7 @@ def _popen(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+@pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
 def test_a_second_render_into_a_busy_folder_is_refused_and_touches_nothing(tmp_path):
     out = tmp_path / "ds"
     first = _popen(_render_cmd(out, seed=0, classes=3000))
@@ -215,7 +218,8 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
 def test_workers_stop_when_the_render_is_killed(tmp_path, how):
     out = tmp_path / "ds"
     proc = _popen(_render_cmd(out, seed=0, classes=3000, workers=2))
@@ -248,6 +252,7 @@ def shards16(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
 def test_damaged_checkpoints_are_one_line(tmp_path, shards16):
     out = tmp_path / "run"
     ok = run("-m", "train.pretrain", "--shards", shards16, "--out", out, "--steps", "2", *TINY, "--eval-every", "0")
@@ -262,6 +267,7 @@ def test_damaged_checkpoints_are_one_line(tmp_path, shards16):
               f"{ckpt} is not a train.pretrain checkpoint")
 
 
+@pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
 def test_pretrain_bad_paths_and_mismatches_are_one_line(tmp_path, shards16):
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -343,6 +349,7 @@ def test_odd_render_options_are_one_line_and_leave_nothing(tmp_path, args, match
     assert not out.exists()
 
 
+@pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
 def test_finetune_refuses_one_class_and_names_a_missing_folder(tmp_path):
     from PIL import Image
 

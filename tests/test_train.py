@@ -129,6 +129,7 @@ def _digits_image_folder(root: Path, per_class: dict[str, int]) -> None:
         start += n
 
 
+@pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
 def test_finetune_on_image_folders_with_and_without_a_test_split(tmp_path):
     _digits_image_folder(tmp_path / "both", {"train": 30, "val": 20})
     # digits' own augmentation: the generic defaults (8% crops, mirroring) destroy 8x8 digits
