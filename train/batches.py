@@ -198,10 +198,11 @@ def crop_in_workers(cfg, device) -> bool:
     return cfg.crop_in == "workers" or (cfg.crop_in == "auto" and device.type == "cuda")
 
 
-def open_data(cfg, run: RunData, device, batch: int, rank: int = 0, world_size: int = 1,
-              step: int = 0) -> tuple[DataPath, str]:
-    """The data path of this run (chosen by `choose_data_path`) and why it was chosen."""
-    path, why = choose_data_path(cfg, run.manifest, device, run.images)
+def open_data(cfg, run: RunData, device, batch: int, rank: int = 0, world_size: int = 1, step: int = 0,
+              chosen: tuple[str, str] | None = None) -> tuple[DataPath, str]:
+    """The data path of this run and why it was chosen: `chosen`, the caller's `choose_data_path` answer, or
+    asked here."""
+    path, why = chosen or choose_data_path(cfg, run.manifest, device, run.images)
     pin = device.type == "cuda"
     crop = None
     if path == "stream" and crop_in_workers(cfg, device):

@@ -263,7 +263,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     if mixing and batch % 2:
         raise TrainError(f"the batch per rank ({batch}) must be even with Mixup/CutMix (they pair images in a batch)")
-    batches.choose_data_path(cfg, manifest, device, run.images)  # refuse a data path that cannot work, early
+    chosen = batches.choose_data_path(cfg, manifest, device, run.images)  # refuse one that cannot work, early
 
     global_batch = batch * cfg.accum * world_size
     lr = cfg.lr or cfg.blr * global_batch / 512
@@ -317,7 +317,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
 
     augment = device_augment(cfg)
     end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps  # where this run stops
-    path, why = batches.open_data(cfg, run, device, batch, rank, world_size, step)
+    path, why = batches.open_data(cfg, run, device, batch, rank, world_size, step, chosen)
     micro_batches = batches.DeviceBatches(path, device_augment(cfg, path.cropped), augment_rng, device,
                                           step * cfg.accum, end * cfg.accum,
                                           prefetch=fast.prefetch, hint=str(run.shards_dir or cfg.render))
