@@ -28,6 +28,7 @@ from fracgen.dataset import Settings, render_dataset, renderer_of, used_settings
 from fracgen.errors import FracgenError
 from fracgen.ifs import IFS, load_base
 from fracgen.preview import contact_sheet
+from fracgen.render import RENDERER
 from fracgen.shards import atomic_write, read_manifest
 from fracgen.share import RATE_WINDOW, Limits
 from fracgen.share import publish as publish_folder
@@ -190,6 +191,9 @@ def render(
             repaired = f", {len(stats['repaired'])} shard(s) re-rendered" if stats["repaired"] else ""
             _say(err, f"{out_dir} is complete (renderer {renderer_of(manifest)}, fracgen "
                  f"{manifest['fracgen_version']}){repaired}: every shard matches the manifest")
+            if renderer_of(manifest) != RENDERER:  # kept as it is: make pretrain must not redraw a user's data
+                _say(err, f"note: this fracgen draws renderer {RENDERER}, whose images differ from these; "
+                     "--overwrite to redraw them")
             return
         n = len(manifest["shards"])
         what = f"{manifest['num_samples']} samples in {n} shards" if stats["rendered"] == n else \

@@ -57,6 +57,23 @@ def test_second_render_refuses_then_resume_and_overwrite(tmp_path):
     assert run("render", "--out", out, *SMALL, "--overwrite").exit_code == 0
 
 
+def test_resume_of_an_older_renderer_keeps_it_and_says_so(tmp_path):
+    out = tmp_path / "ds"
+    assert run("render", "--out", out, *SMALL).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["renderer"] = 2  # as an older fracgen wrote it (`make pretrain` on a checkout's old shards)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = (out / "manifest.json").read_bytes()
+    r = run("render", "--out", out, *SMALL, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "is complete (renderer 2" in r.output and "images differ from these; --overwrite" in r.output
+    assert (out / "manifest.json").read_bytes() == before
+    fresh = tmp_path / "fresh"  # this fracgen's own render: no note
+    assert run("render", "--out", fresh, *SMALL).exit_code == 0
+    r = run("render", "--out", fresh, *SMALL, "--resume")
+    assert "is complete" in r.output and "note:" not in r.output
+
+
 @pytest.mark.parametrize("args,match", [
     (["--sigma", "6.5"], "infeasible"),
     (["--sigma", "0.05"], "infeasible"),

@@ -160,3 +160,14 @@ def test_a_missing_manifest_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "no manifest there" in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_shards_of_an_older_renderer_train_and_the_log_says_so(shards, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(shards, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "renderer": 2}))  # an older fracgen's render
+    pretrain(Config(**TINY, shards=str(old), steps=1, out=str(tmp_path / "run")))
+    assert "drawn by renderer 2; this fracgen draws" in capsys.readouterr().out
+    pretrain(Config(**TINY, shards=str(shards), steps=1, out=str(tmp_path / "current")))
+    assert "drawn by renderer" not in capsys.readouterr().out

@@ -40,8 +40,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from fracgen.dataset import renderer_of
 from fracgen.errors import FracgenError
 from fracgen.lock import writing_folder
+from fracgen.render import RENDERER
 from train import batches, data, onthefly, weights
 from train import model as model_lib
 from train.augment import AugmentRNG, DeviceAugment
@@ -231,6 +233,14 @@ def _warmup_steps(cfg: Config, epoch_images: int, global_batch: int) -> int:
     return min(warmup, cfg.steps // 2)  # short runs (tests, smoke checks) still get a cosine phase
 
 
+def _renderer_note(manifest: dict) -> str:
+    """Shards an older fracgen drew train as they are, but their images (and so the results) differ from a fresh
+    render of the same settings (docs/results.md: one renderer change moved make pretrain's figure by 8.9 points)."""
+    drawn = renderer_of(manifest)
+    return "" if drawn == RENDERER else (f" (drawn by renderer {drawn}; this fracgen draws {RENDERER}, whose images "
+                                         "differ: re-render to compare with current figures)")
+
+
 def _augmentations(cfg: Config) -> str:
     augs = [name for name, on in [("crop", cfg.crop), ("flips", cfg.flip), (cfg.randaug, cfg.randaug),
                                   (f"erasing {cfg.reprob}", cfg.reprob), (f"mixup {cfg.mixup}", cfg.mixup),
@@ -357,7 +367,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             earlier_loss = _metrics_up_to(out / "metrics.jsonl", step)
         n_params = sum(p.numel() for p in raw_model.parameters()) / 1e6
         what = (f"rendered on the fly from {cfg.render}" if cfg.render else
-                f"{manifest['num_samples']} images in {len(run.urls)} shards")
+                f"{manifest['num_samples']} images in {len(run.urls)} shards{_renderer_note(manifest)}")
         log(f"pretrain: {cfg.model} {model_args} ({n_params:.2f}M params, {flops / 1e9:.3g} GFLOP per sample "
             f"forward + backward), {num_classes} classes, {what}")
         log(f"pretrain: {cfg.steps} steps, global batch {global_batch} ({world_size} x {batch} x {cfg.accum}),"
