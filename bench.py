@@ -176,7 +176,7 @@ def bench_trainer(args) -> None:
     print(f"\n| {what} | samples/s | of the fast model-only rate | MFU (bf16 peak) | peak device MiB | note |"
           "\n|---|---|---|---|---|---|")
     for r in tb.training_rows(args.preset, args.train_steps, stream_images=args.stream_images,
-                              compile_modes=tuple(args.compile_modes.split(","))):
+                              compile_modes=tuple(args.compile_modes.split(",")), repeats=args.repeats):
         print("| " + " | ".join(r) + " |")
     print("\n| paper preset augmentation, one batch of 256 (512 px -> 224 px, RandAugment m9 inc1, erasing 0.5) | "
           "ms/batch | device |\n|---|---|---|")
@@ -216,6 +216,9 @@ def main():
     ap.add_argument("--compile-modes", default="default",
                     help="torch.compile modes of the fast model-only rows, comma-separated (CUDA only; the data "
                          "paths use the first), e.g. default,reduce-overhead")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure each training row this many times, round-robin, and report the median (a VM whose "
+                         "speed drifts moves every row alike)")
     ap.add_argument("--stream-images", type=int, default=20_000, help="images of the streamed set (paper preset)")
     ap.add_argument("--scaling", metavar="1,2,4", help="only the end-to-end scaling over these worker counts")
     ap.add_argument("--only", choices=("renderer", "trainer", "onthefly"),

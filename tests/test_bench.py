@@ -49,9 +49,10 @@ def test_bench_scaling_table():
 def test_trainer_rows_run_every_data_path():
     from train.bench import training_rows
 
-    rows = list(training_rows("cpu", steps=4, window=2))
+    rows = list(training_rows("cpu", steps=4, window=2, repeats=2))  # two rounds, round-robin over the rows
     assert [r[0].split(" ")[0] for r in rows] == ["model", "in-memory", "streaming,", "PIL", "on"]
     assert all(float(r[1].replace(",", "")) > 0 for r in rows) and rows[0][2] == "100%"
+    assert all(r[5].endswith("; median of 2 rounds") for r in rows)
     assert all(r[3] == "-" and r[4] == "-" for r in rows)  # no MFU nor device memory on a CPU
     assert "in-memory cache" in rows[1][5] and "with PIL" in rows[3][5] and "rendering on the fly" in rows[4][5]
 

@@ -178,7 +178,8 @@ def _peak_mib(device) -> str:
 
 
 def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, stream_images: int = 0,
-                  compile_modes: tuple[str, ...] = ("default",)) -> Iterator[tuple[str, str, str, str, str, str]]:
+                  compile_modes: tuple[str, ...] = ("default",),
+                  repeats: int = 1) -> Iterator[tuple[str, str, str, str, str, str]]:
     """A preset trained through each data path and on random tensors, in this one process: (what, samples/s, % of
     the fast model-only rate, MFU, peak device MiB, note), each row as soon as it is measured (a time-boxed device
     call keeps what finished). Each figure is the median samples/s of the windows after the first (start-up,
@@ -191,10 +192,12 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
     paper: the paper preset on the 1p-frac set (1000 x 512 px) and, streamed, on `stream_images` images (a
     FractalDB-sized set streams the same way; the rate does not depend on its length); loader workers: all
     cores but one; then the CPU preset on the same device, eager and fast. Meant for a GPU machine.
+    repeats > 1: every row is measured that many times, round-robin over the rows, and reports the median of its
+    rounds; a machine whose speed drifts over minutes (a shared VM) then moves every row alike and the ratios hold.
+    Rows are yielded in the last round.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    rows = []
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
@@ -216,34 +219,22 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
         model, _ = build_model(cfg, num_classes, device)
         flops, peak = flops_per_sample(model, cfg.img_size, device), peak_flops(device)
         del model
-
-        def measure(label, rates_and_note, mfu_applies: bool = True) -> float:
-            _reset_peak(device)
-            rates, note = rates_and_note()
-            rate = statistics.median(rates[1:])
-            used = mfu(rate, flops, peak) if mfu_applies else None
-            rows.append((label, rate, f"{used:.1f}%" if used is not None else "-", _peak_mib(device), note))
-            return rate
-
-        def done(row) -> tuple[str, str, str, str, str, str]:
-            label, rate, used, mib, note = row
-            return label, f"{rate:,.0f}", f"{100 * rate / reference:.0f}%", used, mib, note
+        runs = iter(range(10**9))  # every pretrain run gets its own folder
 
         def model_only(**args):
             rates = model_only_rate(Config(**{**base, **args}), num_classes, steps, window)
             return rates, f"{torch.get_num_threads()} threads" if not cuda else torch.cuda.get_device_name(device)
 
-        def run(i, **args):
-            rates, line = run_rates(Config(**{**base, **args}, out=str(Path(tmp) / f"run{i}")))
+        def run(**args):
+            rates, line = run_rates(Config(**{**base, **args}, out=str(Path(tmp) / f"run{next(runs)}")))
             return rates, line.removeprefix("data: ").split(";")[0].split(" (")[0]
 
-        eager = measure("model only, eager (random tensors, same model, batch, optimizer)",
-                        lambda: model_only(fast="off"))
-        fast_rates = [measure(f"model only, fast step (torch.compile {mode}, fused AdamW)",
-                              lambda mode=mode: model_only(fast="on", compile_mode=mode))
-                      for mode in (compile_modes if cuda else ())]
-        reference = max(fast_rates, default=eager)
-        yield from (done(row) for row in rows)
+        # (label, measurement, is a model-only row, MFU applies)
+        probes = [("model only, eager (random tensors, same model, batch, optimizer)",
+                   lambda: model_only(fast="off"), True, True)]
+        probes += [(f"model only, fast step (torch.compile {mode}, fused AdamW)",
+                    lambda mode=mode: model_only(fast="on", compile_mode=mode), True, True)
+                   for mode in (compile_modes if cuda else ())]
         paths = [("in-memory cache, augmentation on the device", dict(cache="on")),
                  (f"streaming, {workers} worker(s) decoding, augmentation on the device",
                   dict(cache="off", workers=workers, shards=str(big))),
@@ -256,18 +247,43 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
             paths.insert(3, (f"streaming, {workers} worker(s) decoding, whole images to the device (`--crop-in "
                              "device`, the old way)", dict(cache="off", workers=workers, shards=str(big),
                                                           crop_in="device")))
-        for i, (label, args) in enumerate(paths):
-            measure(label, lambda i=i, args=args: run(i, **args))
-            yield done(rows[-1])
+        probes += [(label, lambda args=args: run(**args), False, True) for label, args in paths]
         if preset == "paper":
             small = dict(PRESETS["cpu"], steps=steps, log_every=window, eval_every=0, ckpt_every=0, cache="on",
                          compile_mode=compile_modes[0])
-            for fast in ("off", "on") if cuda else ("off",):
-                measure(f"CPU preset (32 px, depth 6, batch 128), in-memory, --fast {fast}",
+            probes += [(f"CPU preset (32 px, depth 6, batch 128), in-memory, --fast {fast}",
                         lambda fast=fast: (run_rates(Config(shards=str(shards), **small, fast=fast,
-                                                            out=str(Path(tmp) / f"small-{fast}")))[0],
-                                           "one process; not the paper model, so no MFU"), mfu_applies=False)
-                yield done(rows[-1])
+                                                            out=str(Path(tmp) / f"run{next(runs)}")))[0],
+                                           "one process; not the paper model, so no MFU"), False, False)
+                       for fast in (("off", "on") if cuda else ("off",))]
+
+        rounds = {label: [] for label, *_ in probes}
+        alone = []  # the model-only rows of the last round, held until the reference (fast if any) is known
+        for r in range(repeats):
+            for label, measure, model_only_row, mfu_applies in probes:
+                _reset_peak(device)
+                rates, note = measure()
+                rounds[label].append(statistics.median(rates[1:]))
+                if r < repeats - 1:
+                    continue
+                rate = statistics.median(rounds[label])
+                used = mfu(rate, flops, peak) if mfu_applies else None
+                row = [label, rate, f"{used:.1f}%" if used is not None else "-", _peak_mib(device),
+                       note + (f"; median of {repeats} rounds" if repeats > 1 else "")]
+                if model_only_row:
+                    alone.append(row)
+                    continue
+                if alone:
+                    fast = [a[1] for a in alone[1:]]
+                    reference = max(fast, default=alone[0][1])
+                    yield from (_row(a, reference) for a in alone)
+                    alone = []
+                yield _row(row, reference)
+
+
+def _row(row: list, reference: float) -> tuple[str, str, str, str, str, str]:
+    label, rate, used, mib, note = row
+    return label, f"{rate:,.0f}", f"{100 * rate / reference:.0f}%", used, mib, note
 
 
 def augmentation_rows(batch: int = 256, repeats: int = 3) -> list[tuple[str, str, str]]:
