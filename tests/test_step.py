@@ -112,37 +112,3 @@ def test_the_compiled_step_trains_what_the_eager_step_trains(shards, tmp_path):
     assert len(eager) == len(compiled) == 8
     assert eager[-1] < eager[0] - 0.3  # it learns, so the comparison means something
     assert max(abs(a - b) for a, b in zip(eager, compiled, strict=True)) < 0.1
-
-
-KEEP_MEMORY_CHECK = """
-import ctypes, resource, sys
-from train.runtime import keep_host_memory
-if sys.argv[1] == "keep":
-    assert keep_host_memory()
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
-size, faults = 24 << 20, 0  # an activation buffer of a CPU step, allocated, written and freed every step
-for step in range(5):
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    buffer = libc.malloc(size)
-    ctypes.memset(buffer, 1, size)
-    libc.free(buffer)
-    faults += (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) if step else 0
-print(faults / 4)
-"""
-
-
-@pytest.mark.skipif(not __import__("platform").libc_ver()[0] == "glibc", reason="glibc's mallopt")
-def test_kept_host_memory_stops_the_page_faults_of_every_step():
-    """A buffer freed and allocated again every step: by default glibc unmaps it and faults its pages back in at
-    the next step; kept, the next step reuses warm pages. In fresh processes (the setting is process-wide)."""
-    import subprocess
-    import sys
-
-    faults = {}
-    for how in ("default", "keep"):
-        out = subprocess.run([sys.executable, "-c", KEEP_MEMORY_CHECK, how], capture_output=True, text=True,
-                             timeout=60, cwd=Path(__file__).parents[1])
-        assert out.returncode == 0, out.stderr
-        faults[how] = float(out.stdout)
-    assert faults["default"] > 1000 and faults["keep"] < 100, faults  # 24 MiB is 6,144 pages of 4 KiB

@@ -40,7 +40,6 @@ from train.pretrain import (
     device_augment,
     pretrain,
 )
-from train.runtime import keep_host_memory
 from train.step import TrainStep, autocast_for, compile_model, fast_options, flops_per_sample, mfu, peak_flops
 
 # (label, shard image size, train_transform arguments): the two presets' image pipelines.
@@ -131,7 +130,6 @@ def model_only_rate(cfg: Config, num_classes: int, steps: int, window: int = 20)
     no Mixup), the loss read once per window as pretrain reads it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fast = fast_options(cfg.fast, cfg.compile, cfg.compile_mode, device)
-    keep_host_memory()  # as pretrain does
     torch.manual_seed(0)
     model, _ = build_model(cfg, num_classes, device)
     optimizer = build_optimizer(cfg, model, 1e-3, fused=fast.fused)

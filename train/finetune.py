@@ -47,7 +47,6 @@ from train.pretrain import Config as PretrainConfig
 from train.runtime import (
     TrainError,
     atomic_write_json,
-    keep_host_memory,
     parse_float_pair,
     run_cli,
     seed_everything,
@@ -208,7 +207,6 @@ def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, 
 
 def finetune(cfg: Config) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    keep_host_memory()
     pretrained = None if cfg.checkpoint.lower() == "none" else load_pretrained(cfg.checkpoint, cfg.cache_dir)
     img_size = cfg.img_size if pretrained is None else pretrained[1].get("img_size", cfg.img_size)
 

@@ -52,7 +52,6 @@ from train.runtime import (
     atomic_save,
     atomic_write_json,
     atomic_write_text,
-    keep_host_memory,
     load_checkpoint,
     parse_float_pair,
     rng_states,
@@ -280,7 +279,6 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     lr = cfg.lr or cfg.blr * global_batch / 512
     warmup = _warmup_steps(cfg, run.epoch_images, global_batch)
     fast = fast_options(cfg.fast, cfg.compile, cfg.compile_mode, device)
-    kept = keep_host_memory()
 
     seed_everything(cfg.seed)  # one initialisation on every rank (DDP would broadcast rank 0's anyway)
     model, model_args = build_model(cfg, num_classes, device)
@@ -376,7 +374,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             f" lr {lr:.2e}, warm-up {warmup} steps, device {device.type}"
             f"{' bf16' if device.type == 'cuda' else ' fp32'}, augment: {_augmentations(cfg)}")
         log(f"data: {path.how} ({why})")
-        log(f"step: {fast.describe()}{'; freed host memory kept for the next step' if kept else ''}")
+        log(f"step: {fast.describe()}")
         if step:
             log(f"pretrain: resumed from step {step}")
     metrics_file = open(out / "metrics.jsonl", "a") if master_process else None  # noqa: SIM115

@@ -173,28 +173,3 @@ def parse_float_pair(text: str) -> tuple[float, float]:
     if not 0 < lo <= hi <= 1:
         raise typer.BadParameter(f"{text!r}: crop area fractions need 0 < min <= max <= 1")
     return lo, hi
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_host_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
-    """Keep freed host memory in the process instead of returning it to the OS after every step.
-
-    A CPU training step allocates and frees the same activation buffers (MiBs each) every step; glibc serves those
-    by mmap and gives them back by munmap (or trims the heap), so the next step faults every page in again: ~8,000
-    page faults a step for the CPU preset, 5-15% of its time in the kernel on our VMs. With buffers up to 32 MiB
-    (glibc's largest mmap threshold) taken from the heap and up to 1 GiB of free heap kept, the steps reuse warm
-    pages. Linux/glibc only (elsewhere nothing changes); returns whether it applied."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD,
-                                                                                        trim_threshold))
