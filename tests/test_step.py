@@ -81,7 +81,7 @@ def test_a_resumed_prefetching_run_equals_an_uninterrupted_plain_one(shards, tmp
 def test_fast_is_on_by_default_on_cuda_only_and_can_be_forced():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert fast_options("auto", False, "default", cpu) == Fast()
-    assert fast_options("auto", False, "default", cuda) == Fast(True, "default", True, True, True)
+    assert fast_options("auto", False, "default", cuda) == Fast(True, "default", True, True)
     assert fast_options("off", False, "default", cuda) == Fast()
     assert fast_options("on", False, "reduce-overhead", cpu) == Fast(True, "reduce-overhead", False, True)
     assert fast_options("off", True, "default", cpu).compile

@@ -374,7 +374,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             f" lr {lr:.2e}, warm-up {warmup} steps, device {device.type}"
             f"{' bf16' if device.type == 'cuda' else ' fp32'}, augment: {_augmentations(cfg)}")
         log(f"data: {path.how} ({why})")
-        log(f"step: {fast.describe()}")
+        log(f"step: {fast.describe(device)}")
         if step:
             log(f"pretrain: resumed from step {step}")
     metrics_file = open(out / "metrics.jsonl", "a") if master_process else None  # noqa: SIM115

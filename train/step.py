@@ -34,10 +34,11 @@ class Fast:
     compile_mode: str = "default"
     fused: bool = False
     prefetch: bool = False
-    side_stream: bool = False  # CUDA: the prefetched batch is augmented on a side stream, beside the step
 
-    def describe(self) -> str:
-        ahead = "augmentation prefetched on a side stream" if self.side_stream else "the next batch made a step ahead"
+    def describe(self, device) -> str:
+        # on CUDA the prefetched batch is augmented on a side stream, beside the step (batches.DeviceBatches)
+        ahead = "augmentation prefetched on a side stream" if device.type == "cuda" else \
+            "the next batch made a step ahead"
         parts = [f"torch.compile ({self.compile_mode})" if self.compile else "",
                  "fused AdamW" if self.fused else "", ahead if self.prefetch else ""]
         return ", ".join(p for p in parts if p) or "eager"
@@ -47,8 +48,7 @@ def fast_options(fast: str, compile: bool, compile_mode: str, device) -> Fast:
     """`--fast auto|on|off` (auto: on on CUDA) and `--compile` (the model alone, on any device)."""
     on = fast == "on" or (fast == "auto" and device.type == "cuda")
     cuda = device.type == "cuda"
-    return Fast(compile=on or compile, compile_mode=compile_mode, fused=on and cuda, prefetch=on,
-                side_stream=on and cuda)
+    return Fast(compile=on or compile, compile_mode=compile_mode, fused=on and cuda, prefetch=on)
 
 
 def compile_model(model: torch.nn.Module, mode: str, log=print) -> torch.nn.Module:
