@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import random
@@ -219,7 +220,7 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
         model, _ = build_model(cfg, num_classes, device)
         flops, peak = flops_per_sample(model, cfg.img_size, device), peak_flops(device)
         del model
-        runs = iter(range(10**9))  # every pretrain run gets its own folder
+        runs = itertools.count()  # every pretrain run gets its own folder
 
         def model_only(**args):
             rates = model_only_rate(Config(**{**base, **args}), num_classes, steps, window)
