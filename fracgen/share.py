@@ -99,6 +99,10 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         self.commit = headers.get("X-Repo-Commit") or self.commit
+        scheme = urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):  # urllib would follow ftp:// (and wait minutes on a peer that is not FTP)
+            raise FracgenError(f"{redact(req.full_url)}: the server redirects to a {scheme or 'relative'}:// URL; "
+                               "fracgen follows redirects to http(s) only")
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and urlsplit(newurl).netloc != urlsplit(req.full_url).netloc:
             new.remove_header("Authorization")
@@ -123,13 +127,22 @@ class Source:
     commit: str | None = None  # hf: the commit that revision pointed to when the manifest was fetched
     token: str | None = field(default=None, repr=False)
     seen_commit: str | None = None  # hf: the X-Repo-Commit of the last response
+    # http: the URL's query (a folder-wide signature such as an Azure SAS token): sent with every file of the folder,
+    # never shown (url() leaves it out)
+    query: str = field(default="", repr=False)
 
     def url(self, name: str) -> str:
+        """The file's URL as it may be shown and recorded."""
         if self.kind == "folder":
             return str(Path(self.base) / name)
         if self.kind == "http":
             return urljoin(self.base, name)
-        return _hub().hf_hub_url(self.base, name, repo_type="dataset", revision=self.commit or self.revision)
+        return hub_url(self.base, name, "dataset", self.commit or self.revision)
+
+    def request_url(self, name: str) -> str:
+        """The URL asked for: url() with the folder's query."""
+        url = self.url(name)
+        return f"{url}?{self.query}" if self.query and self.kind == "http" else url
 
     def open(self, name: str, timeout: float = Limits.timeout):
         """A readable binary stream of one file; FracgenError when it is not there, _Transient when worth a retry.
@@ -149,8 +162,8 @@ class Source:
             headers["Authorization"] = f"Basic {self.token}"
         redirects = _Redirects()
         try:
-            response = urllib.request.build_opener(redirects).open(urllib.request.Request(url, headers=headers),
-                                                                   timeout=timeout)
+            response = urllib.request.build_opener(redirects).open(
+                urllib.request.Request(self.request_url(name), headers=headers), timeout=timeout)
         except urllib.error.HTTPError as e:
             e.close()
             if e.code == 429 or e.code >= 500:
@@ -180,9 +193,27 @@ def is_remote(spec: str) -> bool:
 def parse_hub(spec: str) -> tuple[str, str | None]:
     """(ORG/NAME, REVISION or None) of hf://datasets/ORG/NAME[@REVISION]."""
     match = HF_PATTERN.fullmatch(spec)
-    if not match:
-        raise FracgenError(f"{spec!r} is not hf://datasets/ORG/NAME[@REVISION] (fracgen shares data sets, not models)")
+    if not match or not valid_repo_id(match.group(1)):
+        raise FracgenError(f"{printable(spec)!r} is not hf://datasets/ORG/NAME[@REVISION] (fracgen shares data sets, "
+                           "not models; ORG and NAME: letters, digits, '-', '_', '.', no '--' or '..', not starting "
+                           "or ending with '-' or '.')")
     return match.group(1), match.group(2)
+
+
+def valid_repo_id(repo: str) -> bool:
+    """ORG/NAME as the hub accepts it (huggingface_hub's validate_repo_id, which answers with a long traceback)."""
+    return len(repo) <= 96 * 2 + 1 and all(
+        re.fullmatch(r"[\w.-]{1,96}", part) and not part.startswith(("-", ".")) and not part.endswith(("-", "."))
+        and "--" not in part and ".." not in part for part in repo.split("/"))
+
+
+def hub_url(repo: str, name: str, repo_type: str, revision: str | None) -> str:
+    """huggingface_hub.hf_hub_url, its validation errors as one FracgenError line."""
+    try:
+        return _hub().hf_hub_url(repo, name, repo_type=repo_type, revision=revision)
+    except ValueError as e:  # HFValidationError
+        raise FracgenError(f"hf://{repo}@{revision}: {(str(e).splitlines() or ['not a valid name'])[0][:160]}") \
+            from None
 
 
 def _hub():
@@ -204,6 +235,7 @@ def open_source(spec: str) -> Source:
         if not parts.netloc:
             raise FracgenError(f"{spec!r} is not a URL with a host")
         base = spec.split("?", 1)[0].split("#", 1)[0]
+        query = parts.query
         if base.endswith("/" + MANIFEST):
             base = base[: -len(MANIFEST)]
         elif not base.endswith("/"):
@@ -213,7 +245,7 @@ def open_source(spec: str) -> Source:
             login, _, host = parts.netloc.rpartition("@")
             token = base64.b64encode(unquote(login).encode()).decode()
             base = urlunsplit(urlsplit(base)._replace(netloc=host))
-        return Source(redact(spec), "http", base, token=token)
+        return Source(redact(spec), "http", base, token=token, query=query)
     if "://" in spec:
         raise FracgenError(f"{spec!r}: a source is a folder, an http(s):// URL or hf://datasets/ORG/NAME")
     folder = Path(spec)
@@ -223,10 +255,11 @@ def open_source(spec: str) -> Source:
 
 
 def _download(source: Source, name: str, f, limit: int, on_bytes: Callable[[int], None],
-              note: Note | None, limits: Limits = Limits()) -> tuple[str, int]:
+              note: Note | None, limits: Limits = Limits(), what: str = "the manifest lists") -> tuple[str, int]:
     """Stream one file into the binary file `f` (emptied first), hashing it; retry transient failures from the
-    start (the hash must cover bytes of one response); return (sha256, size). More than `limit` bytes is an error;
-    so is a transfer slower than `limits` allow (retried) or one past their deadline (not retried)."""
+    start (the hash must cover bytes of one response), each retry a `note`; return (sha256, size). More than
+    `limit` bytes is an error (`what`: who set the limit); so is a transfer slower than `limits` allow (retried) or
+    one past their deadline (not retried)."""
     url = source.url(name)
     end, last = time.monotonic() + limits.deadline, ""
     for attempt in range(1, TRIES + 1):
@@ -240,8 +273,8 @@ def _download(source: Source, name: str, f, limit: int, on_bytes: Callable[[int]
                 while chunk := response.read1(CHUNK):
                     size += len(chunk)
                     if size > limit:
-                        raise FracgenError(f"{url}: more than the {limit:,} bytes the manifest lists: damaged or "
-                                           "replaced at the source; nothing was kept")
+                        raise FracgenError(f"{url}: more than the {limit:,} bytes {what}: damaged or replaced at "
+                                           "the source; nothing was kept")
                     sha.update(chunk)
                     f.write(chunk)
                     on_bytes(len(chunk))
@@ -386,9 +419,7 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
                  note: Note | None, limits: Limits) -> PullResult:
     replaced = _claim(out, remote, overwrite)
     shards = remote.manifest["shards"]
-    for entry in shards:  # temporaries of a pull (or render) that died: nobody else's, we hold the lock
-        for tmp in out.glob(f".{entry['file']}.*.tmp"):
-            tmp.unlink()
+    remove_temporaries(out, [e["file"] for e in shards])  # of a pull (or render) that died: we hold the lock
     origin = {"source": redact(src.spec), "url": redact(src.url(MANIFEST)), "revision": src.revision,
               "commit": src.commit,
               "manifest_sha256": remote.sha256, "fracgen_version": fracgen.__version__, "started": _now(),
@@ -407,10 +438,7 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
             todo.append(entry)
     kept = len(shards) - len(todo)
     total, done = sum(e["bytes"] for e in todo), 0
-    free = shutil.disk_usage(out).free
-    if total > free - RESERVE:  # before any byte: a source cannot fill the disk, and a pull cannot fail half-way
-        raise FracgenError(f"the {len(todo)} shard(s) to fetch take {total / 1e9:.2f} GB; {out} has "
-                           f"{free / 1e9:.2f} GB free (and {RESERVE / 1e9:.2f} GB are left free)")
+    ensure_room(out, total, f"the {len(todo)} shard(s) to fetch")  # a source cannot fill the disk
 
     def on_bytes(n: int) -> None:
         nonlocal done
@@ -440,31 +468,72 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
 
 def _fetch_shard(src: Source, out: Path, entry: dict, on_bytes, note: Note | None, manifest: dict,
                  index: int, limits: Limits) -> None:
-    """Download one shard under a hidden temporary name and rename it into place only if its size and sha256 are
-    the manifest's and its samples are the ones the manifest says (a manifest can list the hash of any bytes);
-    otherwise remove it and say so in one line."""
-    url = src.url(entry["file"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{entry['file']}.", suffix=".tmp", dir=out)
+    """One shard, kept only if its size and sha256 are the manifest's and its samples are the ones the manifest says
+    (a manifest can list the hash of any bytes)."""
+    def samples(tmp: Path) -> str | None:
+        problem = check_shard_contents(tmp, entry, manifest["num_classes"], manifest["image"]["size"],
+                                       index * manifest["settings"]["shard_size"])
+        return problem and f"{problem}: its samples contradict the manifest"
+
+    download_file(src, entry["file"], out, entry["sha256"], size=entry["bytes"], check=samples, on_bytes=on_bytes,
+                  note=note, limits=limits)
+
+
+# --- the one downloader ------------------------------------------------------------------------------------------
+
+def download_file(source: Source, name: str, folder: Path, sha256: str, *, size: int | None = None,
+                  limit: int | None = None, check: Callable[[Path], str | None] | None = None,
+                  on_bytes: Callable[[int], None] = lambda n: None, note: Note | None = None,
+                  limits: Limits = Limits(), what: str = "the manifest", sized_by: str | None = None) -> None:
+    """Every file fracgen downloads (shards, manifests' companions, weights) comes through here: streamed into a
+    hidden temporary file in `folder` while hashed (retries, --min-rate and --deadline as in _download), checked
+    (exactly `size` bytes when the record gives a size, never more than `limit`; the recorded sha256; `check`'s
+    verdict on the file, None or one line), fsynced, then renamed to `folder/name`. Anything else removes the
+    temporary file and ends in one FracgenError line. The caller holds `folder`'s lock and has checked the room.
+    `what` names the record of the sha256 (and of the size, unless `sized_by` names another)."""
+    sized_by = sized_by or what
+    url = source.url(name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w+b") as f:
-            digest, size = _download(src, entry["file"], f, entry["bytes"], on_bytes, note, limits)
-            if size != entry["bytes"]:
-                raise FracgenError(f"{url}: {size:,} bytes, the manifest says {entry['bytes']:,}: truncated or "
-                                   "replaced at the source; nothing was kept")
-            if digest != entry["sha256"]:
-                raise FracgenError(f"{url}: sha256 {digest[:12]}... does not match the manifest's "
-                                   f"{entry['sha256'][:12]}...: damaged or replaced at the source; nothing was kept")
+            digest, got = _download(source, name, f, size if size is not None else limit, on_bytes, note, limits,
+                                    what=f"{sized_by} records" if size is not None else "fracgen reads")
+            if size is not None and got != size:
+                raise FracgenError(f"{url}: {got:,} bytes, {sized_by} says {size:,}: truncated or replaced at the "
+                                   "source; nothing was kept")
+            if digest != sha256:
+                raise FracgenError(f"{url} does not match the sha256 in {what} ({digest[:12]}... is not "
+                                   f"{sha256[:12]}...): damaged or replaced at the source; nothing was kept")
             f.flush()
             os.fsync(f.fileno())
-        problem = check_shard_contents(Path(tmp), entry, manifest["num_classes"], manifest["image"]["size"],
-                                       index * manifest["settings"]["shard_size"])
+        problem = check(Path(tmp)) if check else None
         if problem:
-            raise FracgenError(f"{url}: {problem}: its samples contradict the manifest; nothing was kept")
+            raise FracgenError(f"{url}: {problem}; nothing was kept")
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out / entry["file"])
+        os.replace(tmp, folder / name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def ensure_room(folder: Path, nbytes: int, what: str) -> None:
+    """Refuse, before any byte is fetched, a download that would leave less than RESERVE bytes free."""
+    free = shutil.disk_usage(folder).free
+    if nbytes > free - RESERVE:
+        raise FracgenError(f"{what} take {nbytes / 1e9:.2f} GB; {folder} has {free / 1e9:.2f} GB free (and "
+                           f"{RESERVE / 1e9:.2f} GB are left free)")
+
+
+def remove_temporaries(folder: Path, names) -> None:
+    """The hidden temporary files download_file leaves when its process is killed (the caller holds the lock, so
+    none of them is being written)."""
+    for name in names:
+        for tmp in folder.glob(f".{glob_escape(name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 # --- publish ---------------------------------------------------------------------------------------------------

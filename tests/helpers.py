@@ -22,16 +22,28 @@ class Server:
     `delay` slows every shard; `fail_once` answers 503 the first time a path is asked for; `commit` is sent as the
     hub's X-Repo-Commit header."""
 
-    def __init__(self, root: Path, delay: float = 0.0, fail_once: tuple[str, ...] = (), commit: str | None = None):
+    def __init__(self, root: Path, delay: float = 0.0, fail_once: tuple[str, ...] = (), commit: str | None = None,
+                 query: str | None = None, routes: dict | None = None):
+        """`query`: every request must carry exactly this query string (a folder-wide signature), else 403;
+        `routes`: {path: fn(handler)} answers those paths itself (a redirect, an endless body)."""
         self.delay, self.fail_once, self.commit = delay, set(fail_once), commit
+        self.query, self.routes = query, routes or {}
         self.requests: list[str] = []
         self.headers: list[dict] = []
         owner = self
 
         class Handler(SimpleHTTPRequestHandler):
             def do_GET(self):
-                owner.requests.append(self.path)
+                path, _, query = self.path.partition("?")
+                owner.requests.append(path)
                 owner.headers.append(dict(self.headers))
+                if owner.query is not None and query != owner.query:
+                    self.send_error(403, "bad signature")
+                    return
+                self.path = path
+                if path in owner.routes:
+                    owner.routes[path](self)
+                    return
                 if self.path in owner.fail_once:
                     owner.fail_once.discard(self.path)
                     self.send_error(503, "busy")

@@ -41,6 +41,7 @@ from timm.scheduler import CosineLRScheduler
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from fracgen.untrusted import printable, redact
 from train import data, downstream, weights
 from train import model as model_lib
 from train.pretrain import Config as PretrainConfig
@@ -155,7 +156,7 @@ def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, 
     else:
         name, model_args, pretext_classes, state = pretrained
         model = model_lib.create(name, pretext_classes, model_args, cfg.drop_path)
-        model.load_state_dict(state, strict=True)  # strict: a silent partial load would look like "scratch"
+        model_lib.load_weights(model, state, "--checkpoint")  # checked by weights.load: this cannot fail
         model.reset_classifier(num_classes)  # new, freshly initialised head for the downstream classes
     model.to(device)
 
@@ -228,7 +229,7 @@ def finetune(cfg: Config) -> dict:
     else:
         test_set = downstream.Transformed(test_base, range(len(test_base)), test_tf)
 
-    source = "scratch" if pretrained is None else cfg.checkpoint
+    source = "scratch" if pretrained is None else printable(cfg.checkpoint)  # no password or signature of a URL
     batch = batch_used(cfg, len(train_set))
     lr = learning_rates(cfg, batch)[0]
     print(f"finetune: {cfg.dataset}, {num_classes} classes, {len(train_set)} training images"
@@ -244,9 +245,10 @@ def finetune(cfg: Config) -> dict:
         print(f"seed {seed}: top-1 {acc:.1f}% ({time.time() - t0:.0f} s)", flush=True)
     mean = statistics.mean(accuracies)
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-    result = {"dataset": cfg.dataset, "checkpoint": cfg.checkpoint, "top1_mean": mean, "top1_std": std,
+    recorded = {**dataclasses.asdict(cfg), "checkpoint": redact(cfg.checkpoint)}
+    result = {"dataset": cfg.dataset, "checkpoint": recorded["checkpoint"], "top1_mean": mean, "top1_std": std,
               "top1": dict(zip(map(str, cfg.seeds), accuracies, strict=True)), "train_images": len(train_set),
-              "test_images": len(test_set), "batch_used": batch, "config": dataclasses.asdict(cfg)}
+              "test_images": len(test_set), "batch_used": batch, "config": recorded}
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         atomic_write_json(result, Path(cfg.out) / "results.json")

@@ -77,7 +77,7 @@ class Config:
     img_size: int = 32
     patch_size: int = 8  # 0 = the timm model's own default
     depth: int = 6  # 0 = the timm model's own default
-    model_args: dict = field(default_factory=dict)  # any other timm create_model keyword
+    model_args: dict = field(default_factory=dict)  # other shape arguments of train.model.MODEL_ARGS
     drop_path: float = 0.0
     steps: int = 1500
     batch: int = 128  # per rank and micro-step; global batch = batch x accum x world size
@@ -293,7 +293,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
 
     step = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"], strict=True)
+        model_lib.load_weights(model, checkpoint["model"], str(Path(cfg.out) / "ckpt.pt"))
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -458,9 +458,10 @@ def _model_arg(text: str) -> tuple[str, object]:
     if not sep:
         raise typer.BadParameter(f"{text!r} is not KEY=VALUE")
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+        value = json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        pass  # a string
+    return key, model_lib.check_arg(key, value, "--model-arg")
 
 
 @app.command()
@@ -481,7 +482,9 @@ def main(
     img_size: Annotated[int | None, typer.Option(help="input resolution in pixels")] = None,
     patch_size: Annotated[int | None, typer.Option(help="ViT patch size (0 = model default)")] = None,
     depth: Annotated[int | None, typer.Option(help="ViT depth (0 = model default)")] = None,
-    model_arg: Annotated[list[str] | None, typer.Option(help="extra timm create_model KEY=VALUE (repeat)")] = None,
+    model_arg: Annotated[list[str] | None, typer.Option(help="another shape argument KEY=VALUE of the timm model "
+                                                            "(repeat; embed_dim, num_heads, mlp_ratio, ...: "
+                                                            "train.model.MODEL_ARGS)")] = None,
     drop_path: Annotated[float | None, typer.Option(help="stochastic depth rate")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     batch: Annotated[int | None, typer.Option(help="images per rank per micro-step")] = None,

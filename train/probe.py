@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from fracgen.untrusted import printable, redact
 from train import data, downstream
 from train import model as model_lib
 from train.finetune import Config as FinetuneConfig
@@ -53,7 +54,7 @@ def probe(checkpoint: str = "none", dataset: str = "digits", shots: int = 10, se
     else:
         name, args, pretext_classes, state = pretrained
         model = model_lib.create(name, pretext_classes, args)
-        model.load_state_dict(state, strict=True)
+        model_lib.load_weights(model, state, "--checkpoint")
     img_size = args.get("img_size", FinetuneConfig.img_size)
     base, test_base, _ = downstream.load(dataset, Path("data"))
     if test_base is not None:
@@ -68,7 +69,7 @@ def probe(checkpoint: str = "none", dataset: str = "digits", shots: int = 10, se
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
         clf.fit(feats[train_idx], targets[train_idx])
         accuracies.append(100 * float((clf.predict(feats[rest_idx]) == targets[rest_idx]).mean()))
-    result = {"checkpoint": checkpoint, "dataset": dataset, "shots": shots, "features": int(feats.shape[1]),
+    result = {"checkpoint": redact(checkpoint), "dataset": dataset, "shots": shots, "features": int(feats.shape[1]),
               "top1": dict(zip(map(str, seeds), accuracies, strict=True)),
               "top1_mean": statistics.mean(accuracies),
               "top1_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0}
@@ -101,7 +102,7 @@ def main(
         raise TrainError(f"--shots must be at least 1, got {shots}")
     r = probe(checkpoint, dataset, shots, seed_list, out=out, cache_dir=cache_dir)
     print(f"linear probe: top-1 {r['top1_mean']:.1f} +- {r['top1_std']:.1f} % over {len(seed_list)} split(s) "
-          f"on {dataset} ({checkpoint}, {r['features']} features)")
+          f"on {dataset} ({printable(checkpoint)}, {r['features']} features)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import typer
 
+from fracgen.untrusted import printable
+
 
 class TrainError(Exception):
     """A user-facing problem (bad path, bad option): printed as one line, exit code 1, no traceback."""
@@ -35,7 +37,7 @@ def run_cli(app) -> None:
     # typer >= 0.2x vendors its own click (typer.TyperException); older ones raise click's own exceptions.
     except (click.ClickException, typer.TyperException, TrainError) as e:
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        print(f"error: {_own_line(message)}", file=sys.stderr)
+        print(f"error: {printable(_own_line(message))}", file=sys.stderr)  # one line, no secret of a URL
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
 

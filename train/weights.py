@@ -26,20 +26,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit, urlunsplit
 
 import safetensors.torch
 import torch
 
 from fracgen import share
 from fracgen.errors import FracgenError
+from fracgen.lock import waiting_lock
 from fracgen.shards import file_sha256
+from fracgen.untrusted import parse_json, printable, read_json
 from train import model as model_lib
 from train.runtime import TrainError, atomic_save, atomic_write_json, load_checkpoint
-from train.source import default_cache_dir
+from train.source import LOCK_WAIT, default_cache_dir
 
 WEIGHTS, CONFIG, SUMS = "model.safetensors", "config.json", "SHA256SUMS"
 MAX_SUMS_BYTES = 1 << 16  # a few lines
 MAX_CONFIG_BYTES = 1 << 24  # the recipe and the data's settings: kilobytes
+MAX_WEIGHTS_BYTES = 4 * model_lib.MAX_PARAMS + (1 << 24)  # the largest network fracgen builds, float32, and a header
 HUB_PATTERN = re.compile(r"hf://([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@([^@/]+))?/?")
 
 
@@ -102,9 +106,9 @@ def _atomic_write_bytes(raw: bytes, path: Path) -> None:
 def read_config(path: Path) -> dict:
     """A run's config.json, checked for what loading needs: one TrainError line for each way it can be wrong."""
     try:
-        config = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrainError(f"{path} is unreadable ({type(e).__name__}): not a train.pretrain config.json") from None
+        config = read_json(path, max_bytes=MAX_CONFIG_BYTES)
+    except (OSError, FracgenError) as e:
+        raise TrainError(f"{printable(e)}: not a train.pretrain config.json") from None
     kinds = {"architecture": str, "num_classes": int, "model_args": dict}
     if not isinstance(config, dict) or any(not isinstance(config.get(k), t) for k, t in kinds.items()):
         raise TrainError(f"{path} is not a train.pretrain config.json (needs architecture, num_classes, model_args;"
@@ -140,8 +144,8 @@ def _metadata(raw: bytes) -> dict:
     """The safetensors header's __metadata__ (8 bytes of header length, then the JSON header)."""
     n = int.from_bytes(raw[:8], "little")
     try:
-        header = json.loads(raw[8:8 + n]) if 8 + n <= len(raw) else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = parse_json(raw[8:8 + n], "the safetensors header") if 8 + n <= len(raw) else {}
+    except FracgenError:
         header = {}
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else {}
@@ -161,11 +165,15 @@ def from_safetensors(path: Path) -> Pretrained:
     says its architecture in its metadata (train.pretrain writes it there too)."""
     if path.name == WEIGHTS and (path.parent / CONFIG).is_file():
         return from_folder(path.parent)
+    if path.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise TrainError(f"{path} has {path.stat().st_size:,} bytes, more than the {MAX_WEIGHTS_BYTES:,} of the "
+                         "largest network fracgen builds")
     raw = path.read_bytes()
     meta = _metadata(raw)
     try:
-        name, num_classes, model_args = meta["architecture"], int(meta["num_classes"]), json.loads(meta["model_args"])
-    except (KeyError, ValueError, TypeError):
+        name, num_classes = meta["architecture"], int(meta["num_classes"])
+        model_args = parse_json(meta["model_args"], "model_args", MAX_SUMS_BYTES)
+    except (KeyError, ValueError, TypeError, FracgenError):
         raise TrainError(f"{path} does not say its architecture (safetensors metadata architecture, num_classes, "
                          f"model_args), and there is no {CONFIG} beside it") from None
     if not isinstance(model_args, dict):
@@ -174,22 +182,34 @@ def from_safetensors(path: Path) -> Pretrained:
 
 
 def load(spec: str, cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> Pretrained:
-    """The weights a `--checkpoint` names (see the module docstring)."""
+    """The weights a `--checkpoint` names (see the module docstring), checked to fit the network they name."""
+    shown = printable(spec)  # no password or signed query of a URL in a message
     if share.is_remote(spec):
-        return from_folder(fetch(spec, cache_dir, log))
+        folder = fetch(spec, cache_dir, log)
+        return checked(from_folder(folder), f"{shown} ({folder / CONFIG})")
     path = Path(spec)
     if path.is_dir():
         if (path / WEIGHTS).is_file():
-            return from_folder(path)
+            return checked(from_folder(path), str(path / CONFIG))
         if (path / "ckpt.pt").is_file():  # an unfinished run, or one finished before model.safetensors
-            return _from_checkpoint(path / "ckpt.pt")
-        raise TrainError(f"--checkpoint {spec}: no {WEIGHTS} or ckpt.pt in that folder (a train.pretrain --out folder)")
+            return checked(_from_checkpoint(path / "ckpt.pt"), str(path / "ckpt.pt"))
+        raise TrainError(f"--checkpoint {shown}: no {WEIGHTS} or ckpt.pt in that folder (a train.pretrain --out "
+                         "folder)")
     if not path.is_file():
-        raise TrainError(f"--checkpoint {spec}: no such file (give RUN_DIR, a .safetensors file, RUN_DIR/ckpt.pt, "
+        raise TrainError(f"--checkpoint {shown}: no such file (give RUN_DIR, a .safetensors file, RUN_DIR/ckpt.pt, "
                          "an http(s):// or hf:// published folder, or none)")
     if path.suffix == ".safetensors":
-        return from_safetensors(path)
-    return _from_checkpoint(path)
+        return checked(from_safetensors(path), shown)
+    return checked(_from_checkpoint(path), shown)
+
+
+def checked(pretrained: Pretrained, where: str) -> Pretrained:
+    """The weights, if the network their file names may be built (train.model's allow list and size bound) and
+    they fit it exactly: names, shapes, floating-point dtypes, finite values. Nothing is allocated before that."""
+    args = model_lib.check_args(pretrained.model_args, f"{where}: model argument")
+    skeleton = model_lib.skeleton(pretrained.name, pretrained.num_classes, args, where)
+    model_lib.check_weights(skeleton, pretrained.state, where)
+    return pretrained._replace(model_args=args)
 
 
 def _from_checkpoint(path: Path) -> Pretrained:
@@ -205,15 +225,16 @@ class _ModelSource(share.Source):
 
     def url(self, name: str) -> str:
         if self.kind == "hf":
-            return share._hub().hf_hub_url(self.base, name, repo_type="model", revision=self.commit or self.revision)
+            return share.hub_url(self.base, name, "model", self.commit or self.revision)
         return super().url(name)
 
 
 def parse_hub(spec: str) -> tuple[str, str | None]:
     """(ORG/NAME, REVISION or None) of hf://ORG/NAME[@REVISION]."""
     match = HUB_PATTERN.fullmatch(spec)
-    if not match or spec.startswith(("hf://datasets/", "hf://spaces/")):
-        raise TrainError(f"{spec!r} is not hf://ORG/NAME[@REVISION] (a model repository)")
+    if not match or spec.startswith(("hf://datasets/", "hf://spaces/")) or not share.valid_repo_id(match.group(1)):
+        raise TrainError(f"{printable(spec)!r} is not hf://ORG/NAME[@REVISION] (a model repository; ORG and NAME: "
+                         "letters, digits, '-', '_', '.', no '--' or '..', not starting or ending with '-' or '.')")
     return match.group(1), match.group(2)
 
 
@@ -222,10 +243,12 @@ def open_source(spec: str) -> share.Source:
         if spec.startswith("hf://"):
             repo, revision = parse_hub(spec)
             return _ModelSource(spec, "hf", repo, revision or "main", token=share._hub().get_token())
-        folder = spec[: -len(SUMS)] if spec.endswith("/" + SUMS) else spec  # the folder's URL, or its SHA256SUMS'
-        return share.open_source(folder)  # http(s): files relative to the folder's URL
+        parts = urlsplit(spec)  # the folder's URL, or its SHA256SUMS' (a signed one keeps its query)
+        if parts.path.endswith("/" + SUMS):
+            spec = urlunsplit(parts._replace(path=parts.path[: -len(SUMS)], fragment=""))
+        return share.open_source(spec)  # http(s): files relative to the folder's URL
     except FracgenError as e:
-        raise TrainError(f"--checkpoint {spec}: {e}") from None
+        raise TrainError(f"--checkpoint {printable(spec)}: {e}") from None
 
 
 def parse_sums(text: bytes, where: str) -> dict[str, str]:
@@ -247,61 +270,65 @@ def parse_sums(text: bytes, where: str) -> dict[str, str]:
 def fetch(spec: str, cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
     """A published folder's config.json and model.safetensors in the local cache, each checked against the
     folder's SHA256SUMS (and the weights' size against config.json) before it is renamed into place. A folder
-    fetched before is only checked: only SHA256SUMS is downloaded again."""
+    fetched before is only checked: only SHA256SUMS is downloaded again. Every rule of fracgen's downloader holds
+    (share.download_file: bounded size, --min-rate, deadline, retries said in a note); the weights may not claim
+    more than MAX_WEIGHTS_BYTES, and the disk must have room for them before the first byte."""
+    shown = printable(spec)
     source = open_source(spec)
+
+    def note(text: str) -> None:
+        log(f"note: {printable(text)}")
+
     try:
-        sums_raw = _download(source, SUMS, MAX_SUMS_BYTES)
+        sums_raw = _download(source, SUMS, MAX_SUMS_BYTES, note)
         if source.kind == "hf" and source.seen_commit and source.commit is None:
             source.commit = source.seen_commit  # every file from the commit that served SHA256SUMS
+        elif source.kind == "hf" and source.commit is None and not _is_commit(source.revision):
+            log(f"note: {source.url(SUMS)} named no commit (X-Repo-Commit): its other files are read from the "
+                f"branch {source.revision} as it is now")
         sums = parse_sums(sums_raw, source.url(SUMS))
         folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "models" / \
             hashlib.sha256(sums_raw).hexdigest()
         folder.mkdir(parents=True, exist_ok=True)
         fetched = []
-        if not _matches(folder / CONFIG, sums[CONFIG]):
-            _fetch_file(source, folder, CONFIG, MAX_CONFIG_BYTES, sums[CONFIG], None)
-            fetched.append(CONFIG)
-        record = read_config(folder / CONFIG)["fracgen"]["weights"]
-        if record["sha256"] != sums[WEIGHTS]:
-            raise TrainError(f"{source.url(CONFIG)} and {source.url(SUMS)} record different sha256s for {WEIGHTS}")
-        if not _matches(folder / WEIGHTS, sums[WEIGHTS]):
-            _fetch_file(source, folder, WEIGHTS, record["bytes"], sums[WEIGHTS], record["bytes"])
-            fetched.append(WEIGHTS)
+        with waiting_lock(folder, f"train --checkpoint {shown}", note, LOCK_WAIT):
+            share.remove_temporaries(folder, (CONFIG, WEIGHTS))  # of a fetch that was killed
+            if not _matches(folder / CONFIG, sums[CONFIG]):
+                share.download_file(source, CONFIG, folder, sums[CONFIG], limit=MAX_CONFIG_BYTES, note=note,
+                                    what=SUMS)
+                fetched.append(CONFIG)
+            record = read_config(folder / CONFIG)["fracgen"]["weights"]
+            if record["sha256"] != sums[WEIGHTS]:
+                raise TrainError(f"{source.url(CONFIG)} and {source.url(SUMS)} record different sha256s for "
+                                 f"{WEIGHTS}")
+            if not 0 < record["bytes"] <= MAX_WEIGHTS_BYTES:
+                raise TrainError(f"{source.url(CONFIG)} says {WEIGHTS} has {record['bytes']:,} bytes; fracgen reads "
+                                 f"weights of 1 to {MAX_WEIGHTS_BYTES:,} bytes (the largest network it builds)")
+            if not _matches(folder / WEIGHTS, sums[WEIGHTS]):
+                share.ensure_room(folder, record["bytes"], f"{WEIGHTS} ({record['bytes']:,} bytes)")
+                share.download_file(source, WEIGHTS, folder, sums[WEIGHTS], size=record["bytes"], note=note,
+                                    what=SUMS, sized_by=CONFIG)
+                fetched.append(WEIGHTS)
     except FracgenError as e:
-        raise TrainError(f"--checkpoint {spec}: {e}") from None
+        raise TrainError(f"--checkpoint {shown}: {e}") from None
     except OSError as e:
-        raise TrainError(f"--checkpoint {spec}: cannot write the cache: {e.strerror or e}") from None
+        raise TrainError(f"--checkpoint {shown}: cannot write the cache: {e.strerror or e}") from None
     log(f"checkpoint: {'fetched ' + ', '.join(fetched) if fetched else 'found in cache'} ({folder}; checked "
-        f"against {spec}'s {SUMS})")
+        f"against {shown}'s {SUMS})")
     return folder
 
 
-def _download(source: share.Source, name: str, limit: int) -> bytes:
+def _is_commit(revision: str | None) -> bool:
+    return bool(revision and re.fullmatch(r"[0-9a-f]{40}", revision))
+
+
+def _download(source: share.Source, name: str, limit: int, note) -> bytes:
     f = tempfile.SpooledTemporaryFile()
     with f:
-        share._download(source, name, f, limit, lambda n: None, None)
+        share._download(source, name, f, limit, lambda n: None, note, what="fracgen reads")
         f.seek(0)
         return f.read()
 
 
 def _matches(path: Path, sha256: str) -> bool:
     return path.is_file() and file_sha256(path)[0] == sha256
-
-
-def _fetch_file(source: share.Source, folder: Path, name: str, limit: int, sha256: str, size: int | None) -> None:
-    """Download into a hidden temporary file, hashing it; rename it into place only when it is the recorded one."""
-    url = source.url(name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            digest, got = share._download(source, name, f, limit, lambda n: None, None)
-        if size is not None and got != size:
-            raise TrainError(f"--checkpoint {source.spec}: {url} has {got:,} bytes, config.json says {size:,}: "
-                             "truncated or replaced; nothing was kept")
-        if digest != sha256:
-            raise TrainError(f"--checkpoint {source.spec}: {url} does not match the sha256 in {SUMS}: damaged or "
-                             "replaced; nothing was kept")
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
