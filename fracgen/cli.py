@@ -294,7 +294,7 @@ def score(
         if m["num_classes"] < 2:
             raise FracgenError(f"{dataset} has one class: there is nothing to tell apart")
         rows = score_lib.score(m, sizes, classes)
-        t = Table(title=f"{dataset}: {rows[0]['classes']} classes")
+        t = Table(title=escape(printable(f"{dataset}: {rows[0]['classes']} classes")))
         for column in ("at px", *score_lib.MEASURES, "spread", "nearest"):
             t.add_column(column, justify="right")
         for r in rows:

@@ -17,6 +17,7 @@ of its own, and hand each result over as it arrives, to the same loop that renam
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -65,6 +66,7 @@ def connect(scheduler: object = None) -> DaskPool:
         client = Client(address, timeout=max(1.0, deadline - time.monotonic()), set_as_default=False)
     except Exception as e:  # dask's errors are many types (a peer that is not Dask gave a MemoryError)
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _abandon(e, Client)
         raise FracgenError(f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT:g} s: "
                            f"{why[:200]}") from None
     try:
@@ -74,6 +76,20 @@ def connect(scheduler: object = None) -> DaskPool:
         raise FracgenError(f"the Dask scheduler at {address} has no workers (none joined within "
                            f"{CONNECT_TIMEOUT:g} s): start some with `dask worker {address}`") from None
     return DaskPool(client, own=True)
+
+
+def _abandon(error: BaseException, client_type) -> None:
+    """A Client whose constructor failed lives on in the error's traceback, and its __del__ closes it at exit:
+    waiting twice its timeout, then printing an 11-line 'Exception ignored'. Close it now, briefly and quietly."""
+    tb = error.__traceback__
+    while tb is not None:
+        client = tb.tb_frame.f_locals.get("self")
+        if isinstance(client, client_type):
+            with contextlib.suppress(Exception):
+                client.close(timeout=1)
+            client.status = "closed"  # what __del__ checks: nothing left to do
+        tb = tb.tb_next
+    error.__traceback__ = None
 
 
 def _probe(address: str, deadline: float) -> None:

@@ -32,6 +32,8 @@ class FolderBusy(FracgenError):
 
 
 def _describe(holder: dict) -> str:
+    if holder.get("pid") is None:  # it holds the lock but has not written its record yet
+        return "another process that has just started"
     started = holder.get("started")
     since = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
     command = f" ({holder['command']})" if holder.get("command") else ""
@@ -77,9 +79,14 @@ class FolderLock:
                 raise FracgenError(f"{self.path} is a symbolic link, not a lock fracgen made: remove it "
                                    "(fracgen writes into its lock file and will not write through a link)") from None
             raise FracgenError(f"cannot create the lock {self.path}: {e.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             os.close(fd)
             raise FracgenError(f"{self.path} is not a regular file, so not a lock fracgen made: remove it")
+        if info.st_nlink > 1:  # a hard link: writing the holder record would truncate the file it shares
+            os.close(fd)
+            raise FracgenError(f"{self.path} has {info.st_nlink} names (a hard link), so it is not a lock fracgen "
+                               "made: remove it (fracgen writes into its lock file and will not write another file)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -120,6 +127,29 @@ class FolderLock:
 
 
 @contextmanager
+def waiting_lock(folder: str | Path, command: str = "", note: Callable[[str], None] | None = None,
+                 wait: float = 3600.0, poll: float = 2.0) -> Iterator[FolderLock]:
+    """Hold `folder`'s lock, waiting up to `wait` seconds (one note when the wait begins) while another live process
+    holds it: for caches that several jobs of one host fill, where the second should use what the first fetched."""
+    start, said = time.monotonic(), False
+    while True:
+        try:
+            lock = FolderLock(folder, command, note).__enter__()
+            break
+        except FolderBusy as e:
+            if time.monotonic() - start > wait:
+                raise
+            if note and not said:
+                note(f"waiting: {e}")
+                said = True
+            time.sleep(poll)
+    try:
+        yield lock
+    finally:
+        lock.__exit__(None, None, None)
+
+
+@contextmanager
 def writing_folder(folder: str | Path, command: str = "", note: Callable[[str], None] | None = None,
                    name: str | None = None) -> Iterator[FolderLock]:
     """Create `folder` if needed and hold its lock for the block. A run that fails before writing anything into a
@@ -135,11 +165,16 @@ def writing_folder(folder: str | Path, command: str = "", note: Callable[[str], 
         raise FracgenError(f"cannot create {name}: {e.strerror}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise FracgenError(f"{name} is not writable")
+    held = False
     try:
         with FolderLock(folder, command, note) as lock:
+            held = True
             yield lock
+            held = False
     except BaseException:
-        if created and folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
+        # Only a run that held the lock may take the folder away: two runs can both find it missing and create it,
+        # and the one refused by the lock must leave it to the other.
+        if held and created and folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
             (folder / LOCK_NAME).unlink(missing_ok=True)
             folder.rmdir()
         raise

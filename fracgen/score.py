@@ -21,10 +21,13 @@ Which of these predicts pretext accuracy is an empirical question (docs/results.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
 
 from fracgen.dataset import render_sample
+from fracgen.errors import FracgenError
 
 MEASURES = ("separation", "confusable", "diversity", "fill")
 
@@ -41,18 +44,51 @@ def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0) / a.shape[1])
 
 
-def render_pairs(manifest: dict, classes: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Instances 0 and 1 of the first `classes` classes (all by default), at the rendered size."""
+def memory_needed(manifest: dict, at: tuple[int, ...], classes: int | None = None) -> int:
+    """Bytes `score` holds at its peak: both instances of every class shrunk to each resolution (float32), the
+    class-by-class distance matrices, and one render at the manifest's size in flight."""
     n = manifest["num_classes"] if classes is None else min(classes, manifest["num_classes"])
-    first = [render_sample(manifest, k, 0)[0] for k in range(n)]
-    second = [render_sample(manifest, k, 1)[0] for k in range(n)]
-    return first, second
+    size = manifest["image"]["size"]
+    return 8 * n * sum(a * a for a in at) + 32 * n * n + 4 * size * size
 
 
-def score_pairs(first: list[np.ndarray], second: list[np.ndarray], at: int) -> dict:
-    """The measures of the module's docstring for one resolution."""
-    a = np.stack([shrink(im, at) for im in first])
-    b = np.stack([shrink(im, at) for im in second])
+def available_memory() -> int:
+    """Bytes of memory free now (Linux); 16 GiB where the system does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def check_memory(manifest: dict, at: tuple[int, ...], classes: int | None = None) -> None:
+    """One FracgenError line, before any work, when scoring would take more than half the memory free now."""
+    need, free = memory_needed(manifest, at, classes), available_memory()
+    if need > free // 2:
+        n = manifest["num_classes"] if classes is None else min(classes, manifest["num_classes"])
+        raise FracgenError(f"scoring {n:,} classes at {', '.join(map(str, at))} px needs about {need / 2**30:,.1f} "
+                           f"GiB of memory, more than half of the {free / 2**30:,.1f} GiB free: score fewer classes "
+                           "(--classes) or at lower resolutions (--at)")
+
+
+def shrunk_pairs(manifest: dict, at: tuple[int, ...], classes: int | None = None):
+    """({at: (instances 0, instances 1) as (n, at * at) float32 arrays}, fill of each instance 0): the first `classes`
+    classes rendered one image at a time and shrunk at once, so memory grows with the resolutions scored, not with
+    the rendered size."""
+    n = manifest["num_classes"] if classes is None else min(classes, manifest["num_classes"])
+    pairs = {a: (np.empty((n, a * a), np.float32), np.empty((n, a * a), np.float32)) for a in at}
+    fills = np.empty(n)
+    for k in range(n):
+        for m in (0, 1):
+            image = render_sample(manifest, k, m)[0]
+            if m == 0:
+                fills[k] = np.count_nonzero(image) / image.size
+            for a in at:
+                pairs[a][m][k] = shrink(image, a)
+    return pairs, fills
+
+
+def score_arrays(a: np.ndarray, b: np.ndarray, fills: np.ndarray, at: int) -> dict:
+    """The measures of the module's docstring for one resolution, from the shrunk instances 0 (`a`) and 1 (`b`)."""
     spread = np.sqrt(((a - b) ** 2).mean(1))
     between = _distances(a, a)
     np.fill_diagonal(between, np.inf)
@@ -65,13 +101,15 @@ def score_pairs(first: list[np.ndarray], second: list[np.ndarray], at: int) -> d
         "separation": float(np.median(nearest / np.maximum(spread, tiny))),
         "confusable": float(np.mean(nearest <= spread)),
         "diversity": float(np.median(pairs) / max(float(np.median(spread)), tiny)) if len(pairs) else 0.0,
-        "fill": float(np.mean([np.count_nonzero(im) / im.size for im in first])),
+        "fill": float(np.mean(fills)),
         "spread": float(np.median(spread)),
         "nearest": float(np.median(nearest)),
     }
 
 
 def score(manifest: dict, at: tuple[int, ...] = (32, 224), classes: int | None = None) -> list[dict]:
-    """One row of measures per training resolution in `at`, from the first `classes` classes."""
-    first, second = render_pairs(manifest, classes)
-    return [score_pairs(first, second, size) for size in at]
+    """One row of measures per training resolution in `at`, from the first `classes` classes; refused in one line
+    when it would not fit in memory (check_memory)."""
+    check_memory(manifest, at, classes)
+    pairs, fills = shrunk_pairs(manifest, at, classes)
+    return [score_arrays(*pairs[size], fills, size) for size in at]

@@ -71,17 +71,43 @@ class ShardURL(str):
     checks what it reads without being handed the manifest (a str subclass: webdataset and loader workers pass it
     along as a path)."""
 
-    def __new__(cls, path: str, entry: dict):
+    def __new__(cls, path: str, entry: dict, classes: int | None = None):
         url = super().__new__(cls, path)
         url.bytes, url.sha256, url.samples = entry["bytes"], entry["sha256"], entry.get("samples")
+        url.classes = classes  # the manifest's num_classes: every label must be below it
         return url
 
     def __reduce__(self):  # loader workers started by spawn get it pickled: keep the record
-        return ShardURL, (str(self), {"bytes": self.bytes, "sha256": self.sha256, "samples": self.samples})
+        return ShardURL, (str(self), {"bytes": self.bytes, "sha256": self.sha256, "samples": self.samples},
+                          self.classes)
 
 
 def shard_urls(shards_dir: Path, manifest: dict) -> list[ShardURL]:
-    return [ShardURL(str(Path(shards_dir) / s["file"]), s) for s in manifest["shards"]]
+    return [ShardURL(str(Path(shards_dir) / s["file"]), s, manifest["num_classes"]) for s in manifest["shards"]]
+
+
+def _bad_label(where, key: str, payload: bytes, classes: int | None) -> TrainError:
+    shown = payload[:20].decode("ascii", "replace")
+    return TrainError(f"{where}: sample {key[:40]!r} has class {shown!r}, not one of the manifest's "
+                      f"{classes if classes is not None else '?'} classes: the shards contradict their manifest "
+                      f"(`fracgen verify {Path(where).parent}`)")
+
+
+def label(payload: bytes, classes: int | None, where, key: str) -> int:
+    """A sample's .cls as a class index below `classes` (a manifest can list the sha256 of any shard: a folder can be
+    self-consistent and still hold labels its model has no output for)."""
+    try:
+        value = int(payload)
+    except ValueError:
+        raise _bad_label(where, key, payload, classes) from None
+    if value < 0 or (classes is not None and value >= classes):
+        raise _bad_label(where, key, payload, classes)
+    return value
+
+
+def _sample_label(sample: dict) -> int:
+    url = sample.get("__url__")
+    return label(sample["cls"], getattr(url, "classes", None), url, sample.get("__key__", "?"))
 
 
 def _mismatch(path, what: str) -> TrainError:
@@ -312,9 +338,10 @@ def train_loader(urls: list[ShardURL], batch_size: int, transform, batches: int,
         wds.ResampledShards(urls, seed=seed, deterministic=True),
         checked_samples,
         _per_worker_shuffle(shuffle_buffer, seed),
+        wds.map(_with_label, handler=wds.reraise_exception),
         wds.decode("pill", handler=wds.reraise_exception),
-        wds.to_tuple("png", "cls"),
-        wds.map_tuple(transform, int),
+        wds.to_tuple("png", "__label__"),
+        wds.map_tuple(transform, None),
         wds.batched(batch_size, partial=False, collation_fn=torch.utils.data.default_collate),
     )
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
@@ -327,9 +354,10 @@ def eval_loader(urls: list[ShardURL], transform, batch_size: int, max_samples: i
         wds.SimpleShardList(_covering(urls, max_samples)),
         checked_samples,
         _first_then_drain(max_samples),
+        wds.map(_with_label, handler=wds.reraise_exception),
         wds.decode("pill", handler=wds.reraise_exception),
-        wds.to_tuple("png", "cls"),
-        wds.map_tuple(transform, int),
+        wds.to_tuple("png", "__label__"),
+        wds.map_tuple(transform, None),
     )
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
 
@@ -370,7 +398,7 @@ def load_images(shards_dir: Path, manifest: dict) -> tuple[torch.Tensor, torch.T
                     continue
                 payload = tar.extractfile(member).read()
                 if member.name.endswith(".cls"):
-                    labels[n] = int(payload)
+                    labels[n] = label(payload, manifest["num_classes"], path, member.name)
                     continue
                 pixels = png.decode(payload)
                 if pixels.shape != (size, size):
@@ -432,7 +460,14 @@ class MemorySource:
 
 
 def _decode_uint8(sample: dict) -> tuple[torch.Tensor, int]:
-    return torch.from_numpy(png.decode(sample["png"]))[None], int(sample["cls"])
+    return torch.from_numpy(png.decode(sample["png"]))[None], _sample_label(sample)
+
+
+def _with_label(sample: dict) -> dict:
+    """The sample with its .cls checked, as an int under `__label__` (which webdataset's decoders pass through)."""
+    checked = {k: v for k, v in sample.items() if k != "cls"}
+    checked["__label__"] = _sample_label(sample)
+    return checked
 
 
 def _collate_uint8(samples: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ is escaped: a data set's name cannot add markup, links or front matter to it.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -27,13 +28,15 @@ import typer
 
 from fracgen import share
 from fracgen.errors import FracgenError
-from fracgen.lock import FolderLock
+from fracgen.lock import FolderLock, writing_folder
 from fracgen.shards import atomic_write, file_sha256
+from fracgen.untrusted import parse_json, read_json
 from train import weights
 from train.runtime import TrainError, run_cli
 
 CARD = "README.md"
 FILES = [CARD, weights.CONFIG, weights.WEIGHTS]  # SHA256SUMS lists these
+MAX_JSON_BYTES = 1 << 26  # a run's metrics.jsonl: a line per logged step
 LICENSE = "cc-by-4.0"  # the data sets' default (fracgen publish); --license changes it
 
 
@@ -58,8 +61,8 @@ def code_block(text: str, lang: str = "") -> str:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return read_json(path, max_bytes=MAX_JSON_BYTES)
+    except (OSError, FracgenError):
         return None
 
 
@@ -86,13 +89,14 @@ def lpce_curve(path: Path, points: int = 5) -> list[tuple[int, float]]:
     """(step, LPCE) at about `points` evenly spaced logged steps of metrics.jsonl, first and last included."""
     entries = []
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
+        with open(path, "rb") as f:
+            lines = f.read(MAX_JSON_BYTES).splitlines()
+    except OSError:
         return []
     for line in lines:
         try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
+            e = parse_json(line, str(path))
+        except FracgenError:
             continue
         if isinstance(e, dict) and isinstance(e.get("step"), int) and isinstance(e.get("loss"), (int, float)):
             entries.append((e["step"], float(e["loss"])))
@@ -234,11 +238,40 @@ def _upload(folder: Path, files: list[str], to: str) -> str:
         raise TrainError(str(e)) from None
 
 
+def _claim(out: Path, config_raw: bytes, overwrite: bool) -> None:
+    """May the published files of these weights be written into `out`? Yes into an empty folder, the run folder, or
+    a folder that holds this run's published files (publishing again); a data set, another model's published files
+    or a card and sums train.publish did not write there are refused unless `overwrite` (never a data set)."""
+    if (out / "manifest.json").exists():
+        raise TrainError(f"--out {out} holds a data set (manifest.json): publish the weights into a folder of their "
+                         "own")
+    sums_path, card_path = out / weights.SUMS, out / CARD
+    if sums_path.exists():
+        try:
+            listed = set(weights.parse_sums(sums_path.read_bytes()[: weights.MAX_SUMS_BYTES + 1], str(sums_path)))
+        except (TrainError, OSError):
+            listed = set()
+        if listed != set(FILES):
+            what = f"a {weights.SUMS} that lists other files than a published model's"
+        elif (out / weights.CONFIG).is_file() and (out / weights.CONFIG).read_bytes() != config_raw:
+            what = "another model's published files (its config.json differs)"
+        else:
+            return  # this run's published files: written again
+    elif card_path.exists():
+        what = f"a {CARD} that train.publish did not write (no {weights.SUMS} beside it)"
+    else:
+        return
+    if not overwrite:
+        raise TrainError(f"--out {out} holds {what}; choose another folder, or pass --overwrite to replace it")
+
+
 def publish(run: str | Path, out: str | Path | None = None, to: str | None = None, url: str | None = None,
-            license: str = LICENSE, name: str | None = None, results: list[Path] = ()) -> dict:
+            license: str = LICENSE, name: str | None = None, results: list[Path] = (),
+            overwrite: bool = False) -> dict:
     """Check a finished run, write the card and SHA256SUMS into `out` (default: the run folder) beside config.json
     and model.safetensors, and with `to` (hf://ORG/NAME[@REVISION]) upload those files. `url`: where the folder
-    will be served, for the card's commands (default `to`)."""
+    will be served, for the card's commands (default `to`). One writer per folder: the run's lock is held, and
+    `out`'s when it is another folder; files already in `out` are replaced only as _claim allows."""
     run = Path(run)
     out = Path(out) if out else run
     if to is not None:
@@ -253,14 +286,16 @@ def publish(run: str | Path, out: str | Path | None = None, to: str | None = Non
             name = name or f"{config['architecture']} pre-trained on {system}"
             card = model_card(config, summary, curve, found, license=license, name=name,
                               source=url or to or "https://YOUR-SERVER/PATH/")
-            out.mkdir(parents=True, exist_ok=True)
-            if out.resolve() != run.resolve():
-                config_raw = (run / weights.CONFIG).read_bytes()
-                atomic_write(out / weights.CONFIG, lambda f: f.write(config_raw))
-                atomic_write(out / weights.WEIGHTS, lambda f: f.write(raw))
-            atomic_write(out / CARD, lambda f: f.write(card.encode()))
-            sums = "".join(f"{file_sha256(out / f)[0]}  {f}\n" for f in FILES).encode()  # `sha256sum -c` reads it
-            atomic_write(out / weights.SUMS, lambda f: f.write(sums))
+            config_raw = (run / weights.CONFIG).read_bytes()
+            same = out.exists() and out.resolve() == run.resolve()
+            with contextlib.nullcontext() if same else writing_folder(out, "train.publish", name=f"--out {out}"):
+                _claim(out, config_raw, overwrite)
+                if not same:
+                    atomic_write(out / weights.CONFIG, lambda f: f.write(config_raw))
+                    atomic_write(out / weights.WEIGHTS, lambda f: f.write(raw))
+                atomic_write(out / CARD, lambda f: f.write(card.encode()))
+                sums = "".join(f"{file_sha256(out / f)[0]}  {f}\n" for f in FILES).encode()  # `sha256sum -c` reads it
+                atomic_write(out / weights.SUMS, lambda f: f.write(sums))
     except FracgenError as e:
         raise TrainError(str(e)) from None
     files = [*FILES, weights.SUMS]
@@ -284,9 +319,11 @@ def main(
     results: Annotated[list[Path] | None, typer.Option(help="more train.finetune results.json or train.probe "
                                                             "probe.json for the card, e.g. the scratch baseline's "
                                                             "(repeat)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace another model's published files (or a "
+                                                                "card and sums of another tool) in --out")] = False,
 ) -> None:
     """Write a model card and SHA256SUMS for a finished run; optionally upload it to the Hugging Face hub."""
-    r = publish(run, out, to, url, license, name, results or [])
+    r = publish(run, out, to, url, license, name, results or [], overwrite)
     print(f"published {', '.join(r['files'])} in {r['folder']} ({r['results']} fine-tuning result(s) in the card)"
           + (f"; uploaded to {r['url']}" if r["url"] else ""), file=sys.stdout)
 
