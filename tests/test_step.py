@@ -105,10 +105,60 @@ def _losses(out: Path) -> list[float]:
 def test_the_compiled_step_trains_what_the_eager_step_trains(shards, tmp_path):
     """Same seeds, same batches: torch.compile only reorders floating-point work, so over 160 steps the loss curve
     of the compiled model stays within noise of the eager one (windows of 20 steps)."""
+    from torch._dynamo.utils import counters
+
     args = dict(shards=str(shards), **{**TINY, "log_every": 20}, mixup=0.0, smoothing=0.0, blr=2e-2, steps=160)
     pretrain.pretrain(Config(**args, out=str(tmp_path / "eager")))
+    counters.clear()
     pretrain.pretrain(Config(**args, out=str(tmp_path / "compiled"), compile=True))
+    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1 or \
+        counters["stats"]["unique_graphs"] >= 1  # compiled for real, not eager twice
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert len(eager) == len(compiled) == 8
     assert eager[-1] < eager[0] - 0.3  # it learns, so the comparison means something
     assert max(abs(a - b) for a, b in zip(eager, compiled, strict=True)) < 0.1
+
+
+def _run(shards: Path, out: Path, capsys, **extra) -> tuple[str, dict]:
+    args = dict(shards=str(shards), **TINY, steps=3, mixup=0.0, **extra)
+    pretrain.pretrain(Config(**args, out=str(out)))
+    return capsys.readouterr().out, _weights(out)
+
+
+def test_a_backend_that_fails_is_one_note_and_the_run_trains_what_eager_trains(shards, tmp_path, capsys,
+                                                                               monkeypatch):
+    from train import step
+
+    _, eager = _run(shards, tmp_path / "eager", capsys)
+
+    def broken(graph, inputs):
+        raise RuntimeError("this backend is broken")
+
+    monkeypatch.setattr(step, "BACKEND", broken)
+    log, fallback = _run(shards, tmp_path / "fallback", capsys, compile=True)
+    notes = [line for line in log.splitlines() if "torch.compile" in line or line.startswith("step: ")]
+    assert notes == ["note: torch.compile failed on this machine (BackendCompilerFailed: backend='broken' raised: "
+                     "RuntimeError: this backend is broken); training eagerly", "step: eager"], log
+    assert all(torch.equal(eager[k], fallback[k]) for k in eager)  # the try changed no weight, buffer or draw
+
+
+def test_no_cxx_compiler_is_one_note_not_a_traceback(shards, tmp_path, capsys, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
+    log, _ = _run(shards, tmp_path / "run", capsys, compile=True)
+    assert "note: torch.compile failed on this machine (InductorError: InvalidCxxCompiler" in log, log
+    assert "step: eager" in log.splitlines()
+
+
+def test_a_compiled_run_really_compiles(shards, tmp_path, capsys, monkeypatch):
+    """dynamo's counters prove a graph was captured, so the compiled-vs-eager comparisons compare two things. The
+    fast suite traces with the 'eager' backend (no C++ build); the slow test below builds with inductor."""
+    from torch._dynamo.utils import counters
+
+    from train import step
+
+    monkeypatch.setattr(step, "BACKEND", "eager")
+    counters.clear()
+    log, _ = _run(shards, tmp_path / "run", capsys, compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1 and "step: torch.compile (default)" in log.splitlines()

@@ -135,12 +135,12 @@ def model_only_rate(cfg: Config, num_classes: int, steps: int, window: int = 20)
     model, _ = build_model(cfg, num_classes, device)
     optimizer = build_optimizer(cfg, model, 1e-3, fused=fast.fused)
     scheduler = build_scheduler(cfg, optimizer, 1e-3, min(cfg.warmup_steps, cfg.steps // 2))
-    if fast.compile:
-        model = compile_model(model, fast.compile_mode)
-    step = TrainStep(model, optimizer, scheduler, num_classes, autocast=autocast_for(device))
     batch = cfg.global_batch or cfg.batch  # one process
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     target = torch.softmax(torch.randn(batch, num_classes, device=device), 1)
+    if fast.compile:
+        model, _ = compile_model(model, fast.compile_mode, (x, target), autocast_for(device))
+    step = TrainStep(model, optimizer, scheduler, num_classes, autocast=autocast_for(device))
     step.targets = lambda x, y: (x, y)  # the targets are already soft: no one-hot
     fixed = iter(lambda: (x, target), None)
     rates, t0 = [], time.perf_counter()

@@ -47,6 +47,7 @@ from fracgen.render import RENDERER
 from train import batches, data, onthefly, weights
 from train import model as model_lib
 from train.augment import AugmentRNG, DeviceAugment
+from train.evaluate import chance_warning, pretext_accuracy
 from train.runtime import (
     TrainError,
     atomic_save,
@@ -60,7 +61,16 @@ from train.runtime import (
     set_rng_states,
     setup_distributed,
 )
-from train.step import TrainStep, autocast_for, compile_model, fast_options, flops_per_sample, mfu, peak_flops
+from train.step import (
+    TrainStep,
+    autocast_for,
+    compile_model,
+    example_batch,
+    fast_options,
+    flops_per_sample,
+    mfu,
+    peak_flops,
+)
 
 
 @dataclass
@@ -314,8 +324,11 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     raw_model = model
     flops = flops_per_sample(raw_model, cfg.img_size, device) if master_process else 0.0
     peak = peak_flops(device)
-    if fast.compile:
-        model = compile_model(model, fast.compile_mode, log)
+    if fast.compile:  # tried on one batch of the run's shapes: where it fails, eager with a note (train.step)
+        example = example_batch(raw_model, batch, cfg.img_size, num_classes, device,
+                                model_args.get("in_chans", 3))
+        model, compiled = compile_model(model, fast.compile_mode, example, autocast, log)
+        fast = dataclasses.replace(fast, compile=compiled)  # the log's `step:` line says what really runs
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     mixup_fn = None
@@ -333,19 +346,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
                                           prefetch=fast.prefetch, hint=str(run.shards_dir or cfg.render))
 
     def evaluate() -> dict:
-        """Pretext top-1 on clean, un-mixed images: has the network learned to tell the C classes apart?"""
-        raw_model.eval()
-        correct = total = 0
-        loss_sum = 0.0
-        with torch.no_grad(), autocast:
-            for x, y in path.eval_batches():
-                x, y = augment.evaluate(x.to(device)), y.to(device)
-                logits = raw_model(x).float()
-                loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-                correct += (logits.argmax(1) == y).sum().item()
-                total += len(y)
-        raw_model.train()
-        return {"pretext_acc": 100 * correct / total, "pretext_loss": loss_sum / total, "eval_samples": total}
+        return pretext_accuracy(raw_model, path.eval_batches(), augment.evaluate, device, autocast)
 
     def save_checkpoint() -> None:
         states = [None] * world_size
@@ -440,9 +441,9 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
         loss_text = f"LPCE {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "no training steps"
         log(f"done: {loss_text} | pretext top-1 {result['pretext_acc']:.1f}% on {result['eval_samples']} clean "
             f"images (chance {100 / num_classes:.2g}%) | weights: {out / weights.WEIGHTS}")
-        if result["pretext_acc"] < 5 * 100 / num_classes:
-            log("warning: pretext accuracy is near chance: the network has not learned to tell the perturbation"
-                " classes apart, and such a pre-training can transfer worse than none (DESIGN.md section 9).")
+        warning = chance_warning(result["pretext_acc"], num_classes)
+        if warning:
+            log(warning)
         metrics_file.close()
     if world_size > 1:
         dist.barrier()

@@ -5,7 +5,8 @@ Nothing in it waits for the device: the loss is summed on the device and read on
 choice (Mixup's lambda, CutMix's box) is drawn on the host.
 
 `--fast` (on by default on CUDA, `--no-fast` turns it off) adds what only pays on a GPU: the model compiled with
-torch.compile (`--compile-mode`; a model that does not compile falls back to eager with a note), fused AdamW, and
+torch.compile (`--compile-mode`; a model that does not compile on this machine, tried on one step's shapes before
+the run, falls back to eager with one note), fused AdamW, and
 the next batch augmented on a side stream while this step runs (`batches.DeviceBatches`). None of them changes what
 is trained; a test checks that the loss curve of the fast step matches the eager one.
 
@@ -19,6 +20,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo as dynamo
 from timm.data.mixup import one_hot
 from timm.loss import SoftTargetCrossEntropy
 
@@ -51,17 +53,58 @@ def fast_options(fast: str, compile: bool, compile_mode: str, device) -> Fast:
     return Fast(compile=on or compile, compile_mode=compile_mode, fused=on and cuda, prefetch=on)
 
 
-def compile_model(model: torch.nn.Module, mode: str, log=print) -> torch.nn.Module:
-    """torch.compile, falling back to eager (with a note) where the backend cannot compile the model: a slower run
-    is better than none on a machine without a working compiler."""
-    import torch._dynamo
+BACKEND = "inductor"  # torch.compile's; the tests swap in a failing one
 
-    torch._dynamo.config.suppress_errors = True
+
+def compile_model(model: torch.nn.Module, mode: str, example: tuple[torch.Tensor, torch.Tensor], autocast=None,
+                  log=print, backend=None) -> tuple[torch.nn.Module, bool]:
+    """(the model torch.compile made, True), or (`model`, False) with one `note:` line where it does not compile.
+
+    torch.compile is lazy: the forward compiles at the first call and the backward at the first backward, so a
+    missing C++ compiler or a failing backend shows up inside the first training step (as a 2,000-line traceback),
+    not here. So the compiled model is tried here on `example` (an input batch and soft targets of the run's
+    shapes) for one forward, LPCE and backward, under the run's autocast; the graphs it compiles are the ones the
+    first step reuses. The try leaves nothing behind: gradients are dropped, buffers and random states restored.
+    No process-wide `suppress_errors`: a graph that fails is not silently run eagerly frame by frame."""
     try:
-        return torch.compile(model, mode=None if mode == "default" else mode)
-    except Exception as e:  # compile itself is lazy; this catches an unknown mode or a missing backend
-        log(f"note: torch.compile unavailable ({type(e).__name__}: {str(e)[:120]}); training eagerly")
-        return model
+        compiled = torch.compile(model, mode=None if mode == "default" else mode, backend=backend or BACKEND)
+    except Exception as e:  # an unknown mode or backend
+        log(f"note: torch.compile unavailable ({_reason(e)}); training eagerly")
+        return model, False
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    x, target = example
+    try:
+        with autocast or contextlib.nullcontext():
+            loss = SoftTargetCrossEntropy()(compiled(x), target)
+        loss.backward()
+        ok = True
+    except Exception as e:  # dynamo's, inductor's and the C++ compiler's errors are many types
+        log(f"note: torch.compile failed on this machine ({_reason(e)}); training eagerly")
+        dynamo.reset()  # no half-compiled graph is kept for later calls
+        ok = False
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+    return (compiled, True) if ok else (model, False)
+
+
+def _reason(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(error).__name__}: {first[:200]}"  # the first line; with its cause where it ends in a colon
+
+
+def example_batch(model: torch.nn.Module, batch: int, img_size: int, num_classes: int, device,
+                  channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of the run's shapes for compile_model's try: images and soft targets over the C classes."""
+    x = torch.randn(batch, channels, img_size, img_size, device=device)
+    return x, torch.full((batch, num_classes), 1 / num_classes, device=device)
 
 
 def autocast_for(device):
