@@ -74,3 +74,21 @@ class Server:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def train_cli(app, args, capsys) -> tuple[int, str, str]:
+    """A train.* command line run in this process (no second torch import): (exit code, stdout, stderr)."""
+    import sys
+
+    from train.runtime import run_cli
+
+    argv, sys.argv = sys.argv, ["train", *map(str, args)]
+    try:
+        run_cli(app)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

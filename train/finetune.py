@@ -146,19 +146,23 @@ def load_pretrained(spec: str, cache_dir: str = ""):
     return weights.load(spec, cache_dir or None)
 
 
+def init_model(cfg: Config, pretrained, num_classes: int) -> torch.nn.Module:
+    """The network fine-tuning starts from: the checkpoint's weights with a new, freshly initialised head for the
+    downstream classes (the pretext head is dropped), or the same architecture from scratch."""
+    if pretrained is None:
+        model_args = model_lib.architecture_args(cfg.img_size, cfg.patch_size or None, cfg.depth or None)
+        return model_lib.create(cfg.model, num_classes, model_args, cfg.drop_path)
+    name, model_args, pretext_classes, state = pretrained
+    model = model_lib.create(name, pretext_classes, model_args, cfg.drop_path)
+    model_lib.load_weights(model, state, "--checkpoint")  # checked by weights.load: this cannot fail
+    model.reset_classifier(num_classes)
+    return model
+
+
 def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, pretrained, device) -> float:
     """One fine-tuning run; returns top-1 (%) on the held-out set."""
     seed_everything(seed)
-    if pretrained is None:
-        name = cfg.model
-        model_args = model_lib.architecture_args(cfg.img_size, cfg.patch_size or None, cfg.depth or None)
-        model = model_lib.create(name, num_classes, model_args, cfg.drop_path)
-    else:
-        name, model_args, pretext_classes, state = pretrained
-        model = model_lib.create(name, pretext_classes, model_args, cfg.drop_path)
-        model_lib.load_weights(model, state, "--checkpoint")  # checked by weights.load: this cannot fail
-        model.reset_classifier(num_classes)  # new, freshly initialised head for the downstream classes
-    model.to(device)
+    model = init_model(cfg, pretrained, num_classes).to(device)
 
     batch = batch_used(cfg, len(train_set))
     extra = {"momentum": 0.9} if cfg.opt == "sgd" else {}
@@ -329,6 +333,11 @@ def main(
                    warmup_blr=warmup_blr, min_blr=min_blr, crop_pct=crop_pct, preset=preset)
     # the preset fills what the command line left at its default; an option given on the command line wins
     options.update({k: v for k, v in PRESETS[preset].items() if ctx.get_parameter_source(k).name == "DEFAULT"})
+    ignored = [f"--{k.replace('_', '-')}" for k in ("model", "img_size", "patch_size", "depth")
+               if ctx.get_parameter_source(k).name != "DEFAULT"]
+    if ignored and checkpoint.lower() != "none":
+        print(f"note: {', '.join(ignored)} ignored: --checkpoint brings its own network (its config says the "
+              "architecture and input size)", flush=True)
     finetune(Config(**options))
 
 

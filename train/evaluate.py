@@ -1,0 +1,38 @@
+"""What a pre-training run reports of itself: the pretext accuracy (top-1 over the C perturbation classes on clean,
+un-mixed images) and the warning a run ends with when that is near chance (DESIGN.md section 9: a pre-training that
+has not learned its task can transfer worse than none)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def pretext_accuracy(model: torch.nn.Module, eval_batches, clean, device, autocast=None) -> dict:
+    """Pretext top-1 on clean, un-mixed images: has the network learned to tell the C classes apart? `eval_batches`
+    yields (uint8 images, labels); `clean` turns images into the model's input (resize, normalise)."""
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    with torch.no_grad(), autocast or contextlib.nullcontext():
+        for x, y in eval_batches:
+            x, y = clean(x.to(device)), y.to(device)
+            logits = model(x).float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            total += len(y)
+    model.train()
+    return {"pretext_acc": 100 * correct / total, "pretext_loss": loss_sum / total, "eval_samples": total}
+
+
+NEAR_CHANCE = 5  # a pretext top-1 under 5x chance: the network has not learned its task
+
+
+def chance_warning(pretext_acc: float, num_classes: int) -> str | None:
+    """The warning a run ends with when its pretext accuracy is near chance (DESIGN.md section 9: such a
+    pre-training can transfer worse than none), else None."""
+    if pretext_acc >= NEAR_CHANCE * 100 / num_classes:
+        return None
+    return ("warning: pretext accuracy is near chance: the network has not learned to tell the perturbation classes "
+            "apart, and such a pre-training can transfer worse than none (DESIGN.md section 9).")
