@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,hub,plots]'
+	$(BIN)/pip install -q -e '.[test,hub,plots,dask]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,7 +28,7 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow -q
 
 lint: install
-	$(BIN)/ruff check fracgen train tests bench.py
+	$(BIN)/ruff check .
 
 bench: install
 	$(BIN)/python bench.py

@@ -25,7 +25,8 @@ PROBE_STEPS = 4 if DRY else 300
 def probe_one(i):
     import torch
     torch.set_num_threads(1)
-    import contextlib, io
+    import contextlib
+    import io
     with contextlib.redirect_stdout(io.StringIO()):
         P.pretrain(P.Config(shards="/tmp/probe", out=f"/tmp/probe-run{i}", steps=PROBE_STEPS, log_every=2 if DRY
                             else 50, eval_every=0, ckpt_every=0, seed=i))

@@ -19,7 +19,8 @@ if __name__ == "__main__":
         f = r.folder(Path("/tmp/exp"), budget) / "row.json"
         if f.exists():
             row = json.loads(f.read_text())
-            print(f"{r.label} | LPCE {row['first_loss']:.3f} -> {row['last_loss']:.3f} | pretext {row['pretext_top1']:.1f}"
-                  f" | fine-tuned {row['finetune_top1']:.1f} +- {row['finetune_std']:.1f} {row['finetune_seeds']} | probe"
-                  f" {row['probe_top1']:.1f} +- {row['probe_std']:.1f} | pretrain {row.get('pretrain_s')} s", flush=True)
+            print(f"{r.label} | LPCE {row['first_loss']:.3f} -> {row['last_loss']:.3f} | pretext "
+                  f"{row['pretext_top1']:.1f} | fine-tuned {row['finetune_top1']:.1f} +- {row['finetune_std']:.1f} "
+                  f"{row['finetune_seeds']} | probe {row['probe_top1']:.1f} +- {row['probe_std']:.1f} | pretrain "
+                  f"{row.get('pretrain_s')} s", flush=True)
     print(f"total {(time.time() - t0) / 60:.1f} min")

@@ -12,7 +12,7 @@
 # same 8-minute box; its correlation table is score-bases-correlation.md).
 set -u
 OUT=${OUT:?set OUT to the folder that receives the results}
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ "${TOY:-0}" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then  # the GPU image's wheels (CPython 3.12); not for a CPU rehearsal
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
