@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,hub,plots,dask]'
+	$(BIN)/pip install -q -e '.[test,hub,plots,dask,s3]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,7 +37,7 @@ bench: install
 # a second `make pretrain` resumes the run from its last checkpoint instead of starting over.
 pretrain: install
 	$(BIN)/fracgen render --classes 1000 --size 128 --points 50000 --seed $(SEED) --out $(CPU_SHARDS) --resume
-	$(BIN)/python -m train.pretrain --shards $(CPU_SHARDS) --out $(RUN) $(if $(wildcard $(RUN)/ckpt.pt),--resume)
+	$(BIN)/python -m train.pretrain --shards $(CPU_SHARDS) --out $(RUN)
 
 # Fine-tunes the pre-trained checkpoint and, as the baseline, the same network from scratch (digits, 3 seeds).
 finetune: install

@@ -60,18 +60,11 @@ def test_a_resumed_prefetching_run_equals_an_uninterrupted_plain_one(shards, tmp
     that never stopped, bit for bit."""
     args = dict(shards=str(shards), **{**TINY, "ckpt_every": 3}, **AUGMENTED, steps=6)
     pretrain.pretrain(Config(**args, out=str(tmp_path / "plain")))
-    save = pretrain.atomic_save
-
-    def keep_step_3(obj, path):  # a copy of the mid-run checkpoint, as a killed run would have left it
-        save(obj, path)
-        if obj["step"] == 3:
-            (tmp_path / "resumed").mkdir()
-            shutil.copy(path, tmp_path / "resumed" / "ckpt.pt")
-
-    monkeypatch.setattr(pretrain, "atomic_save", keep_step_3)
     monkeypatch.setattr(pretrain, "fast_options", lambda *a: Fast(prefetch=True))
-    pretrain.pretrain(Config(**args, out=str(tmp_path / "ahead")))
-    pretrain.pretrain(Config(**args, out=str(tmp_path / "resumed"), resume=True))
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "ahead"), keep_ckpts=2))
+    (tmp_path / "resumed").mkdir()  # the mid-run checkpoint alone, as a killed run would have left it
+    shutil.copy(tmp_path / "ahead" / "ckpt-00000003.pt", tmp_path / "resumed" / "ckpt.pt")
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "resumed"), resume="always"))
     plain = _weights(tmp_path / "plain")
     for run in ("ahead", "resumed"):
         weights = _weights(tmp_path / run)
@@ -142,11 +135,11 @@ def test_a_backend_that_fails_is_one_note_and_the_run_trains_what_eager_trains(s
     assert all(torch.equal(eager[k], fallback[k]) for k in eager)  # the try changed no weight, buffer or draw
 
 
-def test_no_cxx_compiler_is_one_note_not_a_traceback(shards, tmp_path, capsys, monkeypatch):
+def test_no_cxx_compiler_is_one_note_not_a_traceback(shards, tmp_path, capsys):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
-    log, _ = _run(shards, tmp_path / "run", capsys, compile=True)
+    with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-g++"),)}):
+        log, _ = _run(shards, tmp_path / "run", capsys, compile=True)
     assert "note: torch.compile failed on this machine (InductorError: InvalidCxxCompiler" in log, log
     assert "step: eager" in log.splitlines()
 

@@ -5,10 +5,12 @@ Runbook
     python -m train.pretrain --shards /tmp/cpu-shards --out runs/cpu
   the paper's recipe (ViT-Tiny, 224 px, ~240k steps) on one node with 8 GPUs:
     torchrun --standalone --nproc_per_node=8 -m train.pretrain --preset paper --shards shards/ --out runs/paper
-  continue a killed run from its last checkpoint (loses at most --ckpt-every steps):
-    python -m train.pretrain --shards /tmp/cpu-shards --out runs/cpu --resume
+  the same command continues a run OUT holds (after a kill, a preemption, a torchrun restart or --stop-after);
+  SIGTERM / SIGUSR1 / SIGINT stop it with a checkpoint; --ckpt-minutes M, --keep-ckpts K (docs/training.md):
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 -m train.pretrain --preset paper --shards shards/ \
+        --out runs/paper --ckpt-minutes 20
   from a published folder (pulled once into --cache-dir, checked by sha256, then read locally):
-    python -m train.pretrain --shards https://HOST/PATH/ --out runs/cpu      (or hf://datasets/ORG/NAME)
+    python -m train.pretrain --shards https://HOST/PATH/ --out runs/cpu      (or hf://datasets/ORG/NAME, s3://B/P/)
   no shards: render the samples on the fly from a manifest (the same images; --instances 0: fresh ones forever):
     python -m train.pretrain --render /tmp/cpu-shards/manifest.json --out runs/cpu-fly --instances 0
 
@@ -19,7 +21,8 @@ With `--render` the samples are rendered by fracgen instead of read (`train.onth
 workers, by the same rule. The paths live in `train.batches`, the step in `train.step` (`--fast`: compiled model,
 fused AdamW, augmentation prefetched on a side stream; on by default on CUDA).
 Every rank runs exactly --steps optimizer steps; rank 0 alone logs, evaluates the pretext accuracy and writes
-RUN_DIR/{ckpt.pt, model.safetensors, config.json, model.pth, summary.json, metrics.jsonl} (train.weights).
+RUN_DIR/{ckpt.pt, checkpoints.json, model.safetensors, config.json, model.pth, summary.json, metrics.jsonl}
+(train.checkpoint, train.weights).
 """
 
 from __future__ import annotations
@@ -47,13 +50,13 @@ from fracgen.render import RENDERER
 from train import batches, data, onthefly, weights
 from train import model as model_lib
 from train.augment import AugmentRNG, DeviceAugment
+from train.checkpoint import LATEST, Checkpoints, snapshot
 from train.evaluate import chance_warning, pretext_accuracy
+from train.preempt import Agreement, Preemption
 from train.runtime import (
     TrainError,
-    atomic_save,
     atomic_write_json,
     atomic_write_text,
-    load_checkpoint,
     parse_float_pair,
     rng_states,
     run_cli,
@@ -123,12 +126,14 @@ class Config:
     eval_every: int = 500
     eval_samples: int = 1000
     ckpt_every: int = 500
-    stop_after: int = 0  # > 0: end this run after that many steps with a checkpoint (job time limits); --resume
+    ckpt_minutes: float = 0.0  # > 0: a checkpoint also every that many minutes (a job manager thinks in minutes)
+    keep_ckpts: int = 1  # the newest K complete checkpoints stay (train.checkpoint)
+    stop_after: int = 0  # > 0: end this run after that many steps with a checkpoint (job time limits)
     fast: str = "auto"  # torch.compile + fused AdamW + prefetched augmentation (train.step); auto: on on CUDA
     compile: bool = False  # torch.compile the model on any device (the CPU too), whatever --fast says
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
-    resume: bool = False
-    allow_other_data: bool = False  # --resume on data other than the checkpoint's (same class count)
+    resume: str = "auto"  # auto: continue the run OUT holds, else start; always: must continue; never: must start
+    allow_other_data: bool = False  # continue on data other than the checkpoint's (same class count)
 
 
 PRESETS = {
@@ -143,7 +148,8 @@ PRESETS = {
 
 # Options that may differ on --resume (they do not change what is being trained).
 RESUMABLE = {"out", "shards", "cache_dir", "render", "resume", "allow_other_data", "steps", "workers", "log_every",
-             "eval_every", "eval_samples", "ckpt_every", "stop_after", "fast", "compile", "compile_mode", "crop_in",
+             "eval_every", "eval_samples", "ckpt_every", "ckpt_minutes", "keep_ckpts", "stop_after",
+             "fast", "compile", "compile_mode", "crop_in",
              "cache", "cache_budget", "augment", "shuffle_buffer"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -213,29 +219,33 @@ def pretrain(cfg: Config) -> dict:
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is not a folder")
     if rank != 0:
-        return _pretrain(cfg, rank, local_rank, world_size, device)
+        with Preemption() as preemption:
+            return _pretrain(cfg, rank, local_rank, world_size, device, preemption)
     try:  # a run that fails before writing anything leaves no folder behind
-        with writing_folder(out, "train.pretrain", lambda text: print(f"note: {text}", flush=True), f"--out {out}"):
-            return _pretrain(cfg, rank, local_rank, world_size, device)
+        with writing_folder(out, "train.pretrain", lambda text: print(f"note: {text}", flush=True), f"--out {out}"), \
+                Preemption() as preemption:
+            return _pretrain(cfg, rank, local_rank, world_size, device, preemption)
     except FracgenError as e:
         raise TrainError(str(e)) from None
     except OSError as e:
         raise TrainError(f"cannot write the run folder {out}: {e.strerror or e}") from None
 
 
-def _load_resume(cfg: Config, ckpt_path: Path) -> dict | None:
-    """The checkpoint a --resume continues (None without --resume); refuses one past --steps."""
-    if not cfg.resume:
-        if ckpt_path.exists():
-            raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-        return None
-    if not ckpt_path.is_file():
-        raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
-    checkpoint = load_checkpoint(ckpt_path, resume=True)
+def _load_resume(cfg: Config, checkpoints: Checkpoints, log) -> tuple[dict, Path] | tuple[None, None]:
+    """The checkpoint this run continues, and its file: the newest complete one in the run folder, unless
+    `--no-resume` (which refuses a folder holding one); none for a new run. Refuses one past --steps."""
+    if not checkpoints.exists():
+        if cfg.resume == "always":
+            raise TrainError(f"--resume: no checkpoint in {cfg.out} to continue")
+        return None, None
+    if cfg.resume == "never":
+        raise TrainError(f"{cfg.out} holds a checkpoint of a run: the same command without --no-resume continues it;"
+                         " or choose another --out")
+    checkpoint, path = checkpoints.load_latest(resume=True, note=log)
     if checkpoint["step"] > cfg.steps:
-        raise TrainError(f"--resume: the checkpoint is at step {checkpoint['step']}, past --steps {cfg.steps}; "
-                         f"give --steps {checkpoint['step']} or more")
-    return checkpoint
+        raise TrainError(f"the checkpoint is at step {checkpoint['step']}, past --steps {cfg.steps} ({path}); give "
+                         f"--steps {checkpoint['step']} or more")
+    return checkpoint, path
 
 
 def _warmup_steps(cfg: Config, epoch_images: int, global_batch: int) -> int:
@@ -259,13 +269,15 @@ def _augmentations(cfg: Config) -> str:
     return ", ".join(augs) or "none"
 
 
-def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) -> dict:
+def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device, preemption: Preemption) -> dict:
     master_process = rank == 0
     log = functools.partial(print, flush=True) if master_process else (lambda *a, **k: None)
 
     out = Path(cfg.out)
-    ckpt_path = out / "ckpt.pt"
-    checkpoint = _load_resume(cfg, ckpt_path)
+    checkpoints = Checkpoints(out, cfg.keep_ckpts, cfg.ckpt_every, cfg.ckpt_minutes)
+    if master_process:
+        checkpoints.remove_temporaries()  # of a write that was killed; we hold the run folder's lock
+    checkpoint, ckpt_path = _load_resume(cfg, checkpoints, log)
     if checkpoint is not None and checkpoint["step"] == cfg.steps:
         log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: "
             f"{out / weights.WEIGHTS})")
@@ -303,7 +315,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
 
     step = 0
     if checkpoint is not None:
-        model_lib.load_weights(model, checkpoint["model"], str(Path(cfg.out) / "ckpt.pt"))
+        model_lib.load_weights(model, checkpoint["model"], str(ckpt_path))
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -348,7 +360,9 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     def evaluate() -> dict:
         return pretext_accuracy(raw_model, path.eval_batches(), augment.evaluate, device, autocast)
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(wait: bool = False) -> None:
+        """Every rank's random state gathered, rank 0's copy of the whole state handed to `checkpoints` (written on
+        its thread; `wait`: before returning)."""
         states = [None] * world_size
         mine = {**rng_states(), "augment": micro_batches.rng_state()}
         if world_size > 1:
@@ -356,11 +370,12 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
         else:
             states = [mine]
         if master_process:
-            atomic_save({"model_name": cfg.model, "model_args": model_args, "num_classes": num_classes,
-                         "model": model_lib.clean_state_dict(raw_model), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                         "config": dataclasses.asdict(cfg), "rng": states, "world_size": world_size,
-                         "fracgen_settings": manifest.get("settings", {}), "data_sha256": data_sha256}, ckpt_path)
+            state = {"model_name": cfg.model, "model_args": model_args, "num_classes": num_classes,
+                     "model": model_lib.clean_state_dict(raw_model), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                     "config": dataclasses.asdict(cfg), "rng": states, "world_size": world_size,
+                     "fracgen_settings": manifest.get("settings", {}), "data_sha256": data_sha256}
+            checkpoints.save(snapshot(state), step, wait=wait)
 
     earlier_loss = None  # the first loss of the run this one continues
     if master_process:
@@ -391,6 +406,8 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
     t_window = time.time()
     start_step = step
     stream = iter(micro_batches)
+    agreement = Agreement(world_size)
+    stopped_by = ""
     while step < end:
         train_step(step, stream)
         step += 1
@@ -415,7 +432,14 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
             log(f"step {step}/{cfg.steps} | pretext top-1 {result['pretext_acc']:.1f}% "
                 f"(chance {100 / num_classes:.2g}%) | clean CE {result['pretext_loss']:.3f}")
             record({"step": step, **result})
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != cfg.steps:
+        stop = by_time = False
+        if agreement.asks(step):  # the ranks agree: a signal reached any of them; rank 0's clock says save
+            stop, by_time = agreement.decide(preemption.received is not None,
+                                             master_process and checkpoints.due_by_time())
+        if stop:
+            stopped_by = preemption.name or "a signal to another rank"
+            break
+        if (checkpoints.due_by_steps(step) or by_time) and step != cfg.steps:
             save_checkpoint()
         if window_steps == 0:
             t_window = time.time()  # evaluation and checkpoint time is not training throughput
@@ -423,10 +447,17 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device) 
 
     # Every rank reports its own count: all ranks must have run the same number of steps (no DDP hang).
     print(f"[rank {rank}] done: {step - start_step} steps this run, at step {step}", flush=True)
-    save_checkpoint()
+    save_checkpoint(wait=True)
     summary = {}
-    if step < cfg.steps:
-        log(f"stopped at step {step} of {cfg.steps} (--stop-after {cfg.stop_after}): continue with --resume")
+    if stopped_by:
+        log(f"stopped by {stopped_by} at step {step} of {cfg.steps}: checkpoint {out / LATEST} written; the same "
+            "command continues the run")
+        summary = {"step": step, "stopped_by": stopped_by, "signal": preemption.received}
+        if metrics_file:
+            metrics_file.close()
+    elif step < cfg.steps:
+        log(f"stopped at step {step} of {cfg.steps} (--stop-after {cfg.stop_after}): the same command continues the "
+            "run")
         if metrics_file:
             metrics_file.close()
     elif master_process:
@@ -535,9 +566,14 @@ def main(
     compile_mode: Annotated[str | None, typer.Option(help="torch.compile mode: default, reduce-overhead (CUDA "
                                                           "graphs), max-autotune, max-autotune-no-cudagraphs")]
     = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/ckpt.pt")] = False,
-    allow_other_data: Annotated[bool, typer.Option("--allow-other-data", help="with --resume: continue on data "
-                                                   "other than the checkpoint's, on purpose")] = False,
+    ckpt_minutes: Annotated[float | None, typer.Option(help="also a checkpoint every M minutes (0 = off)")] = None,
+    keep_ckpts: Annotated[int | None, typer.Option(help="keep the newest K complete checkpoints")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help="default: continue the run OUT holds "
+                                                "(its newest complete checkpoint) or start one; --resume: must "
+                                                "continue; --no-resume: must start (refuses a folder with a "
+                                                "checkpoint)")] = None,
+    allow_other_data: Annotated[bool, typer.Option("--allow-other-data", help="continue on data other than the "
+                                                   "checkpoint's, on purpose")] = False,
 ) -> None:
     """Pre-train on 1p-frac shards (LIEP images, LPCE loss)."""
     if preset not in PRESETS:
@@ -559,7 +595,7 @@ def main(
         raise TrainError(f"unknown --crop-in {crop_in!r}; choose auto, workers or device")
     if cache not in (None, "auto", "on", "off"):
         raise TrainError(f"unknown --cache {cache!r}; choose auto, on or off")
-    for key, value in (("cache-budget", cache_budget), ("stop-after", stop_after)):
+    for key, value in (("cache-budget", cache_budget), ("stop-after", stop_after), ("ckpt-minutes", ckpt_minutes)):
         if value is not None and value < 0:
             raise TrainError(f"--{key} must not be negative")
     for key in ("steps", "batch", "accum", "img_size", "log_every", "eval_samples"):
@@ -571,6 +607,8 @@ def main(
     for key in ("mixup", "cutmix", "smoothing", "reprob", "lr"):
         if key in explicit and explicit[key] < 0:
             raise TrainError(f"--{key} must not be negative")
+    if keep_ckpts is not None and keep_ckpts < 1:
+        raise TrainError("--keep-ckpts must be at least 1")
     if instances is not None and instances < 0:
         raise TrainError("--instances must not be negative")
     if instances is not None and instances > onthefly.MAX_INSTANCES:
@@ -581,24 +619,35 @@ def main(
     if cache_dir is not None:
         explicit["cache_dir"] = str(cache_dir)
     explicit = {k: v for k, v in explicit.items() if v is not None}
-    if resume:
-        # The checkpoint's config defines the run; only the RESUMABLE options may be given again.
-        ckpt_path = out / "ckpt.pt"
-        if not ckpt_path.is_file():
-            raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
-        saved = load_checkpoint(ckpt_path)["config"]
-        changed = sorted(k for k, v in explicit.items() if k not in RESUMABLE and k != "preset" and v != saved.get(k))
-        if changed:
-            raise TrainError(f"--resume cannot change {', '.join(changed)} (fixed by {ckpt_path})")
-        cfg = Config(**{**saved, **{k: v for k, v in explicit.items() if k in RESUMABLE}})
-    else:
-        cfg = Config(**{**PRESETS[preset], **explicit})
+    explicit["resume"] = {None: "auto", True: "always", False: "never"}[resume]
+    cfg = run_config(explicit, preset, out)
     if bool(cfg.shards) == bool(cfg.render):
-        raise TrainError("give the data as --shards DIR or --render MANIFEST, one of them"
-                         + (" (a resumed run keeps the kind it started with)" if resume else ""))
+        raise TrainError("give the data as --shards DIR or --render MANIFEST, one of them")
     if cfg.instances >= 0 and not cfg.render:
         raise TrainError("--instances needs --render")
-    pretrain(cfg)
+    summary = pretrain(cfg)
+    if summary.get("signal"):  # stopped by a signal, checkpoint written: the shell sees an interrupted run
+        raise typer.Exit(128 + summary["signal"])
+
+
+def run_config(explicit: dict, preset: str, out: Path) -> Config:
+    """The run a command line asks for. One command both starts and continues a run (torchrun's contract: workers
+    restarted with the same arguments continue from the latest checkpoint): where OUT holds a checkpoint (and
+    --no-resume was not given), its config defines the run, the RESUMABLE options may be given anew, and any other
+    option that differs means another run: refused in one line. Otherwise the preset and the options."""
+    checkpoints = Checkpoints(out)
+    if explicit["resume"] == "never" or not checkpoints.exists():
+        return Config(**{**PRESETS[preset], **explicit})
+    loaded = checkpoints.load_latest(resume=False)
+    saved, path = loaded[0]["config"], loaded[1]
+    saved["resume"] = explicit["resume"]  # older checkpoints stored a bool here
+    changed = sorted(k for k, v in explicit.items() if k not in RESUMABLE and k != "preset" and v != saved.get(k))
+    if changed:
+        what = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        asks = ", ".join(f"{k}={explicit[k]!r}" for k in changed)
+        raise TrainError(f"{out} holds another run ({path} was trained with {what}; this command asks {asks}): "
+                         "give the same options to continue it, or choose another --out")
+    return Config(**{**saved, **{k: v for k, v in explicit.items() if k in RESUMABLE}})
 
 
 if __name__ == "__main__":

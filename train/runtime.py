@@ -113,17 +113,19 @@ LEGACY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType,
                   (getattr(np, "_core", None) or np.core).multiarray._reconstruct]  # numpy 2 renamed core
 
 
-def load_checkpoint(path: Path, resume: bool = False) -> dict:
+def load_checkpoint(path, resume: bool = False, name: Path | None = None) -> dict:
     """A train.pretrain checkpoint, checked once here: every way it can be damaged or foreign is one TrainError
     line. `resume`: it must also hold the optimizer, scheduler, scaler and RNG states. Loaded with
     torch.load(weights_only=True): a pickle that asks for anything but tensors, plain values and LEGACY_GLOBALS is
-    refused before any of it runs."""
-    path = Path(path)
+    refused before any of it runs. `path`: a file, or a binary stream (its bytes already checked), `name` then
+    the file it came from, for messages."""
+    source = path if hasattr(path, "read") else Path(path)
+    path = Path(name) if name is not None else source
     try:
         # catch_warnings: torch warns on stderr about pickle protocols it reads with care; the verdict is ours
         with torch.serialization.safe_globals(LEGACY_GLOBALS), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
         if found:
