@@ -323,7 +323,9 @@ def preview(
 def publish(
     dataset: Annotated[Path, typer.Argument(help="A finished folder (manifest.json and shards) to share.")],
     to: Annotated[str | None, typer.Option(help="Also upload it to hf://datasets/ORG/NAME[@REVISION] (needs "
-                                                "huggingface_hub and a token in HF_TOKEN).")] = None,
+                                                "huggingface_hub and a token in HF_TOKEN) or s3://BUCKET/PREFIX/ "
+                                                "(needs boto3 and AWS credentials; AWS_ENDPOINT_URL for other "
+                                                "stores).")] = None,
     url: Annotated[str | None, typer.Option(help="Where the folder will be served, for the card's pull and train "
                                                  "commands (default: --to).")] = None,
     license: Annotated[str, typer.Option(help="License written into the dataset card (a hub license id).")]
@@ -345,7 +347,8 @@ def publish(
 @app.command()
 def pull(
     source: Annotated[str, typer.Argument(help="A folder, the http(s) URL of a published folder (or of its "
-                                               "manifest.json), or hf://datasets/ORG/NAME[@REVISION].")],
+                                               "manifest.json), s3://BUCKET/PREFIX/ or "
+                                               "hf://datasets/ORG/NAME[@REVISION].")],
     dataset: Annotated[Path, typer.Argument(help="Folder to pull into (created if missing).")],
     overwrite: Annotated[bool, typer.Option(help="Replace another data set already in the folder.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds a server may stay silent (connecting or sending).")]

@@ -38,6 +38,7 @@ from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import fracgen
+from fracgen import s3
 from fracgen.dataset import MANIFEST, verify_dataset
 from fracgen.errors import FracgenError
 from fracgen.lock import LOCK_NAME, FolderLock, writing_folder
@@ -137,10 +138,15 @@ class Source:
             return str(Path(self.base) / name)
         if self.kind == "http":
             return urljoin(self.base, name)
+        if self.kind == "s3":
+            return f"s3://{self.base}{name}"
         return hub_url(self.base, name, "dataset", self.commit or self.revision)
 
     def request_url(self, name: str) -> str:
-        """The URL asked for: url() with the folder's query."""
+        """The URL asked for: url() with the folder's query; for s3://, a URL signed for this one GET."""
+        if self.kind == "s3":
+            bucket, _, prefix = self.base.partition("/")
+            return s3.presign(bucket, prefix + name)
         url = self.url(name)
         return f"{url}?{self.query}" if self.query and self.kind == "http" else url
 
@@ -165,6 +171,7 @@ class Source:
             response = urllib.request.build_opener(redirects).open(
                 urllib.request.Request(self.request_url(name), headers=headers), timeout=timeout)
         except urllib.error.HTTPError as e:
+            body = e.read(4096) if self.kind == "s3" else b""
             e.close()
             if e.code == 429 or e.code >= 500:
                 raise _Transient(f"HTTP {e.code} {e.reason}", _retry_after(e.headers)) from None
@@ -175,6 +182,8 @@ class Source:
             if 300 <= e.code < 400:  # urllib's reason spans three lines here
                 hint = f" (a redirect loop, or more than {urllib.request.HTTPRedirectHandler.max_redirections} " \
                        "redirects)"
+            if self.kind == "s3" and (said := s3.error_hint(body)):
+                hint = f" ({said})"
             reason = (str(e.reason).splitlines() or [""])[0]
             raise FracgenError(f"{url}: HTTP {e.code} {reason}{hint}") from None
         except urllib.error.URLError as e:
@@ -186,8 +195,8 @@ class Source:
 
 
 def is_remote(spec: str) -> bool:
-    """True for a URL or hf:// source; False for a local path."""
-    return str(spec).startswith(("http://", "https://", "hf://"))
+    """True for a URL, hf:// or s3:// source; False for a local path."""
+    return str(spec).startswith(("http://", "https://", "hf://", "s3://"))
 
 
 def parse_hub(spec: str) -> tuple[str, str | None]:
@@ -230,6 +239,10 @@ def open_source(spec: str) -> Source:
     if spec.startswith("hf://"):
         repo, revision = parse_hub(spec)
         return Source(spec, "hf", repo, revision or "main", token=_hub().get_token())
+    if spec.startswith("s3://"):
+        bucket, prefix = s3.parse(spec.removesuffix(MANIFEST) if spec.endswith("/" + MANIFEST) else spec)
+        s3.check_credentials(spec)
+        return Source(spec, "s3", f"{bucket}/{prefix}")
     if spec.startswith(("http://", "https://")):
         parts = urlsplit(spec)
         if not parts.netloc:
@@ -247,7 +260,8 @@ def open_source(spec: str) -> Source:
             base = urlunsplit(urlsplit(base)._replace(netloc=host))
         return Source(redact(spec), "http", base, token=token, query=query)
     if "://" in spec:
-        raise FracgenError(f"{spec!r}: a source is a folder, an http(s):// URL or hf://datasets/ORG/NAME")
+        raise FracgenError(f"{spec!r}: a source is a folder, an http(s):// URL, s3://BUCKET/PREFIX/ or "
+                           "hf://datasets/ORG/NAME")
     folder = Path(spec)
     if not folder.is_dir():
         raise FracgenError(f"source folder {spec} does not exist")
@@ -669,6 +683,17 @@ def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str,
     return "\n".join(lines)
 
 
+def check_destination(to: str) -> None:
+    """A publish destination, checked before any work: hf://datasets/... (huggingface_hub) or s3:// (boto3 and
+    credentials)."""
+    if to.startswith("s3://"):
+        s3.parse(to)
+        s3.check_credentials(to)
+    else:
+        parse_hub(to)
+        _hub()
+
+
 def hub_token():
     """(huggingface_hub, a write token): asked before any work, so a missing one fails first."""
     hub = _hub()
@@ -699,14 +724,14 @@ def hub_upload(folder: Path, files: list[str], to: str, repo: str, revision: str
 def publish(folder: str | Path, *, to: str | None = None, url: str | None = None, license: str = "cc-by-4.0",
             pretty_name: str | None = None, progress: Progress | None = None, note: Note | None = None) -> dict:
     """Check a finished folder, write README.md (dataset card), SHA256SUMS and preview.png beside its shards, and
-    with `to` (hf://datasets/ORG/NAME[@REVISION]) upload those and the data. `url`: where the folder will be served,
-    for the card's pull commands (default: `to`). Returns {"files": [...], "url": the hub page or None}."""
+    with `to` (hf://datasets/ORG/NAME[@REVISION] or s3://BUCKET/PREFIX/) upload those and the data. `url`: where the
+    folder will be served, for the card's pull commands (default: `to`). Returns {"files": [...], "url": the hub
+    page, the s3:// folder or None}."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FracgenError(f"{folder} is not a directory")
     if to is not None:
-        parse_hub(to)  # a bad destination fails before any work
-        _hub()
+        check_destination(to)  # a bad destination, or no credentials, fails before any work
     with FolderLock(folder, "fracgen publish", note):
         problems = verify_dataset(folder, progress)
         if problems:
@@ -728,6 +753,10 @@ def publish(folder: str | Path, *, to: str | None = None, url: str | None = None
         text = "".join(f"{digest}  {name}\n" for digest, name in sums).encode()  # the format `sha256sum -c` reads
         atomic_write(folder / SUMS, lambda f: f.write(text))
         files = [CARD, SUMS, PREVIEW, MANIFEST] + [e["file"] for e in manifest["shards"]]
-        url = hub_upload(folder, files, to, *parse_hub(to)) if to else None
+        if to and to.startswith("s3://"):  # the shards first, the manifest last: a reader never sees it early
+            url = s3.upload(folder, [e["file"] for e in manifest["shards"]] + [PREVIEW, CARD, SUMS, MANIFEST], to,
+                            note)
+        else:
+            url = hub_upload(folder, files, to, *parse_hub(to)) if to else None
     return {"files": files, "url": url, "pretty_name": pretty_name}
 

@@ -26,7 +26,7 @@ from typing import Annotated
 
 import typer
 
-from fracgen import share
+from fracgen import s3, share
 from fracgen.errors import FracgenError
 from fracgen.lock import FolderLock, writing_folder
 from fracgen.shards import atomic_write, file_sha256
@@ -233,9 +233,23 @@ def _hub_token():
 
 def _upload(folder: Path, files: list[str], to: str) -> str:
     try:
+        if to.startswith("s3://"):  # SHA256SUMS last: a reader that finds it finds the files it lists
+            return s3.upload(folder, [weights.WEIGHTS, weights.CONFIG, CARD, weights.SUMS], to)
         return share.hub_upload(folder, files, to, *weights.parse_hub(to), repo_type="model", tool="train.publish")
     except FracgenError as e:
         raise TrainError(str(e)) from None
+
+
+def _check_destination(to: str) -> None:
+    if to.startswith("s3://"):
+        try:
+            s3.parse(to)
+            s3.check_credentials(to)
+        except FracgenError as e:
+            raise TrainError(str(e)) from None
+    else:
+        weights.parse_hub(to)
+        _hub_token()
 
 
 def _claim(out: Path, config_raw: bytes, overwrite: bool) -> None:
@@ -275,8 +289,7 @@ def publish(run: str | Path, out: str | Path | None = None, to: str | None = Non
     run = Path(run)
     out = Path(out) if out else run
     if to is not None:
-        weights.parse_hub(to)  # a bad destination, or no token, fails before any work
-        _hub_token()
+        _check_destination(to)  # a bad destination, or no token or credentials, fails before any work
     try:
         with FolderLock(run, "train.publish"):
             config, summary, raw = finished_run(run)
@@ -311,7 +324,7 @@ def main(
     run: Annotated[Path, typer.Argument(help="a finished train.pretrain --out folder")],
     out: Annotated[Path | None, typer.Option(help="write the published files here (default: into RUN)")] = None,
     to: Annotated[str | None, typer.Option(help="upload to hf://ORG/NAME[@REVISION] (token: HF_TOKEN or `hf auth "
-                                                "login`)")] = None,
+                                                "login`) or s3://BUCKET/PREFIX/ (AWS credentials)")] = None,
     url: Annotated[str | None, typer.Option(help="where the folder will be served (http(s)://...), for the card's "
                                                  "commands (default: --to)")] = None,
     license: Annotated[str, typer.Option(help="the weights' license, for the card")] = LICENSE,
