@@ -201,6 +201,17 @@ def bench_onthefly(args) -> None:
         print("| " + " | ".join(r) + " |")
 
 
+def bench_checkpoint(args) -> None:
+    """What a checkpoint of the preset's state costs the step (the copy) and its thread (the write)."""
+    from train import bench as tb
+
+    print("\n| checkpoint of | MiB | ms the step waits (copy to host) | ms on the writer's thread (serialise, hash, "
+          "fsync, rename) |\n|---|---|---|---|")
+    for preset in ("cpu", "paper"):
+        for r in tb.checkpoint_rows(preset):
+            print("| " + " | ".join(r) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=2000, help="images for fracgen's timings")
@@ -221,8 +232,9 @@ def main():
                          "speed drifts moves every row alike)")
     ap.add_argument("--stream-images", type=int, default=20_000, help="images of the streamed set (paper preset)")
     ap.add_argument("--scaling", metavar="1,2,4", help="only the end-to-end scaling over these worker counts")
-    ap.add_argument("--only", choices=("renderer", "trainer", "onthefly"),
-                    help="only fracgen's rows, only the trainer's, or only the on-the-fly source against shards")
+    ap.add_argument("--only", choices=("renderer", "trainer", "onthefly", "checkpoint"),
+                    help="only fracgen's rows, only the trainer's, only the on-the-fly source against shards, or "
+                         "only what a checkpoint costs the training loop")
     args = ap.parse_args()
     if args.scaling:
         print("| workers | images | images/s | per worker | speed-up |\n|---|---|---|---|---|")
@@ -233,6 +245,9 @@ def main():
           f"python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
     if args.only == "onthefly":
         bench_onthefly(args)
+        return
+    if args.only == "checkpoint":
+        bench_checkpoint(args)
         return
     if args.only != "trainer":
         print(f"# 1p-frac defaults: 2 maps, {args.points} points, {args.size} px, random 3x3 patches\n")

@@ -91,3 +91,11 @@ def test_onthefly_rows_compare_rendering_with_reading_shards(monkeypatch):
     assert row[:2] == ("tiny", "64 px, 3,000 points")
     assert all(float(v.replace(",", "").rstrip("x")) > 0 for v in row[2:])
     assert _number(row[4]) == pytest.approx(_number(row[2]) / _number(row[3]), rel=0.02, abs=0.01)
+
+
+def test_checkpoint_rows_time_the_copy_and_the_write():
+    from train.bench import checkpoint_rows
+
+    ((what, mib, copy_ms, write_ms),) = checkpoint_rows("cpu", repeats=1)
+    assert what.startswith("cpu preset") and 20 < _number(mib) < 60  # ViT-Tiny depth 6 + AdamW moments, float32
+    assert _number(copy_ms) >= 0 and _number(write_ms) > 0

@@ -41,6 +41,7 @@ from train.pretrain import (
     device_augment,
     pretrain,
 )
+from train.runtime import rng_states
 from train.step import TrainStep, autocast_for, compile_model, fast_options, flops_per_sample, mfu, peak_flops
 
 # (label, shard image size, train_transform arguments): the two presets' image pipelines.
@@ -358,3 +359,35 @@ def memory_rows() -> list[tuple[str, str, str]]:
     return [("cached 1p-frac set (1000 x 512 x 512, uint8)", f"{m['cache_mib']:,.0f}", m["device"]),
             ("augmenting one batch of 256 at 224 px (paper preset), peak", f"{m['augment_peak_mib']:,.0f}",
              f"{m['device']}, {how}")]
+
+
+def checkpoint_rows(preset: str = "paper", repeats: int = 3) -> list[tuple[str, str, str, str]]:
+    """What a checkpoint costs the training loop, for a preset's full state (model, AdamW moments after one step,
+    scheduler, RNG): the copy to host memory the step waits for (`train.checkpoint.snapshot`), and the write that
+    runs on its thread meanwhile (serialise, hash, fsync, rename, link, marker). Medians of `repeats`."""
+    from train.checkpoint import Checkpoints, snapshot
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = Config(**PRESETS[preset]) if preset != "cpu" else Config()
+    model, _ = build_model(cfg, 1000, device)
+    optimizer = build_optimizer(cfg, model, 1e-3)
+    scheduler = build_scheduler(cfg, optimizer, 1e-3, 10)
+    x = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=device)
+    model(x).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "step": 1, "config": {}, "rng": [rng_states()]}
+    copies, writes = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpts = Checkpoints(Path(tmp))
+        for step in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            copy = snapshot(state)
+            copies.append(time.perf_counter() - t0)
+            ckpts.save(copy, step + 1, wait=True)
+            writes.append(ckpts.last_seconds)
+        size = (Path(tmp) / "ckpt.pt").stat().st_size
+    return [(f"{preset} preset ({cfg.model}, {cfg.img_size} px, AdamW)", f"{size / 2**20:,.0f}",
+             f"{statistics.median(copies) * 1e3:,.0f}", f"{statistics.median(writes) * 1e3:,.0f}")]
