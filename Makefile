@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-# The CPU-sized default (DESIGN.md section 9): 1000 classes at 128 px, 50k points, from base seed SEED.
+# The CPU-sized default (docs/design.md section 9): 1000 classes at 128 px, 50k points, from base seed SEED.
 SEED       ?= 4
 CPU_SHARDS ?= shards/cpu-seed$(SEED)
 RUN        ?= runs/cpu-seed$(SEED)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,hub,plots,dask,s3]'
+	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -50,7 +50,7 @@ publish: install
 
 # The paper's comparisons at CPU scale (train/experiments.py; docs/results.md): each writes docs/results/NAME.csv,
 # .md and .png and prints its time. Runs are kept under runs/experiments and reused by the other targets.
-# `make control`: base A of DESIGN.md 9b, the positive control (a protocol that shows no gain there shows none).
+# `make control`: base A of docs/design.md section 9, the positive control (a protocol that shows no gain there shows none).
 # `make sweep-resolution`: 32-224 px on one GPU, 12 runs side by side inside an 8-minute time box (on a CPU nothing
 # fits the box, and it says so); docs/results/gpu/sweep_resolution.sh is the same as one device call.
 # `make score-bases`: 16 bases drawn by seed and base A at the GPU compare budget (5000 steps, 9 runs side by side in

@@ -23,18 +23,18 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from fracgen import __version__
-from fracgen.dataset import Settings, render_dataset, renderer_of, used_settings, verify_dataset
+from fracgen.dataset import Settings, render_dataset, used_settings, verify_dataset
 from fracgen.errors import FracgenError
 from fracgen.ifs import IFS, load_base
+from fracgen.manifest import other_renderer, read_manifest, renderer_of
 from fracgen.preview import contact_sheet
-from fracgen.render import RENDERER
-from fracgen.shards import atomic_write, read_manifest
+from fracgen.shards import atomic_write
 from fracgen.share import RATE_WINDOW, Limits
 from fracgen.share import publish as publish_folder
 from fracgen.share import pull as pull_folder
 from fracgen.systems import SYSTEMS
 from fracgen.untrusted import printable
+from fracgen.version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Render synthetic pre-training data (1p-frac, FractalDB, one real image, noise) "
@@ -191,9 +191,8 @@ def render(
             repaired = f", {len(stats['repaired'])} shard(s) re-rendered" if stats["repaired"] else ""
             _say(err, f"{out_dir} is complete (renderer {renderer_of(manifest)}, fracgen "
                  f"{manifest['fracgen_version']}){repaired}: every shard matches the manifest")
-            if renderer_of(manifest) != RENDERER:  # kept as it is: make pretrain must not redraw a user's data
-                _say(err, f"note: this fracgen draws renderer {RENDERER}, whose images differ from these; "
-                     "--overwrite to redraw them")
+            if other_renderer(manifest):  # kept as it is: make pretrain must not redraw a user's data
+                _say(err, f"note: {out_dir} was {other_renderer(manifest)}: kept as it is; --overwrite redraws it")
             return
         n = len(manifest["shards"])
         what = f"{manifest['num_samples']} samples in {n} shards" if stats["rendered"] == n else \

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import isal
 
-import fracgen
 from fracgen.errors import FracgenError
 from fracgen.render import RENDERER
+from fracgen.version import __version__
 from fracgen.workers import PROBE_PREFIX, Probe, sees_folder
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler and to find a worker there
@@ -40,7 +40,7 @@ RETRIES = 2  # extra tries for a job that raises (a lost worker's jobs are resch
 
 def _facts() -> dict:
     """What must be equal on the client and every worker for the shards to be the same bytes."""
-    return {"fracgen": fracgen.__version__, "renderer": RENDERER, "isal": isal.__version__}
+    return {"fracgen": __version__, "renderer": RENDERER, "isal": isal.__version__}
 
 
 def _worker_facts(out: str, probe: Probe) -> dict:

@@ -20,44 +20,36 @@ from pathlib import Path
 import isal
 import numpy as np
 
-import fracgen
 from fracgen import png
 from fracgen.errors import FracgenError
 from fracgen.lock import writing_folder
+from fracgen.manifest import (  # noqa: F401 (API)
+    FORMAT_VERSION,
+    check_timm_info,
+    other_renderer,
+    read_manifest,
+    renderer_of,
+    write_timm_info,
+)
 from fracgen.render import RENDERER
 from fracgen.settings import MAX_CLASSES, MAX_NAME, Settings, render_seed, validate_common  # noqa: F401 (API)
 from fracgen.shards import (
-    FORMAT_VERSION,
     Sample,
     atomic_write,
     matches,
-    read_manifest,
     shard_in_memory,
     verify_shard,
     write_bytes_unfinished,
     write_shard_unfinished,
 )
-from fracgen.systems import COMMON, get_system, image_of
+from fracgen.systems import get_system, image_of, used_settings, validate  # noqa: F401 (API)
 from fracgen.untrusted import parse_json
+from fracgen.version import __version__
 from fracgen.workers import PROBE_PREFIX, LocalPool, Probe, sees_folder
 
 MANIFEST = "manifest.json"
 JOURNAL = ".fracgen-journal.jsonl"  # an unfinished render's record of the shards it finished, one line each
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-
-def validate(s: Settings) -> None:
-    system = get_system(s.system)
-    validate_common(s)
-    if s.base is not None and "base" not in system.uses:
-        raise FracgenError(f"--base applies to 1p-frac, not to --system {s.system}")
-    system.validate(s)
-
-
-def used_settings(s: Settings) -> dict:
-    """The settings that change this system's bytes (what the regenerating command spells out)."""
-    system = get_system(s.system)
-    return {k: v for k, v in dataclasses.asdict(s).items() if k in COMMON or k in system.uses}
 
 
 def available_cores() -> int:
@@ -131,9 +123,8 @@ def render_sample(manifest: dict, k: int, m: int) -> tuple[np.ndarray, dict]:
     bit for bit the one in its shards for m < per_class and a fresh, seeded instance beyond, and its `.json`.
     The one public way to the renderer for code that consumes data (the trainer's on-the-fly source)."""
     s = settings_of(manifest)
-    if renderer_of(manifest) != RENDERER:
-        raise FracgenError(f"this dataset was drawn by renderer {renderer_of(manifest)}; this fracgen draws "
-                           f"renderer {RENDERER}, whose images differ")
+    if other_renderer(manifest):
+        raise FracgenError(f"this dataset was {other_renderer(manifest)}: its samples cannot be drawn again")
     if not 0 <= k < s.classes or m < 0:
         raise FracgenError(f"no sample: class {k} of {s.classes}, instance {m}")
     system = get_system(s.system)
@@ -152,11 +143,6 @@ def _same_settings(old: dict, s: Settings) -> list[str]:
     return [f"{k}={before.get(k)!r}->{v!r}" for k, v in _settings_json(s).items() if before.get(k) != v]
 
 
-def renderer_of(manifest: dict) -> int:
-    """The renderer that drew a dataset's images (fracgen 0.1 wrote no number: renderer 1)."""
-    return manifest.get("renderer", 1)
-
-
 def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict | None:
     """Check the output folder (this run holds its lock); return the existing manifest when resuming."""
     _remove_temporaries(out, s)
@@ -170,12 +156,10 @@ def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict 
     if not (out / MANIFEST).exists():
         raise FracgenError(f"cannot --resume: {out} has shards but no {MANIFEST}")
     old = read_manifest(out)
-    if renderer_of(old) != RENDERER and not old["complete"]:
-        raise FracgenError(f"cannot --resume: {out} was drawn by renderer {renderer_of(old)} "
-                           f"(fracgen {old.get('fracgen_version')}), this fracgen draws renderer {RENDERER}, "
-                           "whose images differ; use --overwrite")
+    if other_renderer(old) and not old["complete"]:
+        raise FracgenError(f"cannot --resume: {out} was {other_renderer(old)}; use --overwrite")
     diff = _same_settings(old["settings"], s)
-    if renderer_of(old) == RENDERER and diff:
+    if not other_renderer(old) and diff:
         raise FracgenError(f"cannot --resume with different settings ({', '.join(diff)}); use --overwrite")
     return old
 
@@ -272,7 +256,7 @@ def _render_locked(out: Path, s: Settings, pool, overwrite: bool, resume: bool, 
     manifest = {
         "format": "fracgen-shards",
         "format_version": FORMAT_VERSION,
-        "fracgen_version": fracgen.__version__,
+        "fracgen_version": __version__,
         "renderer": RENDERER,
         "system": s.system,
         "command": command,
@@ -314,6 +298,7 @@ def _render_locked(out: Path, s: Settings, pool, overwrite: bool, resume: bool, 
     manifest["shards"] = [done[i] for i in range(s.num_shards)]
     manifest["complete"] = True
     _write_manifest(out, manifest)
+    write_timm_info(out, manifest)
     (out / JOURNAL).unlink(missing_ok=True)
     _remove_temporaries(out, s)
     keep = {e["file"] for e in manifest["shards"]}
@@ -351,11 +336,12 @@ def _repair_finished(out: Path, s: Settings, manifest: dict, pool, progress, not
     if progress:
         progress("check", len(manifest["shards"]), len(manifest["shards"]))
     if not bad:
+        write_timm_info(out, manifest)  # a folder from before fracgen wrote it gets it here, with nothing redrawn
         return manifest
     names = ", ".join(manifest["shards"][i]["file"] for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
-    if renderer_of(manifest) != RENDERER:
-        raise FracgenError(f"{len(bad)} shard(s) of {out} do not match its manifest ({names}) and were drawn by "
-                           f"renderer {renderer_of(manifest)}, which this fracgen cannot draw again; use --overwrite")
+    if other_renderer(manifest):
+        raise FracgenError(f"{len(bad)} shard(s) of {out} do not match its manifest ({names}); the data set was "
+                           f"{other_renderer(manifest)}, so they cannot be drawn again; use --overwrite")
     s = settings_of(manifest)
     classes = {c["class"]: c for c in manifest["classes"]}
     jobs = [(out.absolute(), s, manifest["base"], _needed(s, classes, index), index, {}, pool.probe) for index in bad]
@@ -370,6 +356,7 @@ def _repair_finished(out: Path, s: Settings, manifest: dict, pool, progress, not
             os.replace(tmp, out / entry["file"])
             stats["repaired"].append(entry["file"])
     _remove_temporaries(out, s)
+    write_timm_info(out, manifest)
     if note:
         note(f"re-rendered {len(bad)} shard(s) that did not match the manifest: {names}")
     return manifest
@@ -412,4 +399,7 @@ def verify_dataset(out: str | Path, progress: Progress | None = None) -> list[st
     total = sum(e["samples"] for e in shards)
     if manifest.get("complete") and total != manifest["num_samples"]:
         problems.append(f"{MANIFEST}: shards hold {total} samples, num_samples says {manifest['num_samples']}")
+    problem = check_timm_info(out, manifest)
+    if problem:
+        problems.append(problem)
     return problems

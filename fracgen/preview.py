@@ -10,7 +10,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageOps
 
 from fracgen.errors import FracgenError
-from fracgen.shards import atomic_write, check_sample, iter_samples, read_manifest
+from fracgen.manifest import read_manifest
+from fracgen.shards import atomic_write, check_sample, iter_samples
 
 MAX_COUNT, MAX_TILE = 1024, 1024  # a sheet for a person to look at: at most 1 Gpixel, not unbounded
 

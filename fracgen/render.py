@@ -1,6 +1,6 @@
 """The chaos-game renderer: a pure Numba kernel and the plain-Python function that guards it.
 
-Drawing rules follow the 1p-frac reference generator (DESIGN.md section 4): the attractor's x and y
+Drawing rules follow the 1p-frac reference generator (docs/design.md section 4): the attractor's x and y
 are rescaled independently onto [pad, size - pad] and truncated; every point (x, y) pastes a whole 3x3
 patch with its top-left cell at (x + 1, y + 1) (the reference's `image.paste(patch, (x + 1, y + 1))`), whose
 cells are 127 where a random non-zero 9-bit mask is set and 0 where it is not (so mask zeros erase earlier

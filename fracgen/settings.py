@@ -9,13 +9,9 @@ import numpy as np
 
 from fracgen import png
 from fracgen.errors import FracgenError
+from fracgen.limits import MAX_CLASSES, MAX_MAPS, MAX_NAME, MAX_SAMPLES
 from fracgen.render import check_canvas, check_points
 from fracgen.rng import TAG_RENDER, derive_seed
-from fracgen.shards import MAX_MAPS  # defined beside the shard size bounds it sets
-
-MAX_CLASSES = 100_000
-MAX_NAME = 100  # a shard's file name and its tar members' names must stay short
-MAX_SAMPLES = 10**9  # 1000x FractalDB-1M; bounds what a manifest may claim (num_samples, shards)
 
 
 @dataclass(frozen=True)

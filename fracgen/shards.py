@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -20,7 +19,8 @@ from pathlib import Path
 
 from fracgen import png
 from fracgen.errors import FracgenError
-from fracgen.untrusted import parse_json, read_json
+from fracgen.limits import MAX_MAPS
+from fracgen.untrusted import parse_json
 
 EXTENSIONS = ("cls", "json", "png")  # members of a sample, in tar order
 
@@ -240,21 +240,12 @@ def check_shard_contents(path: Path, entry: dict, num_classes: int, size: int | 
     except tarfile.TarError as e:
         return f"not a readable tar: {e}"
     if n != entry["samples"]:
-        return f"{'more than ' if n > entry['samples'] else ''}{n} samples, manifest says {entry['samples']}"
+        return f"{'at least ' if n > entry['samples'] else ''}{n} samples, manifest says {entry['samples']}"
     return None
 
 
-FORMAT_VERSION = 1  # of the shard folder: manifest.json + tar shards, as the README documents it
-SHARD_FILE = re.compile(r"[A-Za-z0-9_-]+\.tar")  # a plain name in the folder: no path, not hidden
-SETTINGS_USED = ("classes", "per_class", "size", "seed", "shard_size", "name", "png_level")
-# settings older manifests lack (they had the defaults)
-SETTINGS_SINCE_0_3 = ("system", "bases", "search", "image", "image_mode", "noise")
-
-
-MAX_MAPS = 256  # the most --maps (validate_common): FractalDB draws 2..8; a sample's .json grows with the maps
 MAX_META_BYTES = 1024  # a sample's .json without its maps; each map adds at most META_BYTES_PER_MAP (measured: ~300)
 META_BYTES_PER_MAP = 512
-VERSION = re.compile(r"[0-9A-Za-z.+-]{1,40}")
 
 
 def max_sample_bytes(size: int, maps: int) -> int:
@@ -269,128 +260,3 @@ def max_shard_bytes(samples: int, size: int, maps: int) -> int:
     """The most a shard of `samples` samples can take (tar's end blocks and record padding included): a manifest
     listing more is not fracgen's, and `pull` never writes more."""
     return samples * max_sample_bytes(size, maps) + 2 * BLOCK + RECORD
-
-
-def check_manifest(manifest: object, path: Path) -> dict:
-    """The manifest if every reader can rely on it; else one FracgenError line saying what is wrong. The one place
-    a manifest is checked (render --resume, verify, info, preview, publish, pull, and the trainer read it through
-    here): its shape and types, settings a render accepts (the render's own checks), and totals that agree with
-    those settings (counts, every shard's name and sample count, sizes no shard can exceed)."""
-
-    def fail(what: str):
-        raise FracgenError(f"{path} is not a usable fracgen manifest: {what}")
-
-    def need(obj: dict, key: str, kind, where: str = ""):
-        value = obj.get(key)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            fail(f"{where}'{key}' is {'missing' if key not in obj else type(value).__name__}, not "
-                 f"{getattr(kind, '__name__', 'a number')}")
-        return value
-
-    def number(obj: dict, key: str, where: str):
-        if key in obj and obj[key] is not None and (isinstance(obj[key], bool) or not isinstance(obj[key],
-                                                                                                  (int, float))):
-            fail(f"{where}'{key}' is {type(obj[key]).__name__}, not a number")
-
-    if not isinstance(manifest, dict) or manifest.get("format") != "fracgen-shards":
-        fail("its 'format' is not fracgen-shards")
-    if need(manifest, "format_version", int) > FORMAT_VERSION:
-        fail(f"format_version {manifest['format_version']} is newer than this fracgen reads ({FORMAT_VERSION})")
-    need(manifest, "complete", bool)
-    if not VERSION.fullmatch(str(manifest.get("fracgen_version", "0"))):
-        fail("'fracgen_version' is not a version number")
-    if not isinstance(manifest.get("renderer", 1), int) or isinstance(manifest.get("renderer"), bool):
-        fail("'renderer' is not an integer")
-    if not isinstance(manifest.get("command"), (str, type(None))):
-        fail("'command' is not a string")
-    settings = need(manifest, "settings", dict)
-    for key in SETTINGS_USED:
-        if key not in settings:
-            fail(f"settings lack '{key}'")
-    num_classes, num_samples = need(manifest, "num_classes", int), need(manifest, "num_samples", int)
-    if num_classes < 1 or num_samples < 0:
-        fail("num_classes must be >= 1 and num_samples >= 0")
-    if need(need(manifest, "image", dict), "size", int, "image.") < 1:
-        fail("image.size must be >= 1")
-    from fracgen.dataset import validate  # the render's own checks; the systems import this module: import late
-    from fracgen.settings import Settings
-    from fracgen.systems import SYSTEMS
-
-    name = settings.get("system", "1p-frac")  # manifests before fracgen 0.3 are all 1p-frac
-    if name not in SYSTEMS:
-        fail(f"its system {str(name)[:40]!r} is not one this fracgen knows ({', '.join(SYSTEMS)})")
-    for key in SYSTEMS[name].uses:
-        if key not in settings and key not in SETTINGS_SINCE_0_3:
-            fail(f"settings lack '{key}'")
-    fields = Settings.__dataclass_fields__
-    known = {}
-    for key, value in settings.items():
-        if key not in fields:
-            continue  # a newer fracgen's setting: the renderer check below refuses what this one cannot draw
-        kind = {"int": int, "float": (int, float), "str": str, "dict | None": (dict, type(None)),
-                "str | None": (str, type(None))}[fields[key].type]
-        if not isinstance(value, kind) or (value is not None and isinstance(value, bool)):
-            fail(f"setting '{key}' is {type(value).__name__}, not {fields[key].type}")
-        known[key] = value
-    try:
-        s = Settings(**known)
-        validate(s)
-    except FracgenError as e:
-        fail(f"its settings are not ones fracgen renders ({e})")
-    if (num_classes, num_samples, manifest["image"]["size"]) != (s.classes, s.num_samples, s.size):
-        fail(f"num_classes {num_classes}, num_samples {num_samples} and image.size {manifest['image']['size']} "
-             f"contradict its settings (classes {s.classes} x per_class {s.per_class}, size {s.size})")
-    base = need(manifest, "base", dict)
-    if name == "1p-frac" and not isinstance(need(base, "ifs", dict, "base.").get("maps"), list):
-        fail("base.ifs has no 'maps' list")
-    for key in ("fill", "sigma_drawn", "attempt"):
-        number(base, key, "base.")
-    keys = SYSTEMS[name].class_keys
-    classes = need(manifest, "classes", list)
-    if len(classes) != num_classes:
-        fail(f"it holds {len(classes)} classes, num_classes says {num_classes}")
-    for c in classes:
-        if not isinstance(c, dict) or any(key not in c for key in keys):
-            fail(f"every class must be an object with {', '.join(repr(k) for k in keys)}")
-        for key in ("fill", "attempt"):
-            number(c, key, "a class's ")
-    shards = need(manifest, "shards", list)
-    if len(shards) > s.num_shards or (manifest["complete"] and len(shards) != s.num_shards):
-        fail(f"it lists {len(shards)} shards; its settings make {s.num_shards}")
-    for index, entry in enumerate(shards):
-        if not isinstance(entry, dict):
-            fail("every shard must be an object with file, samples, bytes, sha256")
-        file = need(entry, "file", str, "a shard's ")
-        if not SHARD_FILE.fullmatch(file):
-            fail(f"shard file {file[:60]!r} is not a plain file name in the folder")
-        if file != s.shard_name(index):
-            fail(f"shard {index} is {file[:60]!r}, not {s.shard_name(index)!r}")
-        samples, size = need(entry, "samples", int, "a shard's "), need(entry, "bytes", int, "a shard's ")
-        expected = min(s.shard_size, s.num_samples - index * s.shard_size)
-        if samples != expected:
-            fail(f"shard {file} lists {samples} samples; its settings put {expected} in it")
-        if not 0 <= size <= max_shard_bytes(samples, s.size, s.maps):
-            fail(f"shard {file} lists {size:,} bytes; {samples} samples of {s.size} px take at most "
-                 f"{max_shard_bytes(samples, s.size, s.maps):,}")
-        if not re.fullmatch(r"[0-9a-f]{64}", need(entry, "sha256", str, "a shard's ")):
-            fail(f"shard {file}: sha256 is not 64 hex digits")
-    return manifest
-
-
-def load_manifest(path: Path) -> dict:
-    """A manifest file parsed (bounded in size and nesting) and checked (`check_manifest`)."""
-    try:
-        manifest = read_json(path)
-    except FileNotFoundError:
-        raise FracgenError(f"no {Path(path).name} at {Path(path).parent}: not a fracgen dataset") from None
-    except FracgenError as e:
-        raise FracgenError(f"{path} is unreadable: {e}") from None
-    return check_manifest(manifest, path)
-
-
-def read_manifest(out: Path) -> dict:
-    if not Path(out).is_dir():
-        raise FracgenError(f"{out} is not a directory")
-    if not (Path(out) / "manifest.json").exists():
-        raise FracgenError(f"no manifest.json in {out}: not a fracgen dataset")
-    return load_manifest(Path(out) / "manifest.json")

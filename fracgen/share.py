@@ -37,23 +37,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
-import fracgen
 from fracgen import s3
 from fracgen.dataset import MANIFEST, verify_dataset
 from fracgen.errors import FracgenError
 from fracgen.lock import LOCK_NAME, FolderLock, writing_folder
-from fracgen.preview import contact_sheet
-from fracgen.render import RENDERER
-from fracgen.shards import (
+from fracgen.manifest import (
     FORMAT_VERSION,
-    atomic_write,
+    TIMM_INFO,
     check_manifest,
-    check_shard_contents,
-    file_sha256,
     load_manifest,
-    matches,
+    other_renderer,
+    write_timm_info,
 )
+from fracgen.preview import contact_sheet
+from fracgen.shards import atomic_write, check_shard_contents, file_sha256, matches
 from fracgen.untrusted import MAX_JSON_BYTES, parse_json, printable, read_json, redact
+from fracgen.version import __version__
 
 SOURCE_FILE = "source.json"  # where a pulled folder came from
 CARD, SUMS, PREVIEW = "README.md", "SHA256SUMS", "preview.png"  # what `publish` writes beside the shards
@@ -161,7 +160,7 @@ class Source:
                 raise FracgenError(f"{url}: no such file in the source folder") from None
             except OSError as e:
                 raise FracgenError(f"{url}: {e.strerror}") from None
-        headers = {"User-Agent": f"fracgen/{fracgen.__version__}"}
+        headers = {"User-Agent": f"fracgen/{__version__}"}
         if self.token and self.kind == "hf":
             headers["Authorization"] = f"Bearer {self.token}"
         elif self.token:  # http://USER:PASSWORD@HOST/: urllib sends no login of its own (it took it for the host)
@@ -349,10 +348,11 @@ def fetch_manifest(source: Source, note: Note | None = None, limits: Limits = Li
         raise FracgenError(f"{url} lists no shards")
     if source.kind == "hf" and source.seen_commit and source.commit is None:
         source.commit = source.seen_commit
-    if note and (manifest.get("fracgen_version") != fracgen.__version__ or manifest.get("renderer", 1) != RENDERER):
-        note(f"{url} was rendered by fracgen {manifest.get('fracgen_version')} (renderer "
-             f"{manifest.get('renderer', 1)}), this is fracgen {fracgen.__version__} (renderer {RENDERER}): the "
-             "shards are checked by sha256 all the same")
+    if note and other_renderer(manifest):
+        note(f"{url} was {other_renderer(manifest)}: the shards are checked by sha256 all the same")
+    elif note and manifest.get("fracgen_version") != __version__:
+        note(f"{url} was written by fracgen {manifest.get('fracgen_version')}, this is fracgen {__version__} (the "
+             "same renderer: the same images)")
     return RemoteManifest(data, manifest, hashlib.sha256(data).hexdigest())
 
 
@@ -436,7 +436,7 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
     remove_temporaries(out, [e["file"] for e in shards])  # of a pull (or render) that died: we hold the lock
     origin = {"source": redact(src.spec), "url": redact(src.url(MANIFEST)), "revision": src.revision,
               "commit": src.commit,
-              "manifest_sha256": remote.sha256, "fracgen_version": fracgen.__version__, "started": _now(),
+              "manifest_sha256": remote.sha256, "fracgen_version": __version__, "started": _now(),
               "finished": None}
     _write_json(out / SOURCE_FILE, origin)  # first, so a rerun knows which data set this folder is receiving
 
@@ -473,9 +473,10 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
             if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]+\.tar", name) and name not in keep:
                 (out / name).unlink(missing_ok=True)
         if replaced:
-            for name in (CARD, SUMS, PREVIEW):
+            for name in (CARD, SUMS, PREVIEW, TIMM_INFO):
                 (out / name).unlink(missing_ok=True)
     atomic_write(out / MANIFEST, lambda f: f.write(remote.data))  # last: now the folder is complete
+    write_timm_info(out, remote.manifest)  # derived here from the checked manifest, never fetched
     _write_json(out / SOURCE_FILE, {**origin, "finished": _now()})
     return PullResult(out, remote.manifest, src, [e["file"] for e in todo], total, kept)
 
@@ -619,6 +620,14 @@ def _system_text(system: str, s: dict, base: dict, c: int) -> tuple[str, list[st
             [f"| system | noise ({s.get('noise')}) |"], [])
 
 
+# The card's `dataset_info.features`: how Hugging Face `datasets` reads each sample. Without them its webdataset
+# loader infers the types from the first samples and a .json's 64-bit render seed overflows the int64 it infers; as
+# `json` (its Json feature: kept as JSON text, handed back as a dict) every value stays exact.
+HF_FEATURES = ["dataset_info:", "  features:", "  - name: __key__", "    dtype: string", "  - name: __url__",
+               "    dtype: string", "  - name: cls", "    dtype: int64", "  - name: json", "    dtype: json",
+               "  - name: png", "    dtype: image"]
+
+
 def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str, shard_bytes: int) -> str:
     """README.md for a published folder: YAML front matter a dataset hub reads, then what the data are, how to make
     them again, a sample grid and how to pull and train from them."""
@@ -636,6 +645,7 @@ def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str,
         "size_categories:", f"- {_yaml(size_category(n))}",
         "tags:", "- synthetic", *(["- fractal"] if system in ("1p-frac", "fractaldb") else []), "- webdataset",
         "configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {_yaml(pattern)}",
+        *HF_FEATURES,
         "---",
         "",
         f"# {_md(pretty_name)}",
@@ -749,13 +759,15 @@ def publish(folder: str | Path, *, to: str | None = None, url: str | None = None
         card = dataset_card(manifest, license=license, pretty_name=pretty_name,
                             source=url or to or "https://YOUR-SERVER/PATH/", shard_bytes=shard_bytes)
         atomic_write(folder / CARD, lambda f: f.write(card.encode()))
-        sums = [(file_sha256(folder / MANIFEST)[0], MANIFEST)] + [(e["sha256"], e["file"]) for e in manifest["shards"]]
+        write_timm_info(folder, manifest)  # a folder rendered before fracgen wrote it gets it now
+        sums = [(file_sha256(folder / MANIFEST)[0], MANIFEST), (file_sha256(folder / TIMM_INFO)[0], TIMM_INFO)] + \
+            [(e["sha256"], e["file"]) for e in manifest["shards"]]
         text = "".join(f"{digest}  {name}\n" for digest, name in sums).encode()  # the format `sha256sum -c` reads
         atomic_write(folder / SUMS, lambda f: f.write(text))
-        files = [CARD, SUMS, PREVIEW, MANIFEST] + [e["file"] for e in manifest["shards"]]
+        files = [CARD, SUMS, PREVIEW, TIMM_INFO, MANIFEST] + [e["file"] for e in manifest["shards"]]
         if to and to.startswith("s3://"):  # the shards first, the manifest last: a reader never sees it early
-            url = s3.upload(folder, [e["file"] for e in manifest["shards"]] + [PREVIEW, CARD, SUMS, MANIFEST], to,
-                            note)
+            url = s3.upload(folder, [e["file"] for e in manifest["shards"]] + [PREVIEW, CARD, TIMM_INFO, SUMS,
+                                                                               MANIFEST], to, note)
         else:
             url = hub_upload(folder, files, to, *parse_hub(to)) if to else None
     return {"files": files, "url": url, "pretty_name": pretty_name}

@@ -29,3 +29,26 @@ def pytest_runtest_makereport(item, call):
             return
         report.outcome = "failed"
         report.longrepr = f"skipped, but FRACGEN_NO_SKIP=1 (every extra is installed here): {reason}"
+
+
+if "MUTANT_UNDER_TEST" in os.environ:  # under mutmut (pyproject.toml [tool.mutmut]), whose trampolines run in-process
+    import subprocess
+
+    _popen_init = subprocess.Popen.__init__
+
+    def _no_new_python(self, args, *a, **kw):
+        program = str(args[0] if isinstance(args, (list, tuple)) else args)
+        if "python" in Path(program).name or program == sys.executable:
+            pytest.skip("starts a Python process, which mutmut's trampolines cannot follow")
+        _popen_init(self, args, *a, **kw)
+
+    subprocess.Popen.__init__ = _no_new_python
+
+    import joblib
+
+    _parallel_init = joblib.Parallel.__init__
+
+    def _in_process(self, *a, **kw):  # joblib's worker processes run the code in this one, where mutmut sees it
+        _parallel_init(self, *a, **{**kw, "n_jobs": 1})
+
+    joblib.Parallel.__init__ = _in_process

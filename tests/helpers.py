@@ -92,3 +92,55 @@ def train_cli(app, args, capsys) -> tuple[int, str, str]:
         sys.argv = argv
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def python_m(module: str, *args, env: dict | None = None):
+    """`python -m MODULE ARGS` run in this process (its Typer app through train.runtime.run_cli, stdout and stderr
+    captured, the exit code from SystemExit), as a subprocess.CompletedProcess: a second Python would pay ~4 s of
+    torch import per command. Tests that need a process of their own (a kill, torchrun, workers dying with their
+    parent, a fresh import) use subprocess directly. `env`: variables set for the call."""
+    import contextlib
+    import importlib
+    import io
+    import os
+    import subprocess
+    import sys
+
+    from train.runtime import run_cli
+
+    found = importlib.import_module(module)
+    app = getattr(found, "app", None) or importlib.import_module(f"{module}.__main__").app  # a package's __main__
+    out, err = io.StringIO(), io.StringIO()
+    argv, saved = sys.argv, {k: os.environ.get(k) for k in (env or {})}
+    sys.argv = [module, *map(str, args)]
+    os.environ.update(env or {})
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_cli(app)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([module, *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def python(*args, timeout: float = 240, **kw):
+    """`python ARGS` for the tests: `-m train.*` in this process (python_m), anything else in a subprocess with one
+    torch thread and the repository on the path."""
+    import os
+    import subprocess
+    import sys
+
+    args = [str(a) for a in args]
+    if len(args) > 1 and args[0] == "-m" and args[1].startswith("train.") and not kw:
+        return python_m(args[1], *args[2:])
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)

@@ -1,6 +1,6 @@
 """Slow, obvious reference implementations the Numba kernels are checked against.
 
-Written from the rules in DESIGN.md section 4 and the render.py docstring, with plain Python
+Written from the rules in docs/design.md section 4 and the render.py docstring, with plain Python
 integers for the random numbers and NumPy for the arithmetic, sharing no code with the kernel.
 """
 

@@ -4,6 +4,8 @@ it should and only there. Each of these passed under a mutation that broke it be
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,12 @@ def test_pretext_accuracy_is_the_share_answered_right():
     batches = [(images[i:i + 16], labels[i:i + 16]) for i in range(0, n, 16)]
     result = pretext_accuracy(_Oracle(classes), batches, lambda x: x, torch.device("cpu"))
     assert result["eval_samples"] == n and result["pretext_acc"] == pytest.approx(100 * right / n)
+    # the clean cross-entropy, counted by hand: logits 10 on the answer, 0 elsewhere
+    import math
+
+    norm = math.log(math.exp(10) + classes - 1)
+    expected = (right * (norm - 10) + (n - right) * norm) / n
+    assert result["pretext_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_runs_pretext_accuracy_equals_an_independent_count(run):
@@ -139,3 +147,190 @@ def test_options_a_checkpoint_overrides_are_named_in_one_note(run, capsys):
     assert notes == ["note: --img-size, --depth ignored: --checkpoint brings its own network (its config says the "
                      "architecture and input size)"]
     assert ", 32 px," in out  # what really ran
+
+
+# --- what the mutation run (docs/testing.md) found unguarded ----------------------------------------------------
+
+def test_fine_tuning_optimizers_follow_the_recipe():
+    from train.finetune import PRESETS, batch_used, build_optimizer
+
+    model = torch.nn.Linear(4, 2)
+    sgd = build_optimizer(FinetuneConfig(**PRESETS["paper"]), model, 768)
+    group = sgd.param_groups[0]
+    assert type(sgd).__name__ == "SGD" and group["momentum"] == 0.9 and group["nesterov"]
+    assert group["lr"] == pytest.approx(0.01 * 768 / 512)
+    assert {g["weight_decay"] for g in sgd.param_groups} == {0.0, 1e-4}  # biases undecayed, as timm groups them
+    adamw = build_optimizer(FinetuneConfig(), model, 64)
+    assert type(adamw).__name__ == "AdamW" and adamw.param_groups[0]["lr"] == pytest.approx(0.008 * 64 / 512)
+    assert {g["weight_decay"] for g in adamw.param_groups} == {0.0, 0.05}
+    # Mixup and CutMix pair images in a batch: an odd batch loses one image with either, none without
+    assert batch_used(FinetuneConfig(batch=64), 99) == 64 and batch_used(FinetuneConfig(batch=200), 99) == 99
+    assert batch_used(FinetuneConfig(batch=200, mixup=0.8), 99) == 98
+    assert batch_used(FinetuneConfig(batch=200, cutmix=1.0), 99) == 98
+
+
+def _ckpt(tmp_path, **changes) -> Path:
+    state = {"model_name": "vit_tiny_patch16_224", "model_args": {}, "num_classes": 2, "model": {"w": torch.ones(2)},
+             "step": 3, "config": {}, "optimizer": {}, "scheduler": {}, "scaler": {}, "rng": []}
+    state.update(changes)
+    for key in [k for k, v in changes.items() if v is _DROP]:
+        del state[key]
+    path = tmp_path / "ckpt.pt"
+    torch.save(state, path)
+    return path
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(("changes", "resume", "match"), [
+    (dict(step=True), False, "'step' is missing or not a int"),
+    (dict(num_classes="2"), False, "'num_classes' is missing or not a int"),
+    (dict(model=_DROP), False, "'model' is missing"),
+    (dict(model={"w": 1.0}), False, "'model' is not a dict of tensors"),
+    (dict(optimizer=_DROP), True, "'optimizer' is missing"),
+    (dict(rng={}), True, "'rng' is missing or not a list"),
+])
+def test_a_checkpoint_lacking_what_its_use_needs_is_one_line(tmp_path, changes, resume, match):
+    from train.runtime import TrainError, load_checkpoint
+
+    with pytest.raises(TrainError, match=re.escape(match)):
+        load_checkpoint(_ckpt(tmp_path, **changes), resume=resume)
+    if changes.get("optimizer") is _DROP or "rng" in changes:  # enough to fine-tune from, not to continue
+        assert load_checkpoint(_ckpt(tmp_path, **changes))["step"] == 3
+    with pytest.raises(TrainError, match="it holds a list"):
+        torch.save([1, 2], tmp_path / "list.pt")
+        load_checkpoint(tmp_path / "list.pt")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open(__import__('os').environ['FRACGEN_PWNED'], 'w').write('ran')",))
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_unrun(tmp_path, monkeypatch):
+    from train.runtime import TrainError, load_checkpoint
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("FRACGEN_PWNED", str(marker))
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _RunsCode()}, path)
+    with pytest.raises(TrainError, match="it asks to run (builtins.)?exec on loading; refused, nothing of it was run"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def _shard(tmp_path, samples, size=16) -> tuple[Path, dict]:
+    from fracgen.shards import write_shard_unfinished
+
+    tmp, entry = write_shard_unfinished(tmp_path / "x.tar", samples)
+    return tmp, {**entry, "samples": entry.get("samples", len(samples))}
+
+
+def _sample(k: int, m: int = 0, size: int = 16, label: int | None = None):
+    from fracgen import png
+    from fracgen.shards import Sample
+
+    return Sample(f"c{k:06d}-i{m:06d}", png.encode_rows(png.row_buffer(size), 1), k if label is None else label, {})
+
+
+def _parts(sample) -> dict:
+    from fracgen.shards import encode_json
+
+    return {"cls": str(sample.label).encode(), "json": encode_json(sample.meta), "png": sample.png}
+
+
+def test_sample_checks_hold_labels_sizes_and_bounds():
+    from fracgen.shards import check_sample
+
+    ok = _sample(1)
+    parts = _parts(ok)
+    assert check_sample(ok.key, parts, num_classes=2, size=16) is None
+    assert "outside 0..1" in check_sample(ok.key, {**parts, "cls": b"2"}, num_classes=2, size=16)  # == C: refused
+    assert check_sample(ok.key, parts, num_classes=2, size=32) is not None  # a 16 px PNG where 32 px are due
+    huge = b'{"x": "' + b"a" * 200_000 + b'"}'
+    assert "larger than" in check_sample(ok.key, {**parts, "json": huge}, num_classes=2, size=16)
+
+
+def test_a_shard_with_more_samples_than_listed_is_refused(tmp_path):
+    from fracgen.shards import check_shard_contents
+
+    path, entry = _shard(tmp_path, [_sample(0), _sample(1), _sample(0, 1)])
+    listed = {**entry, "samples": 2}
+    assert check_shard_contents(path, listed, num_classes=2, size=16) == "at least 3 samples, manifest says 2"
+    assert check_shard_contents(path, {**entry, "samples": 4}, num_classes=2, size=16) == "3 samples, manifest says 4"
+    assert check_shard_contents(path, {**entry, "samples": 3}, num_classes=2, size=16, first=0) is None
+
+
+def test_our_tar_bytes_are_the_ones_pythons_tarfile_writes(tmp_path):
+    """fracgen writes USTAR headers itself (for speed); the bytes must be tarfile's for the same members."""
+    import io
+    import tarfile
+
+    from fracgen.shards import shard_in_memory, ustar_header
+
+    samples = [_sample(0), _sample(1)]
+    ours, _ = shard_in_memory("x.tar", samples)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            for ext, payload in _parts(s).items():
+                info = tarfile.TarInfo(f"{s.key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(payload), 0, 0o644, 0, 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(payload))
+    assert ours == buf.getvalue()
+    assert len(ustar_header("a" * 100, 1)) == 512
+    from fracgen.errors import FracgenError
+
+    with pytest.raises(FracgenError, match="longer than 100 bytes"):
+        ustar_header("a" * 101, 1)
+
+
+def test_file_sha256_counts_every_byte_of_a_large_file(tmp_path):
+    import hashlib
+
+    from fracgen.shards import file_sha256
+
+    data = np.random.default_rng(0).integers(0, 256, (3 << 20) + 17, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    assert file_sha256(tmp_path / "f") == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_a_member_name_with_a_second_dot_is_not_a_sample_part(tmp_path):
+    import tarfile
+
+    from fracgen.shards import iter_samples
+
+    with tarfile.open(tmp_path / "x.tar", "w") as tar:
+        for name in ("c000000-i000000.cls", "c000000-i000000.x.png"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"0"))
+    ((key, parts),) = list(iter_samples(tmp_path / "x.tar"))
+    assert key == "c000000-i000000" and sorted(parts) == ["cls", "x.png"]  # no .png: check_sample refuses it
+
+
+def test_the_fine_tuning_network_takes_the_recipes_shape_and_drop_path(run):
+    _, run_dir, _ = run
+    scratch = init_model(FinetuneConfig(img_size=48, patch_size=16, depth=3, drop_path=0.1), None, 10)
+    assert len(scratch.blocks) == 3 and scratch.patch_embed.patch_size == (16, 16)
+    assert scratch.patch_embed.img_size == (48, 48) and scratch.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    tuned = init_model(FinetuneConfig(drop_path=0.1), weights.load(str(run_dir)), 10)
+    assert tuned.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # the paper preset fine-tunes with 0.1
+    assert init_model(FinetuneConfig(), weights.load(str(run_dir)), 10).blocks[-1].drop_path1.__class__.__name__ \
+        == "Identity"
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    (b"", "unreadable: EOFError"), (b"PK\x03\x04 not a zip", "unreadable"), (b"\x80\x02}q\x00.", "Invalid magic")])
+def test_an_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, content, match):
+    from train.runtime import TrainError, load_checkpoint
+
+    (tmp_path / "ckpt.pt").write_bytes(content)
+    with pytest.raises(TrainError, match=match) as refused:
+        load_checkpoint(tmp_path / "ckpt.pt")
+    assert str(refused.value).startswith(f"{tmp_path / 'ckpt.pt'} is not a train.pretrain checkpoint")
+    assert "\n" not in str(refused.value)
+    with pytest.raises(TrainError, match=f"^{re.escape(str(tmp_path / 'named.pt'))} is not"):  # a stream, named
+        load_checkpoint(io.BytesIO(content), name=tmp_path / "named.pt")

@@ -66,7 +66,8 @@ def test_resume_of_an_older_renderer_keeps_it_and_says_so(tmp_path):
     before = (out / "manifest.json").read_bytes()
     r = run("render", "--out", out, *SMALL, "--resume")
     assert r.exit_code == 0, r.output
-    assert "is complete (renderer 2" in r.output and "images differ from these; --overwrite" in r.output
+    assert "is complete (renderer 2" in r.output
+    assert "whose images differ: kept as it is; --overwrite redraws it" in r.output
     assert (out / "manifest.json").read_bytes() == before
     fresh = tmp_path / "fresh"  # this fracgen's own render: no note
     assert run("render", "--out", fresh, *SMALL).exit_code == 0

@@ -128,7 +128,8 @@ def test_resume_refuses_to_mix_renderers(tmp_path, small_settings):
     assert render_dataset(tmp_path, small_settings, workers=1, resume=True) == manifest
     assert (tmp_path / "manifest.json").read_bytes() == before
     (tmp_path / "1p-frac-000001.tar").unlink()
-    with pytest.raises(FracgenError, match="renderer 1, which this fracgen cannot draw again"):
+    refused = "drawn by renderer 1; this fracgen draws renderer 3, whose images differ, so they cannot be drawn again"
+    with pytest.raises(FracgenError, match=refused):
         render_dataset(tmp_path, small_settings, workers=1, resume=True)
 
 

@@ -2,38 +2,46 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
+from fracgen.dataset import Settings, render_dataset
+from fracgen.errors import FracgenError
+from fracgen.manifest import read_manifest
 from train import experiments as E
+from train.experiments import tables
+from train.experiments.score_bases import correlate
+from train.runtime import TrainError
 
 TINY = E.Budget(steps=2, finetune_seeds=(0,), probe_seeds=(0,), finetune_steps=2,
                 data=dict(classes=8, size=32, points=2000))
 
 
 def test_the_experiments_hold_the_runs_the_issue_asks_for():
-    compare = E.compare()
+    compare = E.EXPERIMENTS["compare"]()
     systems = [(r.data or {}).get("system", "1p-frac" if r.data else None) for r in compare]
     assert systems.count(None) == 1 and {"fractaldb", "real", "noise"} <= set(systems)
     assert sorted(r.data["seed"] for r in compare if r.group == "1p-frac, sigma 3.5, Delta 0.1") == [0, 1, 2]
     assert any(r.data and r.data.get("delta") == 0.001 for r in compare)
-    assert [r.x for r in E.sweep_delta() if r.data] == [d for d in (0.001, 0.01, 0.05, 0.1, 0.2) for _ in E.BASES]
-    assert [r.x for r in E.sweep_sigma() if r.data] == [s for s in (3.5, 4.5, 5.5) for _ in E.BASES]
-    bases = [r for r in E.sweep_bases() if r.data]
+    deltas = (0.001, 0.01, 0.05, 0.1, 0.2)
+    assert [r.x for r in E.EXPERIMENTS["sweep-delta"]() if r.data] == [d for d in deltas for _ in E.BASES]
+    assert [r.x for r in E.EXPERIMENTS["sweep-sigma"]() if r.data] == [s for s in (3.5, 4.5, 5.5) for _ in E.BASES]
+    bases = [r for r in E.EXPERIMENTS["sweep-bases"]() if r.data]
     assert [r.x for r in bases] == [1000, 100, 10, 1] and all(E.DATA["classes"] % r.x == 0 for r in bases)
     slugs = [r.slug for name in E.EXPERIMENTS for r in E.EXPERIMENTS[name]()]
     # a run shared by two experiments has one slug (one folder, run once); different runs never share one
     by_slug = {}
     for name in E.EXPERIMENTS:
         for r in E.EXPERIMENTS[name]():
-            settings = None if r.data is None else vars(E.Settings(**{**E.DATA, **r.data}))
+            settings = None if r.data is None else vars(Settings(**{**E.DATA, **r.data}))
             by_slug.setdefault(r.slug, set()).add(json.dumps(settings, sort_keys=True, default=str))
     assert all(len(v) == 1 for v in by_slug.values()) and len(set(slugs)) < len(slugs)
 
 
 @pytest.mark.slow  # ~30 s: three fine-tunings and probes over all 1797 digits
 def test_runs_write_rows_tables_and_reuse_what_is_done(tmp_path):
-    runs = [E.compare()[0], E.Run("noise", {"system": "noise", "seed": 0}, "noise")]
+    runs = [E.EXPERIMENTS["compare"]()[0], E.Run("noise", {"system": "noise", "seed": 0}, "noise")]
     rows = [E.execute(r, tmp_path, TINY, log=lambda _: None) for r in runs]
     scratch, noise = rows
     assert "pretext_top1" not in scratch and len(scratch["finetune_seeds"]) == 1
@@ -44,16 +52,16 @@ def test_runs_write_rows_tables_and_reuse_what_is_done(tmp_path):
     again = E.execute(runs[1], tmp_path, TINY, log=lambda _: None)
     assert again == noise and ckpt.stat().st_mtime_ns == before  # nothing was trained again
 
-    grouped = E.groups(rows)
+    grouped = tables.groups(rows)
     assert [g["group"] for g in grouped] == ["none (scratch)", "noise"]
-    E.write_csv(tmp_path / "t.csv", rows)
+    tables.write_csv(tmp_path / "t.csv", rows)
     with open(tmp_path / "t.csv") as f:
         read = list(csv.DictReader(f))
     assert [r["label"] for r in read] == [r["label"] for r in rows]
-    text = E.markdown("compare", rows, grouped, 60.0, "make compare")
+    text = tables.markdown("compare", rows, grouped, 60.0, "make compare")
     assert text.count("\n| ") == 1 + len(rows) and "1.0 minutes" in text
     pytest.importorskip("matplotlib")
-    assert E.plot("compare", rows, grouped, tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size > 1000
+    assert tables.plot("compare", rows, grouped, tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size > 1000
 
 
 def test_an_unknown_experiment_is_one_line(tmp_path):
@@ -61,19 +69,19 @@ def test_an_unknown_experiment_is_one_line(tmp_path):
     import sys
 
     r = subprocess.run([sys.executable, "-m", "train.experiments", "sweep-everything"], capture_output=True,
-                       text=True, cwd=tmp_path, env={"PYTHONPATH": str(E.Path(E.__file__).parents[1])})
+                       text=True, cwd=tmp_path, env={"PYTHONPATH": str(Path(E.__file__).parents[2])})
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "error: unknown experiment 'sweep-everything'; choose one of compare, sweep-delta, sweep-sigma, sweep-bases, "
-        "control, sweep-resolution, score-bases"]
+        "error: unknown experiment 'sweep-everything'; choose one of compare, control, score-bases, sweep-bases, "
+        "sweep-delta, sweep-resolution, sweep-sigma"]
 
 
 def test_a_setting_at_its_default_names_the_same_run():
     # sweep-delta's Delta 0.1 and sweep-sigma's sigma 3.5 are compare's runs, reused, not run again
-    compare_slugs = {r.slug for r in E.compare()}
-    delta = {r.x: r.slug for r in E.sweep_delta() if r.x is not None}
-    sigma = {r.x: r.slug for r in E.sweep_sigma() if r.x is not None}
-    assert {r.slug for r in E.sweep_delta() if r.x == 0.1} <= compare_slugs
-    assert {r.slug for r in E.sweep_sigma() if r.x == 3.5} <= compare_slugs
+    compare_slugs = {r.slug for r in E.EXPERIMENTS["compare"]()}
+    delta = {r.x: r.slug for r in E.EXPERIMENTS["sweep-delta"]() if r.x is not None}
+    sigma = {r.x: r.slug for r in E.EXPERIMENTS["sweep-sigma"]() if r.x is not None}
+    assert {r.slug for r in E.EXPERIMENTS["sweep-delta"]() if r.x == 0.1} <= compare_slugs
+    assert {r.slug for r in E.EXPERIMENTS["sweep-sigma"]() if r.x == 3.5} <= compare_slugs
     assert delta[0.2] not in compare_slugs and sigma[5.5] not in compare_slugs
 
 
@@ -86,7 +94,7 @@ def _row(run: E.Run, top1: float) -> dict:
 
 def test_finished_only_tabulates_finished_runs_and_starts_nothing(tmp_path, capsys):
     budget = E.Budget(steps=2)
-    runs = E.sweep_delta()
+    runs = E.EXPERIMENTS["sweep-delta"]()
     scratch, first = runs[0], runs[1]
     for run, top1 in ((scratch, 78.0), (first, 70.0)):
         run.folder(tmp_path, budget).mkdir(parents=True)
@@ -104,7 +112,7 @@ def test_finished_only_tabulates_finished_runs_and_starts_nothing(tmp_path, caps
 
 
 def test_finished_only_with_nothing_finished_is_one_line(tmp_path):
-    with pytest.raises(E.TrainError, match="no finished run of compare at 2 steps under"):
+    with pytest.raises(TrainError, match="no finished run of compare at 2 steps under"):
         E.run_experiment("compare", tmp_path, tmp_path / "results", E.Budget(steps=2), finished_only=True)
 
 
@@ -112,7 +120,7 @@ def test_finished_only_with_nothing_finished_is_one_line(tmp_path):
 def test_jobs_run_side_by_side_and_a_failed_run_does_not_lose_the_others(tmp_path, monkeypatch):
     noise = E.Run("noise", {"system": "noise", "seed": 0}, "noise")
     bad = E.Run("bad", {"system": "no-such-system", "seed": 0}, "bad")
-    runs = [E.compare()[0], noise]
+    runs = [E.EXPERIMENTS["compare"]()[0], noise]
     monkeypatch.setitem(E.EXPERIMENTS, "tiny", lambda: runs)
     rows = E.run_experiment("tiny", tmp_path, tmp_path / "results", TINY, jobs=2)
     assert [r["label"] for r in rows] == ["none (scratch)", "noise"] and rows[1]["device"].startswith("CPU")
@@ -121,7 +129,7 @@ def test_jobs_run_side_by_side_and_a_failed_run_does_not_lose_the_others(tmp_pat
         assert "finetune: digits" in (folder / "log.txt").read_text()  # each run its own log
         assert json.loads((folder / "row.json").read_text()) == row
     monkeypatch.setitem(E.EXPERIMENTS, "tiny", lambda: [bad, E.Run("noise 1", {"system": "noise", "seed": 1})])
-    with pytest.raises(E.FracgenError, match="unknown --system 'no-such-system'"):
+    with pytest.raises(FracgenError, match="unknown --system 'no-such-system'"):
         E.run_experiment("tiny", tmp_path, tmp_path / "results", TINY, jobs=2)
     assert (E.Run("noise 1", {"system": "noise", "seed": 1}).folder(tmp_path, TINY) / "row.json").exists()
 
@@ -131,25 +139,25 @@ def test_jobs_below_one_is_one_line(tmp_path):
     import sys
 
     r = subprocess.run([sys.executable, "-m", "train.experiments", "compare", "--jobs", "0"], capture_output=True,
-                       text=True, cwd=tmp_path, env={"PYTHONPATH": str(E.Path(E.__file__).parents[1])})
+                       text=True, cwd=tmp_path, env={"PYTHONPATH": str(Path(E.__file__).parents[2])})
     assert r.returncode == 1 and r.stderr.strip() == "error: --jobs must be at least 1, got 0"
 
 
 def test_score_bases_draws_its_bases_by_seed_and_correlates_each_runs_own_data(tmp_path):
     """score-bases holds >= 12 bases drawn by seed (and base A); `correlate` scores every pre-trained run's own data:
     with each run's pretext top-1 set to its own separation, that measure's Spearman correlation must be exactly 1."""
-    runs = E.score_bases()
+    runs = E.EXPERIMENTS["score-bases"]()
     assert sorted(r.data["seed"] for r in runs if r.data and "base" not in r.data) == list(range(16))
     assert sum(r.data is None for r in runs) == 1 and any(r.key == "base-a" for r in runs)
     from fracgen import score
 
     rows = [{"label": "none (scratch)", "slug": "scratch", "finetune_top1": 70.0}]
     for run in [r for r in runs if r.data and "base" not in r.data][:4]:
-        E.render_dataset(tmp_path / "data" / run.data_slug, E.Settings(**{**TINY.data, "classes": 12, **run.data}))
-        manifest = E.read_manifest(tmp_path / "data" / run.data_slug)
+        render_dataset(tmp_path / "data" / run.data_slug, Settings(**{**TINY.data, "classes": 12, **run.data}))
+        manifest = read_manifest(tmp_path / "data" / run.data_slug)
         separation = score.score(manifest, (32,))[0]["separation"]
         rows.append({"label": run.label, "slug": run.slug, "pretext_top1": separation, "finetune_top1": 50.0})
-    table = {t["measure"]: t for t in E.correlate(rows, tmp_path, TINY, tmp_path / "results")}
+    table = {t["measure"]: t for t in correlate(rows, tmp_path, TINY, tmp_path / "results")}
     assert table["separation"]["pretext_top1"] == pytest.approx(1.0)
     assert table["separation"]["finetune_top1"] is None  # a constant column has no rank correlation
     text = (tmp_path / "results" / "score-bases-correlation.md").read_text()

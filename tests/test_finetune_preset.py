@@ -1,4 +1,5 @@
-"""train.finetune's `--preset paper`: the official fine-tuning script (finetuning.sh, DESIGN.md 7b) as a preset."""
+"""train.finetune's `--preset paper`: the official fine-tuning script (finetuning.sh, docs/design.md section 7) as a
+preset."""
 
 import json
 

@@ -4,15 +4,14 @@ instances beyond them, the same batches for any number of loader workers, and ne
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import python_m
 
 from fracgen.dataset import render_dataset
 from train import data, onthefly
@@ -121,9 +120,7 @@ def test_a_resumed_on_the_fly_run_equals_an_uninterrupted_one(shards, tmp_path):
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "train.pretrain", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
+    return python_m("train.pretrain", *args)
 
 
 @pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
@@ -168,6 +165,7 @@ def test_shards_of_an_older_renderer_train_and_the_log_says_so(shards, tmp_path,
     manifest = json.loads((old / "manifest.json").read_text())
     (old / "manifest.json").write_text(json.dumps({**manifest, "renderer": 2}))  # an older fracgen's render
     pretrain(Config(**TINY, shards=str(old), steps=1, out=str(tmp_path / "run")))
-    assert "drawn by renderer 2; this fracgen draws" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "drawn by renderer 2; this fracgen draws renderer 3, whose images differ: re-render" in said
     pretrain(Config(**TINY, shards=str(shards), steps=1, out=str(tmp_path / "current")))
     assert "drawn by renderer" not in capsys.readouterr().out

@@ -238,3 +238,76 @@ def test_torchrun_restarts_a_killed_worker_and_ends_with_the_uninterrupted_weigh
     assert proc.returncode == 0, log
     assert "resumed from step" in log
     assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+# --- what the mutation run found unguarded (docs/testing.md) --------------------------------------------------
+
+def test_a_snapshot_is_a_copy_later_steps_cannot_change():
+    live = {"w": torch.zeros(3), "nested": [torch.ones(2)], "step": 4}
+    copy = snapshot(live)
+    live["w"].add_(1)
+    live["nested"][0].mul_(5)
+    assert torch.equal(copy["w"], torch.zeros(3)) and torch.equal(copy["nested"][0], torch.ones(2))
+    assert copy["step"] == 4
+
+
+def test_time_cadence_restarts_at_each_checkpoint(tmp_path):
+    now = [1000.0]
+    ckpts = Checkpoints(tmp_path, every_minutes=1, clock=lambda: now[0])
+    now[0] = 1059.0
+    assert not ckpts.due_by_time()
+    now[0] = 1060.0
+    assert ckpts.due_by_time()
+    ckpts.save({"model": {}, "step": 1}, 1, wait=True)
+    assert not ckpts.due_by_time()
+    now[0] = 1120.0
+    assert ckpts.due_by_time()
+
+
+def test_a_failed_write_is_reported_by_the_next_wait(tmp_path):
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    ckpts = Checkpoints(folder)
+    folder.rmdir()  # the run folder vanished under the writer
+    ckpts.save({"model": {}, "step": 1}, 1)
+    with pytest.raises(TrainError, match=f"writing a checkpoint in {folder} failed"):
+        ckpts.wait()
+    ckpts.wait()  # reported once
+
+
+def test_the_marker_lists_only_checkpoints_that_are_there(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep=3)
+    for step in (1, 2):
+        ckpts.save({"model": {}, "step": step}, step, wait=True)
+    (tmp_path / file_name(1)).unlink()  # removed by hand
+    ckpts.save({"model": {}, "step": 3}, 3, wait=True)
+    assert [e["step"] for e in ckpts.entries()] == [2, 3]
+    (tmp_path / file_name(3)).unlink()
+    notes = []
+    state = {"model_name": "m", "model_args": {}, "num_classes": 2, "model": {}, "step": 2, "config": {}}
+    ckpts.save(state, 2, wait=True)
+    (tmp_path / file_name(3)).write_bytes(b"")  # listed, but empty
+    assert ckpts.load_latest(resume=False, note=notes.append)[0]["step"] == 2 and len(notes) <= 1
+
+
+def test_continuing_needs_the_optimizer_state_even_from_an_old_ckpt_pt(tmp_path):
+    torch.save({"model_name": "m", "model_args": {}, "num_classes": 2, "model": {}, "step": 5, "config": {}},
+               tmp_path / LATEST)  # a folder from before the marker, written without the optimizer
+    with pytest.raises(TrainError, match="'optimizer' is missing"):
+        Checkpoints(tmp_path).load_latest(resume=True)
+    assert Checkpoints(tmp_path).load_latest(resume=False)[0]["step"] == 5
+
+
+def test_without_hard_links_ckpt_pt_is_a_whole_copy(tmp_path, monkeypatch):
+    import train.checkpoint as checkpoint_lib
+
+    def no_links(src, dst):
+        raise OSError("this file system has no hard links")
+
+    monkeypatch.setattr(checkpoint_lib.os, "link", no_links)
+    ckpts = Checkpoints(tmp_path)
+    state = {"model": {"w": torch.arange(5000.0)}, "step": 1}
+    ckpts.save(snapshot(state), 1, wait=True)
+    assert not os.path.samefile(tmp_path / LATEST, tmp_path / file_name(1))
+    assert (tmp_path / LATEST).read_bytes() == (tmp_path / file_name(1)).read_bytes()
+    assert not (tmp_path / (LATEST + ".tmp")).exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import wait_for
+from helpers import python, wait_for
 from typer.testing import CliRunner
 
 from fracgen.cli import app
@@ -40,9 +40,7 @@ def one_line_error(output: str, exit_code: int, match: str) -> None:
 
 
 def run(*args, timeout=240, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return python(*args, timeout=timeout, **kw)
 
 
 def cli_error(result: subprocess.CompletedProcess, match: str) -> None:
@@ -530,11 +528,11 @@ def test_odd_arguments_elsewhere_are_one_short_line(rendered, tmp_path):
     result = fracgen("render", "--out", tmp_path / ("n" * 5000), *SMALL)
     one_line_error(result.output, result.exit_code, "File name too long")
     assert len(result.output) < 500, len(result.output)
-    from train import experiments
+    from train.experiments.__main__ import app as experiments_app
     from train.runtime import TrainError
 
     (tmp_path / "file").write_text("")
-    result = CliRunner().invoke(experiments.app, ["compare", "--root", str(tmp_path / "file"), "--finished-only",
+    result = CliRunner().invoke(experiments_app, ["compare", "--root", str(tmp_path / "file"), "--finished-only",
                                                   "--results", str(tmp_path / "results")])
     assert isinstance(result.exception, TrainError) and "--root" in str(result.exception), result.output
     assert "is a file, not a folder" in str(result.exception)

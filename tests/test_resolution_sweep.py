@@ -11,12 +11,15 @@ import pytest
 from typer.testing import CliRunner
 
 from train import experiments as E
+from train.experiments.__main__ import app as experiments_app
+from train.experiments.sweep_resolution import sweep_resolution
+from train.runtime import TrainError
 
 REPO = Path(__file__).parents[1]
 
 
 def test_sweep_resolution_holds_the_runs_the_issue_asks_for():
-    runs = E.sweep_resolution()
+    runs = E.EXPERIMENTS["sweep-resolution"]()
     assert [r.x for r in runs] == [res for res in (224, 112, 64, 32) for _ in range(6)]  # largest first
     for res in (32, 64, 112, 224):
         at = [r for r in runs if r.x == res]
@@ -29,7 +32,8 @@ def test_sweep_resolution_holds_the_runs_the_issue_asks_for():
         assert all(r.data is None or (r.data["size"], r.data["points"]) == (512, 100_000) for r in at)
     data = {r.data_slug for r in runs if r.data}
     assert len(data) == 5 and len({r.slug for r in runs}) == len(runs)
-    assert not data & {r.slug for r in E.compare()}  # never the CPU default's 128 px data under the same name
+    # never the CPU default's 128 px data under the same name
+    assert not data & {r.slug for r in E.EXPERIMENTS["compare"]()}
     budget = E.experiment_budget("sweep-resolution")
     folders = {r.folder(Path("R"), budget).name for r in runs}
     assert len(folders) == 24 and all(f.endswith("-steps1500-ftpaper200") for f in folders)
@@ -45,9 +49,10 @@ def test_the_planner_packs_runs_into_slots_and_leaves_out_what_would_end_late():
 
 def test_the_default_sweep_fits_its_time_box_on_one_h200_by_the_rate_table():
     # the plan in docs/results.md: 24 runs, 12 side by side, all inside 8 minutes by the estimates
-    runs, budget = E.sweep_resolution(), E.experiment_budget("sweep-resolution")
+    runs, budget = E.EXPERIMENTS["sweep-resolution"](), E.experiment_budget("sweep-resolution")
     seconds = [E.estimate(r, budget, "cuda") for r in runs]
-    slots = E.plan(seconds, E.RUNNER["sweep-resolution"]["jobs"], E.RUNNER["sweep-resolution"]["time_box"] * 60)
+    options = E.runner_options("sweep-resolution")
+    slots = E.plan(seconds, options["jobs"], options["time_box"] * 60)
     assert all(slots) and 360 < max(end for _, end in slots) < 480
     by_label = dict(zip((r.label for r in runs), seconds, strict=True))
     assert by_label["none (scratch), 224 px"] < by_label["FractalDB-style, 1000 fractals x 1 image, 224 px"]
@@ -56,14 +61,14 @@ def test_the_default_sweep_fits_its_time_box_on_one_h200_by_the_rate_table():
 
 
 def test_score_bases_fits_its_time_box_on_one_h200_by_the_rate_table():
-    runs, budget = E.score_bases(), E.experiment_budget("score-bases")
-    slots = E.plan([E.estimate(r, budget, "cuda") for r in runs], E.RUNNER["score-bases"]["jobs"],
-                   E.RUNNER["score-bases"]["time_box"] * 60)
+    runs, budget = E.EXPERIMENTS["score-bases"](), E.experiment_budget("score-bases")
+    slots = E.plan([E.estimate(r, budget, "cuda") for r in runs], E.runner_options("score-bases")["jobs"],
+                   E.runner_options("score-bases")["time_box"] * 60)
     assert len(runs) == 18 and all(slots) and max(end for _, end in slots) < 8 * 60
 
 
 def test_a_time_box_nothing_fits_in_is_one_line_and_starts_nothing(tmp_path):
-    with pytest.raises(E.TrainError, match="none of the 24 runs of sweep-resolution fits in the 0.01-minute time box"):
+    with pytest.raises(TrainError, match="none of the 24 runs of sweep-resolution fits in the 0.01-minute time box"):
         E.run_experiment("sweep-resolution", tmp_path / "runs", tmp_path / "results",
                          E.experiment_budget("sweep-resolution"), time_box=0.01)
     assert not (tmp_path / "runs").exists()
@@ -71,7 +76,7 @@ def test_a_time_box_nothing_fits_in_is_one_line_and_starts_nothing(tmp_path):
 
 def test_a_row_kept_in_the_results_is_reused_without_its_run_folder(tmp_path, capsys):
     budget = E.experiment_budget("sweep-resolution")
-    scratch = E.sweep_resolution((32,))[-1]
+    scratch = sweep_resolution((32,))[-1]
     row = {"label": scratch.label, "group": scratch.group, "x": 32, "series": scratch.series, "slug": scratch.slug,
            "steps": budget.steps, "network": scratch.model, "finetune_top1": 50.0, "finetune_std": 1.0,
            "finetune_seeds": [50.0], "finetune_recipe": "preset paper", "probe_top1": 40.0, "probe_std": 0.0,
@@ -94,8 +99,8 @@ def test_resolutions_are_sweep_resolutions_option_and_checked():
                            "--resolutions '48': choose from 32,64,112,224"),
                           (["sweep-resolution", "--finetune-preset", "deit"],
                            "unknown --finetune-preset 'deit'; choose from default, paper")):
-        r = CliRunner().invoke(E.app, args)
-        assert isinstance(r.exception, E.TrainError) and str(r.exception) == message
+        r = CliRunner().invoke(experiments_app, args)
+        assert isinstance(r.exception, TrainError) and str(r.exception) == message
 
 
 @pytest.mark.slow  # minutes on 2 cores: six toy runs at 32 px, two side by side, through the device script

@@ -20,7 +20,7 @@ from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from helpers import Server, wait_for
+from helpers import Server, python, wait_for
 from typer.testing import CliRunner
 
 from fracgen import share
@@ -46,8 +46,7 @@ def one_line_error(output: str, exit_code: int, match: str) -> None:
 
 
 def run(*args, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return python(*args, timeout=timeout)
 
 
 def _env() -> dict:
@@ -104,7 +103,7 @@ def test_publish_writes_a_card_a_hub_reads_and_sums_sha256sum_checks(published):
     assert (published / "preview.png").read_bytes().startswith(b"\x89PNG")
     if shutil.which("sha256sum"):
         check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=published, capture_output=True, text=True)
-        assert check.returncode == 0 and check.stdout.count(": OK") == 9, check.stdout + check.stderr
+        assert check.returncode == 0 and check.stdout.count(": OK") == 10, check.stdout + check.stderr  # +_info
 
 
 def test_regenerate_command_from_settings_renders_the_same_bytes(published, tmp_path):
@@ -152,7 +151,7 @@ def test_publish_uploads_to_a_hub_dataset_without_printing_the_token(copy, monke
     assert repo == "fracgen-org/one-p-frac" and create["repo_type"] == "dataset"
     assert token == "hf_NotARealTokenButSecret"
     assert upload["repo_id"] == repo and upload["repo_type"] == "dataset" and upload["folder_path"] == str(folder)
-    assert set(upload["allow_patterns"]) == {"README.md", "SHA256SUMS", "preview.png", "manifest.json",
+    assert set(upload["allow_patterns"]) == {"README.md", "SHA256SUMS", "preview.png", "manifest.json", "_info.json",
                                              *(f"1p-frac-{i:06d}.tar" for i in range(8))}  # not the lock file
 
     def refuse(self, **kw):
@@ -281,7 +280,8 @@ def test_two_pulls_into_one_folder_end_with_one_correct_copy(published, tmp_path
         if rc:  # refused by the lock: one line naming the other pull
             one_line_error(stderr, rc, "is being written by ")
     assert data_files(dest) == data_files(published) and leftovers(dest) == []
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*data_files(published), "source.json", ".fracgen.lock"])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*data_files(published), "source.json", ".fracgen.lock",
+                                                             "_info.json"])
     assert fracgen("verify", dest).exit_code == 0
 
 

@@ -102,6 +102,7 @@ def test_the_compiled_step_trains_what_the_eager_step_trains(shards, tmp_path):
 
     args = dict(shards=str(shards), **{**TINY, "log_every": 20}, mixup=0.0, smoothing=0.0, blr=2e-2, steps=160)
     pretrain.pretrain(Config(**args, out=str(tmp_path / "eager")))
+    torch._dynamo.reset()
     counters.clear()
     pretrain.pretrain(Config(**args, out=str(tmp_path / "compiled"), compile=True))
     assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1 or \
@@ -152,6 +153,7 @@ def test_a_compiled_run_really_compiles(shards, tmp_path, capsys, monkeypatch):
     from train import step
 
     monkeypatch.setattr(step, "BACKEND", "eager")
+    torch._dynamo.reset()  # a graph an earlier test compiled in this process would be reused, not counted
     counters.clear()
     log, _ = _run(shards, tmp_path / "run", capsys, compile=True)
     assert counters["stats"]["unique_graphs"] >= 1 and "step: torch.compile (default)" in log.splitlines()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import python_m
 
 from fracgen.dataset import render_dataset
 from train import data
@@ -38,12 +39,12 @@ def shards(tmp_path_factory) -> Path:
 
 
 def run(module: str, *args: str, torchrun: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+    """The command in this process (helpers.python_m), or under torchrun in processes of its own."""
+    if not torchrun:
+        return python_m(module, *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               "-m", module, *args]
-    else:
-        cmd = [sys.executable, "-m", module, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+           "-m", module, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

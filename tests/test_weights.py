@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import timm
 import torch
-from helpers import Server
+from helpers import Server, python
 
 from fracgen.dataset import render_dataset
 from train import publish, weights
@@ -31,9 +29,7 @@ SECRET = "hf_NotARealTokenButSecret"
 
 
 def run(*args, timeout=240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return python(*args, timeout=timeout)
 
 
 def one_line(result: subprocess.CompletedProcess, match: str) -> None:

@@ -1,4 +1,4 @@
-"""Augmentation on the training device: DESIGN.md section 6's recipe on whole batches, every sample its own draw.
+"""Augmentation on the training device: docs/design.md section 6's recipe on whole batches, every sample its own draw.
 
 The loader hands over uint8 pixels (B, 1, H, W) (fracgen's images are grayscale) and everything else happens here,
 where the model runs, on CUDA or on the CPU by the same code: timm's RandomResizedCrop (box sampling, PIL's
@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from train.randaugment import RandAugment, to_device
+from .randaugment import RandAugment, to_device
 
 CROP_ATTEMPTS = 10  # timm's RandomResizedCrop tries 10 boxes before falling back to the centre crop
 

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from fracgen.errors import FracgenError
-from train import data, onthefly
-from train.augment import AugmentRNG, DeviceAugment, HostCrop
-from train.runtime import TrainError
-from train.source import resolve_shards
+
+from . import data, onthefly
+from .augment import AugmentRNG, DeviceAugment, HostCrop
+from .runtime import TrainError
+from .source import resolve_shards
 
 GiB = 1024**3
 _CROPPING = " and cutting crops"

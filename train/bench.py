@@ -30,9 +30,10 @@ import torch
 from PIL import Image
 
 from fracgen.dataset import Settings, render_dataset
-from train import data, onthefly
-from train.augment import AugmentRNG
-from train.pretrain import (
+
+from . import data, onthefly
+from .augment import AugmentRNG
+from .pretrain import (
     PRESETS,
     Config,
     build_model,
@@ -41,8 +42,8 @@ from train.pretrain import (
     device_augment,
     pretrain,
 )
-from train.runtime import rng_states
-from train.step import TrainStep, autocast_for, compile_model, fast_options, flops_per_sample, mfu, peak_flops
+from .runtime import rng_states
+from .step import TrainStep, autocast_for, compile_model, fast_options, flops_per_sample, mfu, peak_flops
 
 # (label, shard image size, train_transform arguments): the two presets' image pipelines.
 PIPELINES = [
@@ -365,7 +366,7 @@ def checkpoint_rows(preset: str = "paper", repeats: int = 3) -> list[tuple[str, 
     """What a checkpoint costs the training loop, for a preset's full state (model, AdamW moments after one step,
     scheduler, RNG): the copy to host memory the step waits for (`train.checkpoint.snapshot`), and the write that
     runs on its thread meanwhile (serialise, hash, fsync, rename, link, marker). Medians of `repeats`."""
-    from train.checkpoint import Checkpoints, snapshot
+    from .checkpoint import Checkpoints, snapshot
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config(**PRESETS[preset]) if preset != "cpu" else Config()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from train.runtime import TrainError, load_checkpoint
+from .runtime import TrainError, load_checkpoint
 
 LATEST, MARKER = "ckpt.pt", "checkpoints.json"
 NAME = re.compile(r"ckpt-(\d{8})\.pt")

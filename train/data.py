@@ -29,11 +29,12 @@ from timm.data import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import InterpolationMode
 
+from fracgen import manifest as fracgen_manifest
 from fracgen import png
-from fracgen import shards as fracgen_shards
 from fracgen.errors import FracgenError
-from train.randaugment import to_device
-from train.runtime import TrainError
+
+from .randaugment import to_device
+from .runtime import TrainError
 
 PRETRAIN_MEAN = PRETRAIN_STD = (0.5, 0.5, 0.5)  # the 1p-frac reference scripts normalise with 0.5 / 0.5
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -49,7 +50,7 @@ def read_manifest(shards_dir: Path) -> dict:
     if not path.is_file():
         raise TrainError(f"{path} is missing: {shards_dir} is not a `fracgen render` output folder")
     try:
-        manifest = fracgen_shards.read_manifest(shards_dir)
+        manifest = fracgen_manifest.read_manifest(shards_dir)
     except FracgenError as e:
         raise TrainError(str(e)) from None
     if manifest["complete"] is False:
@@ -228,7 +229,7 @@ def train_transform(
     gray: bool = False,
     ink_gain: float = 1.0,
 ) -> T.Compose:
-    """The image half of the DESIGN.md section 6 augmentation (Mixup/CutMix act on batches, in the loop).
+    """The image half of the docs/design.md section 6 augmentation (Mixup/CutMix act on batches, in the loop).
 
     Order as in timm's training transform: crop, flips, RandAugment on PIL, tensor + normalise, erasing.
     `gray`: the images are grayscale, as fracgen's are. Every step up to the tensor then runs on one (L)

@@ -2,7 +2,7 @@
 
 Every data set comes back as (train pool, test set, class count); each yields (RGB PIL image, label). Data sets
 with no official test split (digits, a single ImageFolder) are split here: the images not drawn for training are
-the test set, as in DESIGN.md section 9 (10 images per class of digits for training, tested on the rest).
+the test set, as in docs/design.md section 9 (10 images per class of digits for training, tested on the rest).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from train.runtime import TrainError
+from .runtime import TrainError
 
 CIFAR = {
     "cifar10": (torchvision.datasets.CIFAR10, "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),

@@ -1,5 +1,5 @@
 """What a pre-training run reports of itself: the pretext accuracy (top-1 over the C perturbation classes on clean,
-un-mixed images) and the warning a run ends with when that is near chance (DESIGN.md section 9: a pre-training that
+un-mixed images) and the warning a run ends with when that is near chance (docs/design.md section 9: a pre-training that
 has not learned its task can transfer worse than none)."""
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ NEAR_CHANCE = 5  # a pretext top-1 under 5x chance: the network has not learned 
 
 
 def chance_warning(pretext_acc: float, num_classes: int) -> str | None:
-    """The warning a run ends with when its pretext accuracy is near chance (DESIGN.md section 9: such a
+    """The warning a run ends with when its pretext accuracy is near chance (docs/design.md section 9: such a
     pre-training can transfer worse than none), else None."""
     if pretext_acc >= NEAR_CHANCE * 100 / num_classes:
         return None
     return ("warning: pretext accuracy is near chance: the network has not learned to tell the perturbation classes "
-            "apart, and such a pre-training can transfer worse than none (DESIGN.md section 9).")
+            "apart, and such a pre-training can transfer worse than none (docs/design.md section 9).")

@@ -1,19 +1,19 @@
 """Fine-tune a pre-trained checkpoint (or a scratch model) on a downstream data set; report held-out top-1.
 
 Runbook
-  pre-trained vs scratch on 10 digits per class (CPU default, DESIGN.md section 9), 3 seeds each:
+  pre-trained vs scratch on 10 digits per class (CPU default, docs/design.md section 9), 3 seeds each:
     python -m train.finetune --checkpoint runs/cpu --out runs/cpu-digits
     python -m train.finetune --checkpoint none --out runs/scratch-digits
   from published weights (train.publish; fetched once, checked against the folder's SHA256SUMS):
     python -m train.finetune --checkpoint https://HOST/PATH/ --out runs/cpu-digits     (or hf://ORG/NAME[@REVISION])
-  CIFAR-100 from a local copy (download=False), the paper's recipe (the official finetuning.sh, DESIGN.md 7b):
+  CIFAR-100 from a local copy (download=False), the paper's recipe (the official finetuning.sh, docs/design.md 7):
     python -m train.finetune --preset paper --checkpoint runs/paper/ckpt.pt --dataset cifar100 --data-root data \
         --out runs/c100
   the same recipe for fewer steps (the schedule keeps its shape: warm-up, then cosine to the end):
     python -m train.finetune --preset paper --checkpoint runs/cpu/ckpt.pt --steps 300 --warmup-steps 3
 
 The default recipe is AdamW, lr = blr x batch / 512 = 1e-3 at batch 64, weight decay 0.05, the best for both
-scratch and pre-trained networks on the grid we swept on digits (docs/results.md). The paper's (DESIGN.md 7 and 7b)
+scratch and pre-trained networks on the grid we swept on digits (docs/results.md). The paper's (docs/design.md 7)
 is `--preset paper`; its optimizer alone at the default's size is `--opt sgd --blr 0.08 --weight-decay 1e-4`.
 Either way: warm-up then cosine, RandomResizedCrop + horizontal flip (+ optional RandAugment, erasing,
 Mixup/CutMix), label smoothing, ImageNet mean/std, and a new head (the pretext head is dropped). The reported
@@ -42,10 +42,11 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from fracgen.untrusted import printable, redact
-from train import data, downstream, weights
-from train import model as model_lib
-from train.pretrain import Config as PretrainConfig
-from train.runtime import (
+
+from . import data, downstream, weights
+from . import model as model_lib
+from .pretrain import Config as PretrainConfig
+from .runtime import (
     TrainError,
     atomic_write_json,
     parse_float_pair,
@@ -56,7 +57,7 @@ from train.runtime import (
 
 @dataclass
 class Config:
-    """Defaults are the CPU check of DESIGN.md section 9: 300 steps on 10 digits per class, 3 seeds."""
+    """Defaults are the CPU check of docs/design.md section 9: 300 steps on 10 digits per class, 3 seeds."""
 
     checkpoint: str = "none"  # a run folder, .safetensors, ckpt.pt, http(s)/hf:// published folder, or "none"
     cache_dir: str = ""  # where a published --checkpoint is fetched to; "" = $XDG_CACHE_HOME/fracgen/models
@@ -98,7 +99,7 @@ class Config:
     preset: str = "default"
 
 
-# The official fine-tuning script (1p-frac repository, finetuning.sh; DESIGN.md 7b): 8 GPUs x 96 = 768 a step, SGD
+# The official fine-tuning script (1p-frac repository, finetuning.sh; docs/design.md 7): 8 GPUs x 96 = 768 a step, SGD
 # Nesterov 0.9, lr 0.01 / warm-up 1e-6 / floor 1e-5 per 512 (0.015 / 1.5e-6 / 1.5e-5 at 768), 650 warm-up steps
 # (10 of its 1000 CIFAR-100 epochs), ~65,000 steps, drop path 0.1, evaluation at 256 -> centre 224. One process
 # here, so the 768 is one batch; a data set with fewer training images uses them all and the lr follows the batch.
@@ -146,6 +147,13 @@ def load_pretrained(spec: str, cache_dir: str = ""):
     return weights.load(spec, cache_dir or None)
 
 
+def build_optimizer(cfg: Config, model: torch.nn.Module, batch: int) -> torch.optim.Optimizer:
+    """AdamW, or the paper's SGD (timm's "sgd": Nesterov, momentum 0.9), at the lr the batch scales to."""
+    extra = {"momentum": 0.9} if cfg.opt == "sgd" else {}
+    return create_optimizer_v2(model, cfg.opt, lr=learning_rates(cfg, batch)[0], weight_decay=cfg.weight_decay,
+                               **extra)
+
+
 def init_model(cfg: Config, pretrained, num_classes: int) -> torch.nn.Module:
     """The network fine-tuning starts from: the checkpoint's weights with a new, freshly initialised head for the
     downstream classes (the pretext head is dropped), or the same architecture from scratch."""
@@ -165,9 +173,7 @@ def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, 
     model = init_model(cfg, pretrained, num_classes).to(device)
 
     batch = batch_used(cfg, len(train_set))
-    extra = {"momentum": 0.9} if cfg.opt == "sgd" else {}
-    optimizer = create_optimizer_v2(model, cfg.opt, lr=learning_rates(cfg, batch)[0], weight_decay=cfg.weight_decay,
-                                    **extra)
+    optimizer = build_optimizer(cfg, model, batch)
     scheduler = build_scheduler(cfg, optimizer, batch)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())

@@ -17,8 +17,9 @@ import math
 import timm
 import torch
 
-from fracgen.settings import MAX_CLASSES
-from train.runtime import TrainError
+from fracgen.limits import MAX_CLASSES
+
+from .runtime import TrainError
 
 # name: (type, low, high) or (str, allowed values). Shape options of timm's ViTs; `--model-arg` takes these too.
 MODEL_ARGS = {

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from fracgen import manifest as fracgen_manifest
 from fracgen import render_sample
-from fracgen import shards as fracgen_shards
 from fracgen.errors import FracgenError
-from train import data
-from train.runtime import TrainError
+
+from . import data
+from .runtime import TrainError
 
 CHUNK = 256  # samples per job when the in-memory cache is rendered
 # Bounds on --instances N > 0: an epoch's order is one permutation of C x N positions (8 bytes each) on every rank.
@@ -43,7 +44,7 @@ def read_manifest(path: Path) -> dict:
         raise TrainError(f"--render {path}: no manifest there (give a `fracgen render` output folder or its "
                          "manifest.json)")
     try:
-        manifest = fracgen_shards.load_manifest(file)
+        manifest = fracgen_manifest.load_manifest(file)
     except FracgenError as e:
         raise TrainError(str(e)) from None
     if len(manifest["classes"]) != manifest["num_classes"]:

@@ -43,17 +43,17 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fracgen.dataset import renderer_of
 from fracgen.errors import FracgenError
 from fracgen.lock import writing_folder
-from fracgen.render import RENDERER
-from train import batches, data, onthefly, weights
-from train import model as model_lib
-from train.augment import AugmentRNG, DeviceAugment
-from train.checkpoint import LATEST, Checkpoints, snapshot
-from train.evaluate import chance_warning, pretext_accuracy
-from train.preempt import Agreement, Preemption
-from train.runtime import (
+from fracgen.manifest import other_renderer
+
+from . import batches, data, onthefly, weights
+from . import model as model_lib
+from .augment import AugmentRNG, DeviceAugment
+from .checkpoint import LATEST, Checkpoints, snapshot
+from .evaluate import chance_warning, pretext_accuracy
+from .preempt import Agreement, Preemption
+from .runtime import (
     TrainError,
     atomic_write_json,
     atomic_write_text,
@@ -64,7 +64,8 @@ from train.runtime import (
     set_rng_states,
     setup_distributed,
 )
-from train.step import (
+from .step import (
+    Fast,
     TrainStep,
     autocast_for,
     compile_model,
@@ -78,7 +79,7 @@ from train.step import (
 
 @dataclass
 class Config:
-    """Defaults are the CPU preset (DESIGN.md section 9): a depth-6 ViT-Tiny at 32 px that learns in minutes."""
+    """Defaults are the CPU preset (docs/design.md section 9): a depth-6 ViT-Tiny at 32 px that learns in minutes."""
 
     shards: str = ""  # a folder, or a published folder's URL / hf://datasets/ORG/NAME (pulled into cache_dir)
     cache_dir: str = ""  # download cache for a remote --shards; "" = $XDG_CACHE_HOME/fracgen or ~/.cache/fracgen
@@ -108,7 +109,7 @@ class Config:
     randaug: str = ""  # timm RandAugment config string, e.g. rand-m9-mstd0.5; "" = off
     reprob: float = 0.0  # random erasing probability
     mixup: float = 0.8
-    cutmix: float = 0.0  # off in the CPU preset (DESIGN.md section 9 used Mixup alone); the paper's is 1.0
+    cutmix: float = 0.0  # off in the CPU preset (docs/design.md section 9 used Mixup alone); the paper's is 1.0
     mix_switch_prob: float = 0.5
     smoothing: float = 0.1
     # fracgen draws strokes at 127 (the reference's value), which ToTensor maps to 0.5 and the 0.5/0.5
@@ -138,7 +139,7 @@ class Config:
 
 PRESETS = {
     "cpu": {},
-    # DESIGN.md section 6: the reference scripts' recipe; base lr 1e-3 per 512 gives 5e-4 at batch 256.
+    # docs/design.md section 6: the reference scripts' recipe; base lr 1e-3 per 512 gives 5e-4 at batch 256.
     # The official training script (1p-frac repository, train/pre-train.sh): 8 GPUs x batch 32 = 256, RandAugment
     # rand-m9-mstd0.5-inc1, random erasing 0.5 ('pixel'), colour jitter off (timm disables it under RandAugment).
     "paper": dict(img_size=224, patch_size=16, depth=0, drop_path=0.1, steps=240_000, global_batch=256, blr=1e-3,
@@ -256,9 +257,8 @@ def _warmup_steps(cfg: Config, epoch_images: int, global_batch: int) -> int:
 def _renderer_note(manifest: dict) -> str:
     """Shards an older fracgen drew train as they are, but their images (and so the results) differ from a fresh
     render of the same settings (docs/results.md: one renderer change moved make pretrain's figure by 8.9 points)."""
-    drawn = renderer_of(manifest)
-    return "" if drawn == RENDERER else (f" (drawn by renderer {drawn}; this fracgen draws {RENDERER}, whose images "
-                                         "differ: re-render to compare with current figures)")
+    other = other_renderer(manifest)
+    return f" ({other}: re-render to compare with current figures)" if other else ""
 
 
 def _augmentations(cfg: Config) -> str:
@@ -269,213 +269,313 @@ def _augmentations(cfg: Config) -> str:
     return ", ".join(augs) or "none"
 
 
-def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device, preemption: Preemption) -> dict:
-    master_process = rank == 0
-    log = functools.partial(print, flush=True) if master_process else (lambda *a, **k: None)
+@dataclass
+class Rank:
+    """Where this process runs: torchrun's rank, local rank and world size, and its device. Rank 0 logs, evaluates
+    and writes the run folder."""
 
-    out = Path(cfg.out)
-    checkpoints = Checkpoints(out, cfg.keep_ckpts, cfg.ckpt_every, cfg.ckpt_minutes)
-    if master_process:
-        checkpoints.remove_temporaries()  # of a write that was killed; we hold the run folder's lock
-    checkpoint, ckpt_path = _load_resume(cfg, checkpoints, log)
-    if checkpoint is not None and checkpoint["step"] == cfg.steps:
-        log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: "
-            f"{out / weights.WEIGHTS})")
-        return {}
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
 
-    run = batches.read_run_data(cfg, local_rank, log=functools.partial(print, flush=True))
-    manifest, num_classes = run.manifest, run.num_classes
-    if checkpoint is not None and checkpoint["num_classes"] != num_classes:
-        raise TrainError(f"{run.source} has {num_classes} classes, the checkpoint was trained on "
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, *args) -> None:
+        if self.master:
+            print(*args, flush=True)
+
+
+@dataclass
+class Plan:
+    """What the data and the options make of the run, before anything is built."""
+
+    run: batches.RunData
+    batch: int  # per rank and micro-step
+    global_batch: int
+    lr: float
+    warmup: int
+    fast: Fast
+    chosen: tuple[str, str]  # the data path and why (batches.choose_data_path)
+    data_sha256: str
+
+
+def plan_run(cfg: Config, where: Rank, checkpoint: dict | None) -> Plan:
+    """Read the data (pulling a remote source once per node), check it is the checkpoint's, and size the step."""
+    run = batches.read_run_data(cfg, where.local_rank, log=functools.partial(print, flush=True))
+    if checkpoint is not None and checkpoint["num_classes"] != run.num_classes:
+        raise TrainError(f"{run.source} has {run.num_classes} classes, the checkpoint was trained on "
                          f"{checkpoint['num_classes']}: resume with the data it was trained on")
-    data_sha256 = data.data_sha256(run.shards_dir, manifest)
+    data_sha256 = data.data_sha256(run.shards_dir, run.manifest)
     if checkpoint is not None and not cfg.allow_other_data:
-        data.check_resume_data(checkpoint, data_sha256, run.source, log)
-    batch = per_rank_batch(cfg, world_size)
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
-    if mixing and batch % 2:
+        data.check_resume_data(checkpoint, data_sha256, run.source, where.log)
+    batch = per_rank_batch(cfg, where.world_size)
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and batch % 2:
         raise TrainError(f"the batch per rank ({batch}) must be even with Mixup/CutMix (they pair images in a batch)")
-    chosen = batches.choose_data_path(cfg, manifest, device, run.images)  # refuse one that cannot work, early
+    chosen = batches.choose_data_path(cfg, run.manifest, where.device, run.images)  # refuse one that cannot work
+    global_batch = batch * cfg.accum * where.world_size
+    return Plan(run, batch, global_batch, cfg.lr or cfg.blr * global_batch / 512,
+                _warmup_steps(cfg, run.epoch_images, global_batch),
+                fast_options(cfg.fast, cfg.compile, cfg.compile_mode, where.device), chosen, data_sha256)
 
-    global_batch = batch * cfg.accum * world_size
-    lr = cfg.lr or cfg.blr * global_batch / 512
-    warmup = _warmup_steps(cfg, run.epoch_images, global_batch)
-    fast = fast_options(cfg.fast, cfg.compile, cfg.compile_mode, device)
 
+@dataclass
+class Parts:
+    """What trains: the model (compiled and wrapped in DDP where asked) and the bare one, the optimizer, schedule,
+    scaler, the augmentation's random streams and the step."""
+
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    model_args: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    scaler: torch.amp.GradScaler
+    augment_rng: AugmentRNG
+    autocast: object
+    fast: Fast
+    flops: float = 0.0  # of one sample's forward and backward (rank 0 counts them: the log's MFU)
+    train_step: TrainStep | None = None
+
+
+def build(cfg: Config, plan: Plan, where: Rank) -> Parts:
+    """The network, optimizer, schedule and random streams of step 0 (every rank initialises alike)."""
     seed_everything(cfg.seed)  # one initialisation on every rank (DDP would broadcast rank 0's anyway)
-    model, model_args = build_model(cfg, num_classes, device)
-    seed_everything(cfg.seed + rank)  # then offset by rank: different dropout and mixing per rank
-    optimizer = build_optimizer(cfg, model, lr, fused=fast.fused)
-    scheduler = build_scheduler(cfg, optimizer, lr, warmup)
+    model, model_args = build_model(cfg, plan.run.num_classes, where.device)
+    seed_everything(cfg.seed + where.rank)  # then offset by rank: different dropout and mixing per rank
+    optimizer = build_optimizer(cfg, model, plan.lr, fused=plan.fast.fused)
     # bf16 autocast on CUDA needs no loss scaling; the scaler is kept (disabled) so checkpoints look the same.
-    autocast = autocast_for(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    # The augmentation's own random streams, per rank, saved in checkpoints.
-    augment_rng = AugmentRNG(cfg.seed * 1_000_003 + rank, device)
+    return Parts(model, model, model_args, optimizer, build_scheduler(cfg, optimizer, plan.lr, plan.warmup),
+                 torch.amp.GradScaler(where.device.type, enabled=False),
+                 AugmentRNG(cfg.seed * 1_000_003 + where.rank, where.device), autocast_for(where.device), plan.fast,
+                 flops_per_sample(model, cfg.img_size, where.device) if where.master else 0.0)
 
-    step = 0
-    if checkpoint is not None:
-        model_lib.load_weights(model, checkpoint["model"], str(ckpt_path))
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        step = checkpoint["step"]
-        if cfg.steps != checkpoint["config"]["steps"]:
-            # A new length means a new cosine; the schedule is a pure function of the step, so rebuilding is exact.
-            scheduler = build_scheduler(cfg, optimizer, lr, warmup)
-        saved_rng = checkpoint["rng"]
-        if rank < len(saved_rng):
-            set_rng_states(saved_rng[rank])
-            if "augment" in saved_rng[rank]:
-                augment_rng.load(saved_rng[rank]["augment"])
-        else:  # more ranks than the checkpoint had: new streams for the new ranks
-            seed_everything(cfg.seed + rank + 1_000_003 * step)
-            augment_rng = AugmentRNG(cfg.seed * 1_000_003 + rank + 7919 * step, device)
-        del checkpoint
 
-    raw_model = model
-    flops = flops_per_sample(raw_model, cfg.img_size, device) if master_process else 0.0
-    peak = peak_flops(device)
-    if fast.compile:  # tried on one batch of the run's shapes: where it fails, eager with a note (train.step)
-        example = example_batch(raw_model, batch, cfg.img_size, num_classes, device,
-                                model_args.get("in_chans", 3))
-        model, compiled = compile_model(model, fast.compile_mode, example, autocast, log)
-        fast = dataclasses.replace(fast, compile=compiled)  # the log's `step:` line says what really runs
-    if world_size > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+def restore(cfg: Config, plan: Plan, where: Rank, parts: Parts, checkpoint: dict, path: Path) -> int:
+    """Load a checkpoint into the parts (weights, optimizer, schedule, every random stream of this rank); the step
+    it was taken at."""
+    model_lib.load_weights(parts.raw_model, checkpoint["model"], str(path))
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    parts.scheduler.load_state_dict(checkpoint["scheduler"])
+    parts.scaler.load_state_dict(checkpoint["scaler"])
+    step = checkpoint["step"]
+    if cfg.steps != checkpoint["config"]["steps"]:
+        # A new length means a new cosine; the schedule is a pure function of the step, so rebuilding is exact.
+        parts.scheduler = build_scheduler(cfg, parts.optimizer, plan.lr, plan.warmup)
+    saved = checkpoint["rng"]
+    if where.rank < len(saved):
+        set_rng_states(saved[where.rank])
+        if "augment" in saved[where.rank]:
+            parts.augment_rng.load(saved[where.rank]["augment"])
+    else:  # more ranks than the checkpoint had: new streams for the new ranks
+        seed_everything(cfg.seed + where.rank + 1_000_003 * step)
+        parts.augment_rng = AugmentRNG(cfg.seed * 1_000_003 + where.rank + 7919 * step, where.device)
+    return step
+
+
+def make_step(cfg: Config, plan: Plan, where: Rank, parts: Parts) -> None:
+    """The training step: the model compiled where --fast asks (tried first; eager with a note where it fails) and
+    wrapped in DDP on several ranks, Mixup/CutMix, LPCE (train.step)."""
+    if parts.fast.compile:
+        example = example_batch(parts.raw_model, plan.batch, cfg.img_size, plan.run.num_classes, where.device,
+                                parts.model_args.get("in_chans", 3))
+        parts.model, compiled = compile_model(parts.model, parts.fast.compile_mode, example, parts.autocast,
+                                              where.log)
+        parts.fast = dataclasses.replace(parts.fast, compile=compiled)  # the log's `step:` line says what runs
+    if where.world_size > 1:
+        parts.model = DDP(parts.model, device_ids=[where.local_rank] if where.device.type == "cuda" else None)
     mixup_fn = None
-    if mixing:
+    if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mix_switch_prob,
-                         label_smoothing=cfg.smoothing, num_classes=num_classes)
-    train_step = TrainStep(model, optimizer, scheduler, num_classes, mixup_fn=mixup_fn, smoothing=cfg.smoothing,
-                           accum=cfg.accum, autocast=autocast, scaler=scaler, distributed=world_size > 1)
+                         label_smoothing=cfg.smoothing, num_classes=plan.run.num_classes)
+    parts.train_step = TrainStep(parts.model, parts.optimizer, parts.scheduler, plan.run.num_classes,
+                                 mixup_fn=mixup_fn, smoothing=cfg.smoothing, accum=cfg.accum, autocast=parts.autocast,
+                                 scaler=parts.scaler, distributed=where.world_size > 1)
 
-    augment = device_augment(cfg)
-    end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps  # where this run stops
-    path, why = batches.open_data(cfg, run, device, batch, rank, world_size, step, chosen)
-    micro_batches = batches.DeviceBatches(path, device_augment(cfg, path.cropped), augment_rng, device,
-                                          step * cfg.accum, end * cfg.accum,
-                                          prefetch=fast.prefetch, hint=str(run.shards_dir or cfg.render))
 
-    def evaluate() -> dict:
-        return pretext_accuracy(raw_model, path.eval_batches(), augment.evaluate, device, autocast)
+def checkpoint_state(cfg: Config, plan: Plan, parts: Parts, step: int, rngs: list) -> dict:
+    """What a checkpoint holds: enough to rebuild the network alone (name, args, classes, weights) and to continue
+    the run bit for bit (optimizer, schedule, scaler, every rank's random streams, the data's sha256)."""
+    return {"model_name": cfg.model, "model_args": parts.model_args, "num_classes": plan.run.num_classes,
+            "model": model_lib.clean_state_dict(parts.raw_model), "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "step": step,
+            "config": dataclasses.asdict(cfg), "rng": rngs, "world_size": len(rngs),
+            "fracgen_settings": plan.run.manifest.get("settings", {}), "data_sha256": plan.data_sha256}
 
-    def save_checkpoint(wait: bool = False) -> None:
-        """Every rank's random state gathered, rank 0's copy of the whole state handed to `checkpoints` (written on
-        its thread; `wait`: before returning)."""
-        states = [None] * world_size
-        mine = {**rng_states(), "augment": micro_batches.rng_state()}
-        if world_size > 1:
-            dist.all_gather_object(states, mine)  # every rank's RNG, so resume restores each one
-        else:
-            states = [mine]
-        if master_process:
-            state = {"model_name": cfg.model, "model_args": model_args, "num_classes": num_classes,
-                     "model": model_lib.clean_state_dict(raw_model), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                     "config": dataclasses.asdict(cfg), "rng": states, "world_size": world_size,
-                     "fracgen_settings": manifest.get("settings", {}), "data_sha256": data_sha256}
-            checkpoints.save(snapshot(state), step, wait=wait)
 
-    earlier_loss = None  # the first loss of the run this one continues
-    if master_process:
+class Metrics:
+    """metrics.jsonl, rank 0's: one JSON line per log window, evaluation and the final summary. A continued run
+    first drops what its predecessor logged after its checkpoint and marks the seam."""
+
+    def __init__(self, out: Path, master: bool, step: int):
+        self.first_loss = _metrics_up_to(out / "metrics.jsonl", step) if master and step else None
+        self.file = open(out / "metrics.jsonl", "a") if master else None  # noqa: SIM115
         if step:
-            earlier_loss = _metrics_up_to(out / "metrics.jsonl", step)
-        n_params = sum(p.numel() for p in raw_model.parameters()) / 1e6
-        what = (f"rendered on the fly from {cfg.render}" if cfg.render else
-                f"{manifest['num_samples']} images in {len(run.urls)} shards{_renderer_note(manifest)}")
-        log(f"pretrain: {cfg.model} {model_args} ({n_params:.2f}M params, {flops / 1e9:.3g} GFLOP per sample "
-            f"forward + backward), {num_classes} classes, {what}")
-        log(f"pretrain: {cfg.steps} steps, global batch {global_batch} ({world_size} x {batch} x {cfg.accum}),"
-            f" lr {lr:.2e}, warm-up {warmup} steps, device {device.type}"
-            f"{' bf16' if device.type == 'cuda' else ' fp32'}, augment: {_augmentations(cfg)}")
-        log(f"data: {path.how} ({why})")
-        log(f"step: {fast.describe(device)}")
-        if step:
-            log(f"pretrain: resumed from step {step}")
-    metrics_file = open(out / "metrics.jsonl", "a") if master_process else None  # noqa: SIM115
-    if metrics_file and step:
-        metrics_file.write(json.dumps({"resumed_from": step}) + "\n")
+            self.record({"resumed_from": step})
 
-    def record(entry: dict) -> None:
-        if metrics_file:
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
+    def record(self, entry: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
 
-    window_steps, first_loss, last_loss = 0, earlier_loss, None
-    t_window = time.time()
-    start_step = step
-    stream = iter(micro_batches)
-    agreement = Agreement(world_size)
-    stopped_by = ""
-    while step < end:
-        train_step(step, stream)
-        step += 1
-        window_steps += 1
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
 
+
+@dataclass
+class Outcome:
+    step: int
+    first_loss: float | None
+    last_loss: float | None
+    stopped_by: str = ""  # the signal that stopped the run, if one did
+
+
+def train_loop(cfg: Config, plan: Plan, where: Rank, parts: Parts, stream, step: int, end: int, metrics: Metrics,
+               evaluate, save, checkpoints: Checkpoints, preemption: Preemption) -> Outcome:
+    """Steps `step`..`end`: log every --log-every steps (the loss read from the device then only), evaluate every
+    --eval-every, checkpoint when due, and stop early when the ranks agree a signal came."""
+    agreement, peak = Agreement(where.world_size), peak_flops(where.device)
+    outcome = Outcome(step, metrics.first_loss, None)
+    window_steps, t_window = 0, time.time()
+    while outcome.step < end:
+        parts.train_step(outcome.step, stream)
+        outcome.step += 1
+        step, window_steps = outcome.step, window_steps + 1
         if step % cfg.log_every == 0 or step == end:
-            mean_loss = train_step.take_mean_loss()  # rank 0's mean LPCE over the window
-            elapsed = time.time() - t_window
-            rate = window_steps * global_batch / elapsed
-            first_loss = mean_loss if first_loss is None else first_loss
-            last_loss = mean_loss
-            lr_now = optimizer.param_groups[0]["lr"]
-            eta = (cfg.steps - step) * global_batch / rate
-            used = mfu(rate / world_size, flops, peak)
-            log(f"step {step}/{cfg.steps} | LPCE {mean_loss:.4f} | lr {lr_now:.2e} | {rate:.0f} samples/s"
-                f"{f' | MFU {used:.1f}%' if used is not None else ''} | eta {eta / 60:.1f} min")
-            record({"step": step, "loss": mean_loss, "lr": lr_now, "samples_per_s": rate,
-                    **({"mfu": used} if used is not None else {})})
+            loss = parts.train_step.take_mean_loss()  # rank 0's mean LPCE over the window
+            rate = window_steps * plan.global_batch / (time.time() - t_window)
+            outcome.first_loss = loss if outcome.first_loss is None else outcome.first_loss
+            outcome.last_loss, lr_now = loss, parts.optimizer.param_groups[0]["lr"]
+            used = mfu(rate / where.world_size, parts.flops, peak)
+            where.log(f"step {step}/{cfg.steps} | LPCE {loss:.4f} | lr {lr_now:.2e} | {rate:.0f} samples/s"
+                      f"{f' | MFU {used:.1f}%' if used is not None else ''} | eta "
+                      f"{(cfg.steps - step) * plan.global_batch / rate / 60:.1f} min")
+            metrics.record({"step": step, "loss": loss, "lr": lr_now, "samples_per_s": rate,
+                            **({"mfu": used} if used is not None else {})})
             window_steps, t_window = 0, time.time()
-        if master_process and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+        if where.master and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             result = evaluate()
-            log(f"step {step}/{cfg.steps} | pretext top-1 {result['pretext_acc']:.1f}% "
-                f"(chance {100 / num_classes:.2g}%) | clean CE {result['pretext_loss']:.3f}")
-            record({"step": step, **result})
+            where.log(f"step {step}/{cfg.steps} | pretext top-1 {result['pretext_acc']:.1f}% (chance "
+                      f"{100 / plan.run.num_classes:.2g}%) | clean CE {result['pretext_loss']:.3f}")
+            metrics.record({"step": step, **result})
         stop = by_time = False
         if agreement.asks(step):  # the ranks agree: a signal reached any of them; rank 0's clock says save
             stop, by_time = agreement.decide(preemption.received is not None,
-                                             master_process and checkpoints.due_by_time())
+                                             where.master and checkpoints.due_by_time())
         if stop:
-            stopped_by = preemption.name or "a signal to another rank"
+            outcome.stopped_by = preemption.name or "a signal to another rank"
             break
         if (checkpoints.due_by_steps(step) or by_time) and step != cfg.steps:
-            save_checkpoint()
+            save(step)
         if window_steps == 0:
             t_window = time.time()  # evaluation and checkpoint time is not training throughput
-    stream.close()
+    return outcome
 
+
+def describe(cfg: Config, plan: Plan, where: Rank, parts: Parts, path, why: str, step: int) -> None:
+    """The run's head in the log: network, data, schedule, data path, step."""
+    manifest, n_params = plan.run.manifest, sum(p.numel() for p in parts.raw_model.parameters()) / 1e6
+    what = (f"rendered on the fly from {cfg.render}" if cfg.render else
+            f"{manifest['num_samples']} images in {len(plan.run.urls)} shards{_renderer_note(manifest)}")
+    where.log(f"pretrain: {cfg.model} {parts.model_args} ({n_params:.2f}M params, {parts.flops / 1e9:.3g} GFLOP per "
+              "sample "
+              f"forward + backward), {plan.run.num_classes} classes, {what}")
+    where.log(f"pretrain: {cfg.steps} steps, global batch {plan.global_batch} ({where.world_size} x {plan.batch} x "
+              f"{cfg.accum}), lr {plan.lr:.2e}, warm-up {plan.warmup} steps, device {where.device.type}"
+              f"{' bf16' if where.device.type == 'cuda' else ' fp32'}, augment: {_augmentations(cfg)}")
+    where.log(f"data: {path.how} ({why})")
+    where.log(f"step: {parts.fast.describe(where.device)}")
+    if step:
+        where.log(f"pretrain: resumed from step {step}")
+
+
+def summarise(cfg: Config, plan: Plan, where: Rank, parts: Parts, outcome: Outcome, evaluate, metrics: Metrics,
+              preemption: Preemption) -> dict:
+    """How the run ended, in the log and the run folder: stopped (by a signal, or --stop-after), or finished with
+    its weights (train.weights), summary.json and the pretext accuracy, warned about when near chance."""
+    out, num_classes = Path(cfg.out), plan.run.num_classes
+    if outcome.stopped_by:
+        where.log(f"stopped by {outcome.stopped_by} at step {outcome.step} of {cfg.steps}: checkpoint "
+                  f"{out / LATEST} written; the same command continues the run")
+        return {"step": outcome.step, "stopped_by": outcome.stopped_by, "signal": preemption.received}
+    if outcome.step < cfg.steps:
+        where.log(f"stopped at step {outcome.step} of {cfg.steps} (--stop-after {cfg.stop_after}): the same command "
+                  "continues the run")
+        return {}
+    if not where.master:
+        return {}
+    result = evaluate()
+    weights.write_run(out, parts.raw_model, cfg.model, parts.model_args, num_classes, outcome.step,
+                      dataclasses.asdict(cfg), weights.data_record(plan.run.manifest, plan.data_sha256,
+                                                                   plan.run.source),
+                      data.PRETRAIN_MEAN, data.PRETRAIN_STD)
+    summary = {"step": outcome.step, "first_loss": outcome.first_loss, "last_loss": outcome.last_loss, **result,
+               "chance_acc": 100 / num_classes}
+    metrics.record({"final": True, **summary})
+    atomic_write_json(summary, out / "summary.json")
+    loss = (f"LPCE {outcome.first_loss:.3f} -> {outcome.last_loss:.3f}" if outcome.first_loss is not None
+            else "no training steps")
+    where.log(f"done: {loss} | pretext top-1 {result['pretext_acc']:.1f}% on {result['eval_samples']} clean "
+              f"images (chance {100 / num_classes:.2g}%) | weights: {out / weights.WEIGHTS}")
+    warning = chance_warning(result["pretext_acc"], num_classes)
+    if warning:
+        where.log(warning)
+    return summary
+
+
+def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device, preemption: Preemption) -> dict:
+    where = Rank(rank, local_rank, world_size, device)
+    out = Path(cfg.out)
+    checkpoints = Checkpoints(out, cfg.keep_ckpts, cfg.ckpt_every, cfg.ckpt_minutes)
+    if where.master:
+        checkpoints.remove_temporaries()  # of a write that was killed; we hold the run folder's lock
+    checkpoint, ckpt_path = _load_resume(cfg, checkpoints, where.log)
+    if checkpoint is not None and checkpoint["step"] == cfg.steps:
+        where.log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: "
+                  f"{out / weights.WEIGHTS})")
+        return {}
+
+    plan = plan_run(cfg, where, checkpoint)
+    parts = build(cfg, plan, where)
+    step = restore(cfg, plan, where, parts, checkpoint, ckpt_path) if checkpoint is not None else 0
+    del checkpoint
+    make_step(cfg, plan, where, parts)
+
+    end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps  # where this run stops
+    path, why = batches.open_data(cfg, plan.run, device, plan.batch, rank, world_size, step, plan.chosen)
+    micro_batches = batches.DeviceBatches(path, device_augment(cfg, path.cropped), parts.augment_rng, device,
+                                          step * cfg.accum, end * cfg.accum, prefetch=parts.fast.prefetch,
+                                          hint=str(plan.run.shards_dir or cfg.render))
+    clean = device_augment(cfg).evaluate
+
+    def evaluate() -> dict:
+        return pretext_accuracy(parts.raw_model, path.eval_batches(), clean, device, parts.autocast)
+
+    def save(at: int, wait: bool = False) -> None:
+        """Every rank's random streams gathered (a collective), rank 0's copy of the state written by
+        `checkpoints` on its thread (`wait`: before returning)."""
+        mine = {**rng_states(), "augment": micro_batches.rng_state()}
+        rngs = [None] * world_size
+        if world_size > 1:
+            dist.all_gather_object(rngs, mine)  # every rank's RNG, so resume restores each one
+        else:
+            rngs = [mine]
+        if where.master:
+            checkpoints.save(snapshot(checkpoint_state(cfg, plan, parts, at, rngs)), at, wait=wait)
+
+    describe(cfg, plan, where, parts, path, why, step)
+    metrics = Metrics(out, where.master, step)
+    stream = iter(micro_batches)
+    outcome = train_loop(cfg, plan, where, parts, stream, step, end, metrics, evaluate, save, checkpoints,
+                         preemption)
+    stream.close()
     # Every rank reports its own count: all ranks must have run the same number of steps (no DDP hang).
-    print(f"[rank {rank}] done: {step - start_step} steps this run, at step {step}", flush=True)
-    save_checkpoint(wait=True)
-    summary = {}
-    if stopped_by:
-        log(f"stopped by {stopped_by} at step {step} of {cfg.steps}: checkpoint {out / LATEST} written; the same "
-            "command continues the run")
-        summary = {"step": step, "stopped_by": stopped_by, "signal": preemption.received}
-        if metrics_file:
-            metrics_file.close()
-    elif step < cfg.steps:
-        log(f"stopped at step {step} of {cfg.steps} (--stop-after {cfg.stop_after}): the same command continues the "
-            "run")
-        if metrics_file:
-            metrics_file.close()
-    elif master_process:
-        result = evaluate()
-        weights.write_run(out, raw_model, cfg.model, model_args, num_classes, step, dataclasses.asdict(cfg),
-                          weights.data_record(manifest, data_sha256, run.source), data.PRETRAIN_MEAN,
-                          data.PRETRAIN_STD)
-        summary = {"step": step, "first_loss": first_loss, "last_loss": last_loss, **result,
-                   "chance_acc": 100 / num_classes}
-        record({"final": True, **summary})
-        atomic_write_json(summary, out / "summary.json")
-        loss_text = f"LPCE {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "no training steps"
-        log(f"done: {loss_text} | pretext top-1 {result['pretext_acc']:.1f}% on {result['eval_samples']} clean "
-            f"images (chance {100 / num_classes:.2g}%) | weights: {out / weights.WEIGHTS}")
-        warning = chance_warning(result["pretext_acc"], num_classes)
-        if warning:
-            log(warning)
-        metrics_file.close()
+    print(f"[rank {rank}] done: {outcome.step - step} steps this run, at step {outcome.step}", flush=True)
+    save(outcome.step, wait=True)
+    summary = summarise(cfg, plan, where, parts, outcome, evaluate, metrics, preemption)
+    metrics.close()
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -509,7 +609,7 @@ def main(
     instances: Annotated[int | None, typer.Option(help="with --render: instances per class (default: the "
                                                        "manifest's per-class, the shards' images; 0: a fresh "
                                                        "instance every epoch, no end)")] = None,
-    preset: Annotated[str, typer.Option(help="cpu (minutes on 2 cores) or paper (DESIGN.md section 6)")] = "cpu",
+    preset: Annotated[str, typer.Option(help="cpu (minutes on 2 cores) or paper (docs/design.md section 6)")] = "cpu",
     model: Annotated[str | None, typer.Option(help="timm model name")] = None,
     img_size: Annotated[int | None, typer.Option(help="input resolution in pixels")] = None,
     patch_size: Annotated[int | None, typer.Option(help="ViT patch size (0 = model default)")] = None,
@@ -579,46 +679,15 @@ def main(
     if preset not in PRESETS:
         raise TrainError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
     explicit = {k: v for k, v in locals().items() if v is not None and k in Config.__dataclass_fields__}
-    explicit["crop_scale"] = parse_float_pair(crop_scale) if crop_scale else None
-    explicit["model_args"] = dict(_model_arg(a) for a in model_arg) if model_arg else None
-    explicit["randaug"] = "" if no_randaug else randaug
+    explicit.update(crop_scale=parse_float_pair(crop_scale) if crop_scale else None,
+                    model_args=dict(_model_arg(a) for a in model_arg) if model_arg else None,
+                    randaug="" if no_randaug else randaug, shards=str(shards) if shards else None,
+                    render=str(render) if render else None, out=str(out),
+                    cache_dir=str(cache_dir) if cache_dir is not None else None)
     explicit = {k: v for k, v in explicit.items() if v is not None}
     if "batch" in explicit and "global_batch" not in explicit:
         explicit["global_batch"] = 0  # an explicit --batch wins over a preset's global batch
-    if augment not in (None, "device", "cpu"):
-        raise TrainError(f"unknown --augment {augment!r}; choose device or cpu")
-    if fast not in (None, "auto", "on", "off"):
-        raise TrainError(f"unknown --fast {fast!r}; choose auto, on or off")
-    if compile_mode not in (None, *COMPILE_MODES):
-        raise TrainError(f"unknown --compile-mode {compile_mode!r}; choose {', '.join(COMPILE_MODES)}")
-    if crop_in not in (None, "auto", "workers", "device"):
-        raise TrainError(f"unknown --crop-in {crop_in!r}; choose auto, workers or device")
-    if cache not in (None, "auto", "on", "off"):
-        raise TrainError(f"unknown --cache {cache!r}; choose auto, on or off")
-    for key, value in (("cache-budget", cache_budget), ("stop-after", stop_after), ("ckpt-minutes", ckpt_minutes)):
-        if value is not None and value < 0:
-            raise TrainError(f"--{key} must not be negative")
-    for key in ("steps", "batch", "accum", "img_size", "log_every", "eval_samples"):
-        if key in explicit and explicit[key] < 1:
-            raise TrainError(f"--{key.replace('_', '-')} must be at least 1")
-    for key in ("ink_gain", "blr"):
-        if key in explicit and explicit[key] <= 0:
-            raise TrainError(f"--{key.replace('_', '-')} must be positive")
-    for key in ("mixup", "cutmix", "smoothing", "reprob", "lr"):
-        if key in explicit and explicit[key] < 0:
-            raise TrainError(f"--{key} must not be negative")
-    if keep_ckpts is not None and keep_ckpts < 1:
-        raise TrainError("--keep-ckpts must be at least 1")
-    if instances is not None and instances < 0:
-        raise TrainError("--instances must not be negative")
-    if instances is not None and instances > onthefly.MAX_INSTANCES:
-        raise TrainError(f"--instances must be at most {onthefly.MAX_INSTANCES:,} (0: a fresh instance every epoch)")
-    explicit["shards"] = str(shards) if shards else None
-    explicit["render"] = str(render) if render else None
-    explicit["out"] = str(out)
-    if cache_dir is not None:
-        explicit["cache_dir"] = str(cache_dir)
-    explicit = {k: v for k, v in explicit.items() if v is not None}
+    check_options(explicit)
     explicit["resume"] = {None: "auto", True: "always", False: "never"}[resume]
     cfg = run_config(explicit, preset, out)
     if bool(cfg.shards) == bool(cfg.render):
@@ -628,6 +697,32 @@ def main(
     summary = pretrain(cfg)
     if summary.get("signal"):  # stopped by a signal, checkpoint written: the shell sees an interrupted run
         raise typer.Exit(128 + summary["signal"])
+
+
+CHOICES = {"augment": ("device", "cpu"), "fast": ("auto", "on", "off"), "compile_mode": COMPILE_MODES,
+           "crop_in": ("auto", "workers", "device"), "cache": ("auto", "on", "off")}
+AT_LEAST_ONE = ("steps", "batch", "accum", "img_size", "log_every", "eval_samples", "keep_ckpts")
+POSITIVE = ("ink_gain", "blr")
+NOT_NEGATIVE = ("mixup", "cutmix", "smoothing", "reprob", "lr", "cache_budget", "stop_after", "ckpt_minutes",
+                "instances")
+
+
+def check_options(options: dict) -> None:
+    """The options a command line gave, each in its range: one TrainError line for the first that is not."""
+    def flag(key: str) -> str:
+        return "--" + key.replace("_", "-")
+
+    for key, choices in CHOICES.items():
+        if key in options and options[key] not in choices:
+            raise TrainError(f"unknown {flag(key)} {options[key]!r}; choose {', '.join(choices)}")
+    for keys, bad, what in ((AT_LEAST_ONE, lambda v: v < 1, "be at least 1"), (POSITIVE, lambda v: v <= 0,
+                                                                               "be positive"),
+                            (NOT_NEGATIVE, lambda v: v < 0, "not be negative")):
+        for key in keys:
+            if key in options and bad(options[key]):
+                raise TrainError(f"{flag(key)} must {what}")
+    if options.get("instances", 0) > onthefly.MAX_INSTANCES:
+        raise TrainError(f"--instances must be at most {onthefly.MAX_INSTANCES:,} (0: a fresh instance every epoch)")
 
 
 def run_config(explicit: dict, preset: str, out: Path) -> Config:

@@ -22,11 +22,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fracgen.untrusted import printable, redact
-from train import data, downstream
-from train import model as model_lib
-from train.finetune import Config as FinetuneConfig
-from train.finetune import load_pretrained
-from train.runtime import TrainError, atomic_write_json, run_cli, seed_everything
+
+from . import data, downstream
+from . import model as model_lib
+from .finetune import Config as FinetuneConfig
+from .finetune import load_pretrained
+from .runtime import TrainError, atomic_write_json, run_cli, seed_everything
 
 
 def features(model: torch.nn.Module, dataset, batch: int = 256) -> np.ndarray:

@@ -31,8 +31,9 @@ from fracgen.errors import FracgenError
 from fracgen.lock import FolderLock, writing_folder
 from fracgen.shards import atomic_write, file_sha256
 from fracgen.untrusted import parse_json, read_json
-from train import weights
-from train.runtime import TrainError, run_cli
+
+from . import weights
+from .runtime import TrainError, run_cli
 
 CARD = "README.md"
 FILES = [CARD, weights.CONFIG, weights.WEIGHTS]  # SHA256SUMS lists these

@@ -20,7 +20,8 @@ from fracgen import share
 from fracgen.errors import FracgenError
 from fracgen.lock import FolderBusy
 from fracgen.untrusted import printable, redact
-from train.runtime import TrainError
+
+from .runtime import TrainError
 
 LOCK_WAIT = 3600.0  # seconds to wait for another job on this node that is pulling the same data set
 

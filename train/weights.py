@@ -36,9 +36,10 @@ from fracgen.errors import FracgenError
 from fracgen.lock import waiting_lock
 from fracgen.shards import file_sha256
 from fracgen.untrusted import parse_json, printable, read_json
-from train import model as model_lib
-from train.runtime import TrainError, atomic_save, atomic_write_json, load_checkpoint
-from train.source import LOCK_WAIT, default_cache_dir
+
+from . import model as model_lib
+from .runtime import TrainError, atomic_save, atomic_write_json, load_checkpoint
+from .source import LOCK_WAIT, default_cache_dir
 
 WEIGHTS, CONFIG, SUMS = "model.safetensors", "config.json", "SHA256SUMS"
 MAX_SUMS_BYTES = 1 << 16  # a few lines

@@ -1,4 +1,4 @@
-"""FractalDB (Kataoka et al., ACCV 2020): C classes, each its own IFS, many images per class (DESIGN.md 5).
+"""FractalDB (Kataoka et al., ACCV 2020): C classes, each its own IFS, many images per class (docs/design.md section 5).
 
 A class's system is drawn with the sigma-factor (Anderson & Farrell's sampler, the default, `--search sigma`) or
 by FractalDB's own search (`--search filling`: N ~ U{2..8} maps, every coefficient U(-1, 1), kept when the image
@@ -18,7 +18,7 @@ from fracgen.ifs import COEFFICIENTS, IFS, check_sigma, make_ifs, sample_sigma_s
 from fracgen.render import render
 from fracgen.rng import TAG_CLASS_SYSTEM, derive_seed, uniforms
 from fracgen.settings import Settings, render_seed
-from fracgen.systems import Progress, System, find_classes, image_of, register
+from fracgen.systems.base import Progress, System, find_classes, image_of, register
 
 SEARCHES = ("sigma", "filling")
 FILLING_RATE = 0.2  # FractalDB's acceptance threshold for its uniform-coefficient search

@@ -1,4 +1,4 @@
-"""Noise instead of a fractal: the paper's "is it the shape?" control (DESIGN.md 7).
+"""Noise instead of a fractal: the paper's "is it the shape?" control (docs/design.md section 7).
 
 Class k is one fixed noise image drawn from its own seed: Gaussian (mean 63.5, std 32, clipped) or uniform over
 0..127, the fractals' ink range. The pretext task (tell C fixed patterns apart) is learnable, but there is no
@@ -12,7 +12,7 @@ import numpy as np
 from fracgen.errors import FracgenError
 from fracgen.rng import TAG_NOISE, derive_seed, uniforms
 from fracgen.settings import Settings
-from fracgen.systems import Progress, System, image_of, register
+from fracgen.systems.base import Progress, System, image_of, register
 
 KINDS = ("gaussian", "uniform")
 INK = 127

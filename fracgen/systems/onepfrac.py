@@ -17,7 +17,7 @@ from fracgen.ifs import IFS, PERTURB_MODES, check_sigma, class_seed, perturb, sa
 from fracgen.render import render
 from fracgen.rng import TAG_BASE, derive_seed
 from fracgen.settings import Settings, render_seed
-from fracgen.systems import Progress, System, find_classes, register
+from fracgen.systems.base import Progress, System, find_classes, register
 
 
 @register

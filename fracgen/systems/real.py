@@ -1,4 +1,4 @@
-"""One real image instead of a fractal (the paper's "one real image" ablation, DESIGN.md 7).
+"""One real image instead of a fractal (the paper's "one real image" ablation, docs/design.md section 7).
 
 The image (`--image PATH`; by default scikit-learn's bundled china.jpg, so nothing is downloaded) is made
 grayscale (`--image-mode gray`) or an edge map (`edges`: Sobel magnitude), centre-cropped to a square and resized
@@ -20,15 +20,20 @@ from PIL import Image, UnidentifiedImageError
 from fracgen.errors import FracgenError
 from fracgen.rng import TAG_AFFINE, derive_seed, uniforms
 from fracgen.settings import Settings
-from fracgen.systems import Progress, System, image_of, register
+from fracgen.systems.base import Progress, System, image_of, register
 
 MODES = ("gray", "edges")
 INK = 127
 
 
 def default_image() -> Path:
-    import sklearn
-
+    """scikit-learn's china.jpg (BSD), the image the paper's ablation is rerun on; scikit-learn comes with the trainer
+    (`fracgen[train]`), not with the renderer's base install."""
+    try:
+        import sklearn
+    except ImportError:
+        raise FracgenError("--system real without --image draws scikit-learn's sample image: pip install "
+                           "scikit-learn, or give --image PATH") from None
     return Path(sklearn.__file__).parent / "datasets" / "images" / "china.jpg"
 
 

@@ -40,7 +40,7 @@ if __name__ == "__main__":
     for d in Path("/tmp").glob("probe-run*"):
         shutil.rmtree(d)
     t0 = time.time()
-    runs = E.compare() + E.control()[1:]
+    runs = E.EXPERIMENTS["compare"]() + E.EXPERIMENTS["control"]()[1:]
     data = dict(classes=8, size=32, points=2000) if DRY else E.DATA
     if DRY:
         runs = [runs[0], runs[-2]]

@@ -9,7 +9,7 @@ from train import experiments as E
 if __name__ == "__main__":
     steps = int(sys.argv[1])
     t0 = time.time()
-    runs = [r for r in E.compare() if r.data and r.data.get("system") is None]  # bases 0-2, Delta 0.001
+    runs = [r for r in E.EXPERIMENTS["compare"]() if r.data and r.data.get("system") is None]  # bases 0-2, Delta 0.001
     budget = E.Budget(steps=steps)
     try:
         E.execute_all(runs, Path("/tmp/exp"), budget, jobs=len(runs))

@@ -1,0 +1,199 @@
+"""The manifest: the record a shard folder is trusted by. `check_manifest` holds any manifest (a file, a server's
+answer) to fracgen's schema and to the settings `render` accepts, for the data system it names; every reader of a
+folder goes through `load_manifest` / `read_manifest`. It sits above the shard format (`fracgen.shards`), the settings
+and the systems, and below the writer (`fracgen.dataset`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from fracgen.errors import FracgenError
+from fracgen.render import RENDERER
+from fracgen.settings import Settings
+from fracgen.shards import atomic_write, max_shard_bytes
+from fracgen.systems import SYSTEMS, validate
+from fracgen.untrusted import read_json
+
+FORMAT_VERSION = 1  # of the shard folder: manifest.json + tar shards, as the README documents it
+SHARD_FILE = re.compile(r"[A-Za-z0-9_-]+\.tar")  # a plain name in the folder: no path, not hidden
+VERSION = re.compile(r"[0-9A-Za-z.+-]{1,40}")  # a fracgen_version as manifests write it
+SETTINGS_USED = ("classes", "per_class", "size", "seed", "shard_size", "name", "png_level")
+# settings older manifests lack (they had the defaults)
+SETTINGS_SINCE_0_3 = ("system", "bases", "search", "image", "image_mode", "noise")
+
+
+
+TIMM_INFO = "_info.json"  # beside the shards: what timm's WebDataset reader (`wds/NAME`) reads a folder by
+
+
+def timm_info(manifest: dict) -> dict:
+    """timm's split record of a finished folder: one split "train" with every shard and its sample count."""
+    shards = manifest["shards"]
+    return {"name": manifest["settings"]["name"], "source": "fracgen manifest.json",
+            "splits": {"train": {"name": "train", "num_samples": sum(e["samples"] for e in shards),
+                                 "filenames": [e["file"] for e in shards],
+                                 "shard_lengths": [e["samples"] for e in shards]}}}
+
+
+def timm_info_text(manifest: dict) -> bytes:
+    return (json.dumps(timm_info(manifest), indent=1) + "\n").encode()
+
+
+def write_timm_info(folder: Path, manifest: dict) -> None:
+    """_info.json from the manifest (a finished folder's): written only by fracgen, always derived, so it can never
+    say other than the record it comes from."""
+    if manifest["complete"]:
+        text = timm_info_text(manifest)
+        atomic_write(Path(folder) / TIMM_INFO, lambda f: f.write(text))
+
+
+def check_timm_info(folder: Path, manifest: dict) -> str | None:
+    """A problem line when the folder's _info.json (if any) is not the one its manifest gives."""
+    path = Path(folder) / TIMM_INFO
+    if not path.exists() or not manifest["complete"]:
+        return None
+    try:
+        same = path.read_bytes()[: 1 << 26] == timm_info_text(manifest)
+    except OSError:
+        same = False
+    return None if same else (f"{TIMM_INFO} does not match the manifest (`fracgen render --resume` or `fracgen "
+                              "publish` write it again)")
+
+
+def renderer_of(manifest: dict) -> int:
+    """The renderer that drew a dataset's images (fracgen 0.1 wrote no number: renderer 1)."""
+    return manifest.get("renderer", 1)
+
+
+def other_renderer(manifest: dict) -> str | None:
+    """None where this fracgen draws the data set's renderer; else what every message says of it, in one wording:
+    such data are read and trained on as they are, but no longer drawn again (docs/results.md: one renderer change
+    moved make pretrain's figure by 8.9 points)."""
+    drawn = renderer_of(manifest)
+    if drawn == RENDERER:
+        return None
+    return f"drawn by renderer {drawn}; this fracgen draws renderer {RENDERER}, whose images differ"
+
+
+def check_manifest(manifest: object, path: Path) -> dict:
+    """The manifest if every reader can rely on it; else one FracgenError line saying what is wrong. The one place
+    a manifest is checked (render --resume, verify, info, preview, publish, pull, and the trainer read it through
+    here): its shape and types, settings a render accepts (the render's own checks), and totals that agree with
+    those settings (counts, every shard's name and sample count, sizes no shard can exceed)."""
+
+    def fail(what: str):
+        raise FracgenError(f"{path} is not a usable fracgen manifest: {what}")
+
+    def need(obj: dict, key: str, kind, where: str = ""):
+        value = obj.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            fail(f"{where}'{key}' is {'missing' if key not in obj else type(value).__name__}, not "
+                 f"{getattr(kind, '__name__', 'a number')}")
+        return value
+
+    def number(obj: dict, key: str, where: str):
+        if key in obj and obj[key] is not None and (isinstance(obj[key], bool) or not isinstance(obj[key],
+                                                                                                  (int, float))):
+            fail(f"{where}'{key}' is {type(obj[key]).__name__}, not a number")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != "fracgen-shards":
+        fail("its 'format' is not fracgen-shards")
+    if need(manifest, "format_version", int) > FORMAT_VERSION:
+        fail(f"format_version {manifest['format_version']} is newer than this fracgen reads ({FORMAT_VERSION})")
+    need(manifest, "complete", bool)
+    if not VERSION.fullmatch(str(manifest.get("fracgen_version", "0"))):
+        fail("'fracgen_version' is not a version number")
+    if not isinstance(manifest.get("renderer", 1), int) or isinstance(manifest.get("renderer"), bool):
+        fail("'renderer' is not an integer")
+    if not isinstance(manifest.get("command"), (str, type(None))):
+        fail("'command' is not a string")
+    settings = need(manifest, "settings", dict)
+    for key in SETTINGS_USED:
+        if key not in settings:
+            fail(f"settings lack '{key}'")
+    num_classes, num_samples = need(manifest, "num_classes", int), need(manifest, "num_samples", int)
+    if num_classes < 1 or num_samples < 0:
+        fail("num_classes must be >= 1 and num_samples >= 0")
+    if need(need(manifest, "image", dict), "size", int, "image.") < 1:
+        fail("image.size must be >= 1")
+    name = settings.get("system", "1p-frac")  # manifests before fracgen 0.3 are all 1p-frac
+    if name not in SYSTEMS:
+        fail(f"its system {str(name)[:40]!r} is not one this fracgen knows ({', '.join(SYSTEMS)})")
+    for key in SYSTEMS[name].uses:
+        if key not in settings and key not in SETTINGS_SINCE_0_3:
+            fail(f"settings lack '{key}'")
+    fields = Settings.__dataclass_fields__
+    known = {}
+    for key, value in settings.items():
+        if key not in fields:
+            continue  # a newer fracgen's setting: the renderer check below refuses what this one cannot draw
+        kind = {"int": int, "float": (int, float), "str": str, "dict | None": (dict, type(None)),
+                "str | None": (str, type(None))}[fields[key].type]
+        if not isinstance(value, kind) or (value is not None and isinstance(value, bool)):
+            fail(f"setting '{key}' is {type(value).__name__}, not {fields[key].type}")
+        known[key] = value
+    try:
+        s = Settings(**known)
+        validate(s)
+    except FracgenError as e:
+        fail(f"its settings are not ones fracgen renders ({e})")
+    if (num_classes, num_samples, manifest["image"]["size"]) != (s.classes, s.num_samples, s.size):
+        fail(f"num_classes {num_classes}, num_samples {num_samples} and image.size {manifest['image']['size']} "
+             f"contradict its settings (classes {s.classes} x per_class {s.per_class}, size {s.size})")
+    base = need(manifest, "base", dict)
+    if name == "1p-frac" and not isinstance(need(base, "ifs", dict, "base.").get("maps"), list):
+        fail("base.ifs has no 'maps' list")
+    for key in ("fill", "sigma_drawn", "attempt"):
+        number(base, key, "base.")
+    keys = SYSTEMS[name].class_keys
+    classes = need(manifest, "classes", list)
+    if len(classes) != num_classes:
+        fail(f"it holds {len(classes)} classes, num_classes says {num_classes}")
+    for c in classes:
+        if not isinstance(c, dict) or any(key not in c for key in keys):
+            fail(f"every class must be an object with {', '.join(repr(k) for k in keys)}")
+        for key in ("fill", "attempt"):
+            number(c, key, "a class's ")
+    shards = need(manifest, "shards", list)
+    if len(shards) > s.num_shards or (manifest["complete"] and len(shards) != s.num_shards):
+        fail(f"it lists {len(shards)} shards; its settings make {s.num_shards}")
+    for index, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            fail("every shard must be an object with file, samples, bytes, sha256")
+        file = need(entry, "file", str, "a shard's ")
+        if not SHARD_FILE.fullmatch(file):
+            fail(f"shard file {file[:60]!r} is not a plain file name in the folder")
+        if file != s.shard_name(index):
+            fail(f"shard {index} is {file[:60]!r}, not {s.shard_name(index)!r}")
+        samples, size = need(entry, "samples", int, "a shard's "), need(entry, "bytes", int, "a shard's ")
+        expected = min(s.shard_size, s.num_samples - index * s.shard_size)
+        if samples != expected:
+            fail(f"shard {file} lists {samples} samples; its settings put {expected} in it")
+        if not 0 <= size <= max_shard_bytes(samples, s.size, s.maps):
+            fail(f"shard {file} lists {size:,} bytes; {samples} samples of {s.size} px take at most "
+                 f"{max_shard_bytes(samples, s.size, s.maps):,}")
+        if not re.fullmatch(r"[0-9a-f]{64}", need(entry, "sha256", str, "a shard's ")):
+            fail(f"shard {file}: sha256 is not 64 hex digits")
+    return manifest
+
+
+def load_manifest(path: Path) -> dict:
+    """A manifest file parsed (bounded in size and nesting) and checked (`check_manifest`)."""
+    try:
+        manifest = read_json(path)
+    except FileNotFoundError:
+        raise FracgenError(f"no {Path(path).name} at {Path(path).parent}: not a fracgen dataset") from None
+    except FracgenError as e:
+        raise FracgenError(f"{path} is unreadable: {e}") from None
+    return check_manifest(manifest, path)
+
+
+def read_manifest(out: Path) -> dict:
+    if not Path(out).is_dir():
+        raise FracgenError(f"{out} is not a directory")
+    if not (Path(out) / "manifest.json").exists():
+        raise FracgenError(f"no manifest.json in {out}: not a fracgen dataset")
+    return load_manifest(Path(out) / "manifest.json")

@@ -1,0 +1,133 @@
+"""Issue 30: fracgen data in the tools people already train with. One folder is rendered and published; then timm's
+own WebDataset reader (`create_dataset("wds/...")` + `create_loader`, what `train.py --dataset wds/NAME` calls),
+Hugging Face `datasets.load_dataset` and `fracgen.torch` each read every sample with its label."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import Server
+from typer.testing import CliRunner
+
+from fracgen.cli import app as fracgen_app
+from fracgen.dataset import render_dataset, verify_dataset
+from fracgen.errors import FracgenError
+from fracgen.manifest import TIMM_INFO
+
+CLASSES, PER_CLASS = 8, 2
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("interop") / "set"
+    render_dataset(folder, classes=CLASSES, per_class=PER_CLASS, size=32, points=2000, shard_size=5, seed=0,
+                   workers=1)
+    result = CliRunner().invoke(fracgen_app, ["publish", str(folder)])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def _labels(manifest: dict) -> list[int]:
+    """Sample i is instance i // C of class i % C."""
+    return [i % manifest["num_classes"] for i in range(manifest["num_samples"])]
+
+
+def test_render_and_publish_write_timms_split_record(published, tmp_path):
+    manifest = json.loads((published / "manifest.json").read_text())
+    info = json.loads((published / TIMM_INFO).read_text())["splits"]["train"]
+    assert info["filenames"] == [e["file"] for e in manifest["shards"]]
+    assert info["shard_lengths"] == [e["samples"] for e in manifest["shards"]] and info["num_samples"] == 16
+    assert f"  {TIMM_INFO}" in (published / "SHA256SUMS").read_text()
+    # a folder rendered before fracgen wrote it gets one from --resume, nothing redrawn
+    old = Path(shutil.copytree(published, tmp_path / "old"))
+    (old / TIMM_INFO).unlink()
+    before = {p.name: p.read_bytes() for p in old.glob("*.tar")}
+    assert CliRunner().invoke(fracgen_app, ["render", "--out", str(old), "--classes", "8", "--per-class", "2",
+                                            "--size", "32", "--points", "2000", "--shard-size", "5",
+                                            "--resume"]).exit_code == 0
+    assert (old / TIMM_INFO).read_bytes() == (published / TIMM_INFO).read_bytes()
+    assert before == {p.name: p.read_bytes() for p in old.glob("*.tar")}
+    (old / TIMM_INFO).write_text('{"splits": {}}')
+    assert any(TIMM_INFO in p for p in verify_dataset(old))
+
+
+def test_timms_own_reader_and_loader_read_every_sample_with_its_label(published):
+    from timm.data import create_dataset, create_loader
+
+    manifest = json.loads((published / "manifest.json").read_text())
+    dataset = create_dataset("wds/1p-frac", root=str(published), split="train", is_training=False, batch_size=4)
+    assert len(dataset) == manifest["num_samples"]
+    seen = sorted(int(label) for _, label in dataset)
+    assert seen == sorted(_labels(manifest))
+    loader = create_loader(dataset, input_size=(3, 32, 32), batch_size=4, is_training=False, num_workers=0,
+                           mean=(0.5,) * 3, std=(0.5,) * 3, use_prefetcher=False, device=torch.device("cpu"))
+    batches = list(loader)
+    assert sum(len(y) for _, y in batches) == 16 and batches[0][0].shape == (4, 3, 32, 32)
+
+
+def test_hugging_face_datasets_reads_the_published_folder(published, tmp_path):
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (pip install fracgen[datasets])")
+    manifest = json.loads((published / "manifest.json").read_text())
+    # its own cache: `datasets` keys a local folder's cache by the folder's name, so another folder called `set`
+    # read before would be handed back
+    ds = datasets.load_dataset(str(published), split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == manifest["num_samples"]  # the shards only: manifest.json, _info.json, the card are not data
+    assert sorted(ds["cls"]) == sorted(_labels(manifest))
+    row = ds[3]
+    assert row["png"].mode == "L" and row["png"].size == (32, 32)
+    key = row["__key__"]
+    k, m = int(key[1:7]), int(key[9:])
+    assert row["cls"] == k and row["json"]["class"] == k and row["json"]["instance"] == m
+    assert row["json"]["seed"] == json.loads(_member(published, key + ".json"))["seed"]  # 64-bit, exact
+
+
+def _member(folder: Path, name: str) -> bytes:
+    import tarfile
+
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            if name in tar.getnames():
+                return tar.extractfile(name).read()
+    raise KeyError(name)
+
+
+def test_fracgen_torch_reads_by_index_and_as_a_stream_from_a_folder_or_a_url(published, tmp_path):
+    from torchvision.transforms import ToTensor
+
+    from fracgen.torch import ShardDataset, ShardStream
+
+    manifest = json.loads((published / "manifest.json").read_text())
+    ds = ShardDataset(published, transform=ToTensor())
+    assert len(ds) == 16 and [ds[i][1] for i in range(16)] == _labels(manifest)
+    image, _ = ds[5]
+    assert image.shape == (1, 32, 32) and image.max() > 0
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=torch.utils.data.DistributedSampler(
+        ds, num_replicas=2, rank=1, shuffle=False))
+    assert sum(len(y) for _, y in loader) == 8  # one rank's half
+    stream = ShardStream(published, transform=ToTensor())
+    assert [label for _, label in stream] == _labels(manifest)
+    shuffled = ShardStream(published, shuffle=True, buffer=4, seed=1)
+    got = [label for _, label in torch.utils.data.DataLoader(shuffled, batch_size=None, num_workers=2)]
+    assert sorted(got) == sorted(_labels(manifest)) and got != _labels(manifest)
+    with Server(published) as server:
+        remote = ShardDataset(server.url, cache_dir=tmp_path / "cache")
+        assert [remote[i][1] for i in range(16)] == _labels(manifest)
+
+
+def test_a_damaged_shard_through_fracgen_torch_is_one_line_naming_it_and_verify(published, tmp_path):
+    from fracgen.torch import ShardDataset, ShardStream
+
+    folder = Path(shutil.copytree(published, tmp_path / "damaged"))
+    shard = sorted(folder.glob("*.tar"))[1]
+    raw = bytearray(shard.read_bytes())
+    raw[700] ^= 1
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(FracgenError, match=f"shard {shard} does not match its manifest \\(sha256\\): check the "
+                                           f"folder with `fracgen verify {folder}`"):
+        ShardDataset(folder)
+    with pytest.raises(FracgenError, match="does not match its manifest"):
+        list(ShardStream(folder))
