@@ -44,11 +44,16 @@ out = Console(soft_wrap=True)
 D = Settings()  # defaults shown in --help come from the library
 
 
-@app.callback()
-def main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False):
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         out.print(f"fracgen {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")] = False):
+    """Eager, so that `fracgen --version` needs no command."""
 
 
 @contextmanager

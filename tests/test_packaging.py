@@ -67,5 +67,15 @@ def test_the_base_install_renders_without_torch_and_the_train_extra_trains_anywh
     assert trained.returncode == 0, trained.stdout + trained.stderr
     assert (work / "run" / "model.safetensors").is_file()
     control = _run([bin_ / "python", "-c", "from fracgen_train.experiments.control import base_a; "
-                    "print(len(base_a()['ifs']['maps']))"], work)
+                    "print(len(base_a()['maps']))"], work)
     assert control.stdout.strip() == "2", control.stderr  # the package's own data, read from the installed wheel
+
+
+def test_version_needs_no_command():
+    from typer.testing import CliRunner
+
+    from fracgen.cli import app
+    from fracgen.version import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"fracgen {__version__}", result.output

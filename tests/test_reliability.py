@@ -255,12 +255,17 @@ def test_damaged_checkpoints_are_one_line(tmp_path, shards16):
     out = tmp_path / "run"
     ok = run("-m", "train.pretrain", "--shards", shards16, "--out", out, "--steps", "2", *TINY, "--eval-every", "0")
     assert ok.returncode == 0, ok.stderr
-    ckpt = out / "ckpt.pt"
+    ckpt = out / "ckpt.pt"  # a hard link to the one checkpoint checkpoints.json lists: damaging one damages both
     whole = ckpt.read_bytes()
+    legacy = tmp_path / "legacy"  # a run folder from before the marker: ckpt.pt alone
+    legacy.mkdir()
     for damaged in (b"", os.urandom(3000), whole[:5000]):  # empty, random bytes, truncated
         ckpt.write_bytes(damaged)
         cli_error(run("-m", "train.pretrain", "--shards", shards16, "--out", out, "--resume"),
-                  f"{ckpt} is not a train.pretrain checkpoint")
+                  "no checkpoint " + str(out / "checkpoints.json") + " lists is intact")
+        (legacy / "ckpt.pt").write_bytes(damaged)
+        cli_error(run("-m", "train.pretrain", "--shards", shards16, "--out", legacy, "--resume"),
+                  f"{legacy / 'ckpt.pt'} is not a train.pretrain checkpoint")
     cli_error(run("-m", "train.finetune", "--checkpoint", ckpt, "--steps", "2"),
               f"{ckpt} is not a train.pretrain checkpoint")
 

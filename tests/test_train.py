@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -172,15 +173,23 @@ class WritesAMarker:
 
 @pytest.mark.parametrize("command", ["finetune", pytest.param("probe", marks=pytest.mark.slow),
                                      pytest.param("resume", marks=pytest.mark.slow)])  # one loader, three callers
-def test_a_checkpoint_that_would_run_code_is_refused_unread(finished_run, tmp_path, command):
+def test_a_checkpoint_that_would_run_code_is_refused_unread(finished_run, shards, tmp_path, command):
     marker = tmp_path / "marker"
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)  # this test's own file
     torch.save({**ckpt, "extra": WritesAMarker(marker)}, out / "ckpt.pt")  # a real checkpoint, plus a payload
+    # Whoever can write the folder can also rewrite checkpoints.json: list the payload as the newest, intact checkpoint.
+    listed = json.loads((out / "checkpoints.json").read_text())
+    entry = listed["checkpoints"][-1]
+    shutil.copyfile(out / "ckpt.pt", out / entry["file"])
+    payload = (out / "ckpt.pt").read_bytes()
+    entry.update(bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+    (out / "checkpoints.json").write_text(json.dumps(listed))
     args = {"finetune": ["train.finetune", "--checkpoint", str(out / "ckpt.pt"), "--steps", "2", "--seeds", "0"],
             "probe": ["train.probe", "--checkpoint", str(out / "ckpt.pt"), "--seeds", "0"],
-            "resume": ["train.pretrain", "--shards", "unused", "--out", str(out), "--resume", "--steps", "3"]}[command]
+            "resume": ["train.pretrain", "--shards", str(shards), "--out", str(out), "--resume", "--steps", "3"],
+            }[command]
     result = run(*args)
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()

@@ -63,13 +63,26 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         if torch.cuda.is_available():
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            _init_process_group("nccl", device_id=device)
         else:
             device = torch.device("cpu")
-            dist.init_process_group("gloo")
+            _init_process_group("gloo")
         return rank, local_rank, world_size, device
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return 0, 0, 1, device
+
+
+def _init_process_group(backend: str, **kwargs) -> None:
+    """init_process_group from torchrun's environment, the store's keys under this attempt's name. torchrun keeps one
+    store server across the restarts of a group (TCPStore sharing): a restarted worker could read the address a
+    worker of the killed group published and wait on it for the 30-minute timeout (seen with gloo, torch 2.14)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, **kwargs)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"fracgen/attempt-{attempt}", store), rank=rank,
+                            world_size=world_size, **kwargs)
 
 
 def seed_everything(seed: int) -> None:
