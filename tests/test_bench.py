@@ -69,17 +69,23 @@ def test_bench_scaling_table():
 
 @pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
 def test_trainer_rows_run_every_data_path():
-    from train.bench import training_rows
+    from train.bench import _precision, training_rows
+    from train.step import bf16_units
 
     rows = list(training_rows("cpu", steps=4, window=2, repeats=2))  # two rounds, round-robin over the rows
-    assert [r[0].split(" ")[0] for r in rows] == ["model", "in-memory", "streaming,", "PIL", "on"]
-    assert all(float(r[1].replace(",", "")) > 0 for r in rows) and rows[0][2] == "100%"
-    reference = _number(rows[0][1])
-    for r in rows[1:]:  # each share is its rate over model-only's
-        assert _number(r[2].rstrip("%")) == pytest.approx(100 * _number(r[1]) / reference, abs=1)
+    precisions = ["fp32", "bf16"] if bf16_units() else ["fp32"]  # side by side where the CPU has bf16 units
+    kinds = [r[0].split(" ")[0] for r in rows]
+    assert kinds == ["model"] * len(precisions) + [k for k in ("in-memory", "streaming,", "PIL", "on")
+                                                   for _ in precisions]
+    assert [_precision(r[0]) for r in rows] == precisions * 5
+    assert all(float(r[1].replace(",", "")) > 0 for r in rows) and all(r[2] == "100%" for r in rows[:len(precisions)])
+    reference = {_precision(r[0]): _number(r[1]) for r in rows[:len(precisions)]}
+    for r in rows[len(precisions):]:  # each share is its rate over model-only's in the same precision
+        assert _number(r[2].rstrip("%")) == pytest.approx(100 * _number(r[1]) / reference[_precision(r[0])], abs=1)
     assert all(r[5].endswith("; median of 2 rounds") for r in rows)
     assert all(r[3] == "-" and r[4] == "-" for r in rows)  # no MFU nor device memory on a CPU
-    assert "in-memory cache" in rows[1][5] and "with PIL" in rows[3][5] and "rendering on the fly" in rows[4][5]
+    notes = {r[0].split(" ")[0]: r[5] for r in rows}
+    assert "in-memory cache" in notes["in-memory"] and "with PIL" in notes["PIL"] and "on the fly" in notes["on"]
 
 
 def test_onthefly_rows_compare_rendering_with_reading_shards(monkeypatch):

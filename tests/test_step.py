@@ -157,3 +157,32 @@ def test_a_compiled_run_really_compiles(shards, tmp_path, capsys, monkeypatch):
     counters.clear()
     log, _ = _run(shards, tmp_path / "run", capsys, compile=True)
     assert counters["stats"]["unique_graphs"] >= 1 and "step: torch.compile (default)" in log.splitlines()
+
+
+def test_precision_auto_is_bf16_where_the_cpu_has_bf16_units_and_fp32_where_not():
+    from train.step import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu, units="AVX512-BF16") == ("bf16", "auto: this CPU has AVX512-BF16")
+    assert resolve_precision("auto", cpu, units="AMX")[0] == "bf16"
+    assert resolve_precision("auto", cpu, units=None) == ("fp32", "auto: this CPU has no bf16 units")
+    assert resolve_precision("auto", cuda, units=None)[0] == "bf16"
+    assert resolve_precision("fp32", cpu, units="AMX") == ("fp32", "--precision fp32")
+    assert resolve_precision("bf16", cpu, units=None) == ("bf16", "--precision bf16")
+
+
+def test_a_bf16_run_says_so_and_continues_in_the_precision_it_began_with(shards, tmp_path, capsys, monkeypatch):
+    """A run that began in fp32 (a CPU without bf16 units) and continues on one with them stays fp32: its schedule,
+    weights and random streams are those of an fp32 run."""
+    from train import step
+
+    args = dict(shards=str(shards), **TINY, steps=4)
+    monkeypatch.setattr(step, "bf16_units", lambda: None)
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "run"), stop_after=2))
+    assert "device cpu fp32 (auto: this CPU has no bf16 units)" in capsys.readouterr().out
+    monkeypatch.setattr(step, "bf16_units", lambda: "AVX512-BF16")
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "run")))
+    assert "device cpu fp32 (auto: as the run began (fp32))" in capsys.readouterr().out
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "new")))
+    assert "device cpu bf16 (auto: this CPU has AVX512-BF16)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "new" / "ckpt.pt", weights_only=False)["precision"] == "bf16"

@@ -43,7 +43,16 @@ from .pretrain import (
     pretrain,
 )
 from .runtime import rng_states
-from .step import TrainStep, autocast_for, compile_model, fast_options, flops_per_sample, mfu, peak_flops
+from .step import (
+    TrainStep,
+    autocast_for,
+    bf16_units,
+    compile_model,
+    fast_options,
+    flops_per_sample,
+    mfu,
+    peak_flops,
+)
 
 # (label, shard image size, train_transform arguments): the two presets' image pipelines.
 PIPELINES = [
@@ -141,8 +150,8 @@ def model_only_rate(cfg: Config, num_classes: int, steps: int, window: int = 20)
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     target = torch.softmax(torch.randn(batch, num_classes, device=device), 1)
     if fast.compile:
-        model, _ = compile_model(model, fast.compile_mode, (x, target), autocast_for(device))
-    step = TrainStep(model, optimizer, scheduler, num_classes, autocast=autocast_for(device))
+        model, _ = compile_model(model, fast.compile_mode, (x, target), autocast_for(device, cfg.precision))
+    step = TrainStep(model, optimizer, scheduler, num_classes, autocast=autocast_for(device, cfg.precision))
     step.targets = lambda x, y: (x, y)  # the targets are already soft: no one-hot
     fixed = iter(lambda: (x, target), None)
     rates, t0 = [], time.perf_counter()
@@ -202,6 +211,7 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     cores = os.cpu_count() or 1
+    cpu_precisions = ("fp32", "bf16") if bf16_units() else ("fp32",)
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         if preset == "cpu":
@@ -235,6 +245,9 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
         # (label, measurement, is a model-only row, MFU applies)
         probes = [("model only, eager (random tensors, same model, batch, optimizer)",
                    lambda: model_only(fast="off"), True, True)]
+        if not cuda:  # fp32 and bf16 side by side where the CPU has bf16 units (--precision auto picks bf16 there)
+            probes = [(f"model only, eager, {p} (random tensors, same model, batch, optimizer)",
+                       lambda p=p: model_only(fast="off", precision=p), True, True) for p in cpu_precisions]
         probes += [(f"model only, fast step (torch.compile {mode}, fused AdamW)",
                     lambda mode=mode: model_only(fast="on", compile_mode=mode), True, True)
                    for mode in (compile_modes if cuda else ())]
@@ -250,6 +263,8 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
             paths.insert(3, (f"streaming, {workers} worker(s) decoding, whole images to the device (`--crop-in "
                              "device`, the old way)", dict(cache="off", workers=workers, shards=str(big),
                                                           crop_in="device")))
+        if not cuda:
+            paths = [(f"{label}, {p}", {**args, "precision": p}) for label, args in paths for p in cpu_precisions]
         probes += [(label, lambda args=args: run(**args), False, True) for label, args in paths]
         if preset == "paper":
             small = dict(PRESETS["cpu"], steps=steps, log_every=window, eval_every=0, ckpt_every=0, cache="on",
@@ -279,9 +294,17 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
                 if alone:
                     fast = [a[1] for a in alone[1:]]
                     reference = max(fast, default=alone[0][1])
-                    yield from (_row(a, reference) for a in alone)
+                    # on a CPU each precision has its model-only row: a data path's share is of its own
+                    by_precision = {_precision(a[0]): a[1] for a in alone if not cuda}
+                    yield from (_row(a, by_precision.get(_precision(a[0]), reference)) for a in alone)
                     alone = []
-                yield _row(row, reference)
+                yield _row(row, by_precision.get(_precision(row[0]), reference))
+
+
+def _precision(label: str) -> str:
+    """fp32 or bf16 where the row's label names it ("..., fp32" / "model only, eager, bf16 (...)")."""
+    words = label.replace("(", ",").split(", ")
+    return next((w.split(" ")[0] for w in words if w.split(" ")[0] in ("fp32", "bf16")), "")
 
 
 def _row(row: list, reference: float) -> tuple[str, str, str, str, str, str]:

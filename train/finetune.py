@@ -22,7 +22,6 @@ top-1 is the last step's (the official script prints the best of its evaluations
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import statistics
@@ -53,6 +52,7 @@ from .runtime import (
     run_cli,
     seed_everything,
 )
+from .step import PRECISIONS, autocast_for, resolve_precision
 
 
 @dataclass
@@ -97,6 +97,7 @@ class Config:
     patch_size: int = PretrainConfig.patch_size
     depth: int = PretrainConfig.depth
     preset: str = "default"
+    precision: str = "auto"  # bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with bf16 units (train.step)
 
 
 # The official fine-tuning script (1p-frac repository, finetuning.sh; docs/design.md 7): 8 GPUs x 96 = 768 a step, SGD
@@ -175,8 +176,7 @@ def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, 
     batch = batch_used(cfg, len(train_set))
     optimizer = build_optimizer(cfg, model, batch)
     scheduler = build_scheduler(cfg, optimizer, batch)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = autocast_for(device, cfg.precision)
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
@@ -198,8 +198,8 @@ def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, 
                 off = cfg.smoothing / num_classes
                 target = one_hot(y, num_classes, on_value=1 - cfg.smoothing + off, off_value=off)
             scheduler.step_update(step)
-            with autocast:
-                loss = criterion(model(x), target)
+            with autocast:  # the loss in fp32 under bf16 autocast too
+                loss = criterion(model(x).float(), target)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -246,7 +246,8 @@ def finetune(cfg: Config) -> dict:
           f"{f' ({shots} per class)' if shots else ''}, {len(test_set)} test images, {img_size} px, "
           f"{cfg.steps} steps at batch {batch}, {cfg.opt} lr {lr:.2e} (blr {cfg.blr} x {batch} / 512), "
           f"{'preset ' + cfg.preset + ', ' if cfg.preset != 'default' else ''}crop {crop_scale}, "
-          f"flip {'on' if flip else 'off'}, from {source}")
+          f"flip {'on' if flip else 'off'}, {'{} ({})'.format(*resolve_precision(cfg.precision, device))}, from "
+          f"{source}")
     accuracies = []
     for seed in cfg.seeds:
         t0 = time.time()
@@ -258,7 +259,8 @@ def finetune(cfg: Config) -> dict:
     recorded = {**dataclasses.asdict(cfg), "checkpoint": redact(cfg.checkpoint)}
     result = {"dataset": cfg.dataset, "checkpoint": recorded["checkpoint"], "top1_mean": mean, "top1_std": std,
               "top1": dict(zip(map(str, cfg.seeds), accuracies, strict=True)), "train_images": len(train_set),
-              "test_images": len(test_set), "batch_used": batch, "config": recorded}
+              "test_images": len(test_set), "batch_used": batch, "config": recorded,
+              "precision": resolve_precision(cfg.precision, device)[0]}
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         atomic_write_json(result, Path(cfg.out) / "results.json")
@@ -311,6 +313,8 @@ def main(
     min_blr: Annotated[float, typer.Option(help="lr per 512 images the cosine ends at")] = 0.0,
     crop_pct: Annotated[float, typer.Option(help="evaluation: resize to size / crop-pct, centre-crop size (1: "
                                                "resize only; the paper's 0.875 = 224 / 256)")] = 1.0,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA and on CPUs with bf16 units, else "
+                                                "fp32), bf16 or fp32")] = "auto",
     *,
     ctx: typer.Context,
 ) -> None:
@@ -325,6 +329,8 @@ def main(
         raise TrainError("--steps and --batch must be at least 1")
     if opt not in ("sgd", "adamw"):
         raise TrainError(f"unknown --opt {opt!r}; choose sgd or adamw")
+    if precision not in PRECISIONS:
+        raise TrainError(f"unknown --precision {precision!r}; choose {', '.join(PRECISIONS)}")
     if shots < 0 or not 0 <= train_fraction <= 1:
         raise TrainError("--shots must be >= 0 and --train-fraction in [0, 1]")
     if not 0 < crop_pct <= 1 or warmup_blr < 0 or min_blr < 0:
@@ -336,7 +342,7 @@ def main(
                    crop_scale=parse_float_pair(crop_scale) if crop_scale else None, flip=flip, randaug=randaug,
                    reprob=reprob, mixup=mixup, cutmix=cutmix, smoothing=smoothing, drop_path=drop_path,
                    workers=workers, model=model, img_size=img_size, patch_size=patch_size, depth=depth,
-                   warmup_blr=warmup_blr, min_blr=min_blr, crop_pct=crop_pct, preset=preset)
+                   warmup_blr=warmup_blr, min_blr=min_blr, crop_pct=crop_pct, preset=preset, precision=precision)
     # the preset fills what the command line left at its default; an option given on the command line wins
     options.update({k: v for k, v in PRESETS[preset].items() if ctx.get_parameter_source(k).name == "DEFAULT"})
     ignored = [f"--{k.replace('_', '-')}" for k in ("model", "img_size", "patch_size", "depth")

@@ -65,6 +65,7 @@ from .runtime import (
     setup_distributed,
 )
 from .step import (
+    PRECISIONS,
     Fast,
     TrainStep,
     autocast_for,
@@ -74,6 +75,7 @@ from .step import (
     flops_per_sample,
     mfu,
     peak_flops,
+    resolve_precision,
 )
 
 
@@ -133,6 +135,7 @@ class Config:
     fast: str = "auto"  # torch.compile + fused AdamW + prefetched augmentation (train.step); auto: on on CUDA
     compile: bool = False  # torch.compile the model on any device (the CPU too), whatever --fast says
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
+    precision: str = "auto"  # bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with bf16 units (train.step)
     resume: str = "auto"  # auto: continue the run OUT holds, else start; always: must continue; never: must start
     allow_other_data: bool = False  # continue on data other than the checkpoint's (same class count)
 
@@ -300,6 +303,7 @@ class Plan:
     fast: Fast
     chosen: tuple[str, str]  # the data path and why (batches.choose_data_path)
     data_sha256: str
+    precision: tuple[str, str] = ("fp32", "")  # (bf16 | fp32, why): train.step.resolve_precision
 
 
 def plan_run(cfg: Config, where: Rank, checkpoint: dict | None) -> Plan:
@@ -316,9 +320,15 @@ def plan_run(cfg: Config, where: Rank, checkpoint: dict | None) -> Plan:
         raise TrainError(f"the batch per rank ({batch}) must be even with Mixup/CutMix (they pair images in a batch)")
     chosen = batches.choose_data_path(cfg, run.manifest, where.device, run.images)  # refuse one that cannot work
     global_batch = batch * cfg.accum * where.world_size
+    precision = resolve_precision(cfg.precision, where.device)
+    if checkpoint is not None and cfg.precision == "auto":
+        # a continued run keeps the arithmetic it started with, whatever this machine would choose (checkpoints from
+        # before --precision: bf16 on CUDA, fp32 on a CPU)
+        began = checkpoint.get("precision") or ("bf16" if where.device.type == "cuda" else "fp32")
+        precision = (began, f"auto: as the run began ({began})")
     return Plan(run, batch, global_batch, cfg.lr or cfg.blr * global_batch / 512,
                 _warmup_steps(cfg, run.epoch_images, global_batch),
-                fast_options(cfg.fast, cfg.compile, cfg.compile_mode, where.device), chosen, data_sha256)
+                fast_options(cfg.fast, cfg.compile, cfg.compile_mode, where.device), chosen, data_sha256, precision)
 
 
 @dataclass
@@ -348,7 +358,8 @@ def build(cfg: Config, plan: Plan, where: Rank) -> Parts:
     # bf16 autocast on CUDA needs no loss scaling; the scaler is kept (disabled) so checkpoints look the same.
     return Parts(model, model, model_args, optimizer, build_scheduler(cfg, optimizer, plan.lr, plan.warmup),
                  torch.amp.GradScaler(where.device.type, enabled=False),
-                 AugmentRNG(cfg.seed * 1_000_003 + where.rank, where.device), autocast_for(where.device), plan.fast,
+                 AugmentRNG(cfg.seed * 1_000_003 + where.rank, where.device),
+                 autocast_for(where.device, plan.precision[0]), plan.fast,
                  flops_per_sample(model, cfg.img_size, where.device) if where.master else 0.0)
 
 
@@ -401,7 +412,8 @@ def checkpoint_state(cfg: Config, plan: Plan, parts: Parts, step: int, rngs: lis
             "model": model_lib.clean_state_dict(parts.raw_model), "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "step": step,
             "config": dataclasses.asdict(cfg), "rng": rngs, "world_size": len(rngs),
-            "fracgen_settings": plan.run.manifest.get("settings", {}), "data_sha256": plan.data_sha256}
+            "fracgen_settings": plan.run.manifest.get("settings", {}), "data_sha256": plan.data_sha256,
+            "precision": plan.precision[0]}
 
 
 class Metrics:
@@ -483,8 +495,8 @@ def describe(cfg: Config, plan: Plan, where: Rank, parts: Parts, path, why: str,
               "sample "
               f"forward + backward), {plan.run.num_classes} classes, {what}")
     where.log(f"pretrain: {cfg.steps} steps, global batch {plan.global_batch} ({where.world_size} x {plan.batch} x "
-              f"{cfg.accum}), lr {plan.lr:.2e}, warm-up {plan.warmup} steps, device {where.device.type}"
-              f"{' bf16' if where.device.type == 'cuda' else ' fp32'}, augment: {_augmentations(cfg)}")
+              f"{cfg.accum}), lr {plan.lr:.2e}, warm-up {plan.warmup} steps, device {where.device.type} "
+              f"{plan.precision[0]} ({plan.precision[1]}), augment: {_augmentations(cfg)}")
     where.log(f"data: {path.how} ({why})")
     where.log(f"step: {parts.fast.describe(where.device)}")
     if step:
@@ -667,6 +679,8 @@ def main(
                                                           "graphs), max-autotune, max-autotune-no-cudagraphs")]
     = None,
     ckpt_minutes: Annotated[float | None, typer.Option(help="also a checkpoint every M minutes (0 = off)")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 autocast on CUDA and on CPUs with bf16 units, "
+                                                       "else fp32), bf16 or fp32")] = None,
     keep_ckpts: Annotated[int | None, typer.Option(help="keep the newest K complete checkpoints")] = None,
     resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help="default: continue the run OUT holds "
                                                 "(its newest complete checkpoint) or start one; --resume: must "
@@ -700,6 +714,7 @@ def main(
 
 
 CHOICES = {"augment": ("device", "cpu"), "fast": ("auto", "on", "off"), "compile_mode": COMPILE_MODES,
+           "precision": PRECISIONS,
            "crop_in": ("auto", "workers", "device"), "cache": ("auto", "on", "off")}
 AT_LEAST_ONE = ("steps", "batch", "accum", "img_size", "log_every", "eval_samples", "keep_ckpts")
 POSITIVE = ("ink_gain", "blr")

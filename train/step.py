@@ -76,7 +76,7 @@ def compile_model(model: torch.nn.Module, mode: str, example: tuple[torch.Tensor
     x, target = example
     try:
         with autocast or contextlib.nullcontext():
-            loss = SoftTargetCrossEntropy()(compiled(x), target)
+            loss = SoftTargetCrossEntropy()(compiled(x).float(), target)
         loss.backward()
         ok = True
     except Exception as e:  # dynamo's, inductor's and the C++ compiler's errors are many types
@@ -107,10 +107,38 @@ def example_batch(model: torch.nn.Module, batch: int, img_size: int, num_classes
     return x, torch.full((batch, num_classes), 1 / num_classes, device=device)
 
 
-def autocast_for(device):
-    """bf16 autocast on CUDA (no loss scaling needed); fp32 on the CPU."""
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def bf16_units() -> str | None:
+    """The CPU's bf16 arithmetic, by name (AMX, AVX512-BF16), or None where it has none (its bf16 would be emulated
+    and slower than fp32). Read from what torch's CPU kernels dispatch on."""
+    cpu = getattr(torch, "cpu", None)
+    if cpu is not None and getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if cpu is not None and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return None
+
+
+def resolve_precision(precision: str, device, units: str | None | bool = False) -> tuple[str, str]:
+    """(bf16 | fp32, why) for `--precision auto|bf16|fp32` on `device`. auto: bf16 autocast on CUDA, and on a CPU
+    with bf16 units (1.65x the CPU preset's fp32 step on AVX512-BF16, docs/speed.md); fp32 on a CPU without them.
+    `units`: the CPU's bf16 units (default: this CPU's, bf16_units())."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}")
+    if precision != "auto":
+        return precision, f"--precision {precision}"
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return "bf16", "auto: CUDA"
+    units = bf16_units() if units is False else units
+    return ("bf16", f"auto: this CPU has {units}") if units else ("fp32", "auto: this CPU has no bf16 units")
+
+
+def autocast_for(device, precision: str = "auto"):
+    """bf16 autocast (no loss scaling needed) or fp32, as resolve_precision decides."""
+    if resolve_precision(precision, device)[0] == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -144,8 +172,8 @@ class TrainStep:
             if self.distributed:
                 # nanoGPT's trick: all-reduce gradients only on the last micro-step of an accumulation.
                 self.model.require_backward_grad_sync = micro == self.accum - 1
-            with self.autocast:
-                loss = self.lpce(self.model(xb), target) / self.accum
+            with self.autocast:  # the loss in fp32 under bf16 autocast too: log-softmax over C classes
+                loss = self.lpce(self.model(xb).float(), target) / self.accum
             self.scaler.scale(loss).backward()
             loss = loss.detach()
             self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
