@@ -8,9 +8,12 @@ STAMP  := $(VENV)/.installed-stamp
 SEED       ?= 4
 CPU_SHARDS ?= shards/cpu-seed$(SEED)
 RUN        ?= runs/cpu-seed$(SEED)
+# bf16 autocast or fp32 for pre-training, fine-tuning and the experiments; auto: bf16 on CUDA and on CPUs with bf16
+# units (AVX512-BF16, AMX), fp32 elsewhere (docs/training.md, "Precision").
+PRECISION  ?= auto
 
 .PHONY: install test test-slow lint bench pretrain finetune publish compare sweep-delta sweep-sigma sweep-bases \
-	control sweep-resolution score-bases clean
+	control sweep-resolution score-bases which-base which-base-held-out clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +40,12 @@ bench: install
 # a second `make pretrain` resumes the run from its last checkpoint instead of starting over.
 pretrain: install
 	$(BIN)/fracgen render --classes 1000 --size 128 --points 50000 --seed $(SEED) --out $(CPU_SHARDS) --resume
-	$(BIN)/python -m train.pretrain --shards $(CPU_SHARDS) --out $(RUN)
+	$(BIN)/python -m train.pretrain --shards $(CPU_SHARDS) --out $(RUN) --precision $(PRECISION)
 
 # Fine-tunes the pre-trained checkpoint and, as the baseline, the same network from scratch (digits, 3 seeds).
 finetune: install
-	$(BIN)/python -m train.finetune --checkpoint $(RUN) --out $(RUN)/digits
-	$(BIN)/python -m train.finetune --checkpoint none --out runs/scratch-digits
+	$(BIN)/python -m train.finetune --checkpoint $(RUN) --out $(RUN)/digits --precision $(PRECISION)
+	$(BIN)/python -m train.finetune --checkpoint none --out runs/scratch-digits --precision $(PRECISION)
 
 # Model card (with both fine-tuning results) and SHA256SUMS in the run folder; `--to hf://ORG/NAME` to upload.
 publish: install
@@ -55,8 +58,10 @@ publish: install
 # fits the box, and it says so); docs/results/gpu/sweep_resolution.sh is the same as one device call.
 # `make score-bases`: 16 bases drawn by seed and base A at the GPU compare budget (5000 steps, 9 runs side by side in
 # an 8-minute box), then fracgen score's measures of their data against their pretext top-1 (Spearman).
-compare sweep-delta sweep-sigma sweep-bases control sweep-resolution score-bases: install
-	$(BIN)/python -m train.experiments $@
+# `make which-base`: make pretrain's recipe on the bases drawn by seed 0-11 and scratch, then measures of each base's
+# data against pretext and fine-tuned top-1 (about 2 hours on 2 cores at bf16); `make which-base-held-out`: seeds 12-15.
+compare sweep-delta sweep-sigma sweep-bases control sweep-resolution score-bases which-base which-base-held-out: install
+	$(BIN)/python -m train.experiments $@ --precision $(PRECISION)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

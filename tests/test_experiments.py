@@ -15,7 +15,7 @@ from train.experiments.score_bases import correlate
 from train.runtime import TrainError
 
 TINY = E.Budget(steps=2, finetune_seeds=(0,), probe_seeds=(0,), finetune_steps=2,
-                data=dict(classes=8, size=32, points=2000))
+                data=dict(classes=8, size=32, points=2000), precision="fp32")  # run folders named as on any CPU
 
 
 def test_the_experiments_hold_the_runs_the_issue_asks_for():
@@ -72,7 +72,7 @@ def test_an_unknown_experiment_is_one_line(tmp_path):
                        text=True, cwd=tmp_path, env={"PYTHONPATH": str(Path(E.__file__).parents[2])})
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: unknown experiment 'sweep-everything'; choose one of compare, control, score-bases, sweep-bases, "
-        "sweep-delta, sweep-resolution, sweep-sigma"]
+        "sweep-delta, sweep-resolution, sweep-sigma, which-base, which-base-held-out"]
 
 
 def test_a_setting_at_its_default_names_the_same_run():
@@ -163,3 +163,26 @@ def test_score_bases_draws_its_bases_by_seed_and_correlates_each_runs_own_data(t
     text = (tmp_path / "results" / "score-bases-correlation.md").read_text()
     assert "| separation | 1.00 |" in text and "predicts" in text and "none." in text  # 4 runs are not 12
     assert len(list(csv.DictReader(open(tmp_path / "results" / "score-bases-correlation.csv")))) == 4
+
+
+def test_a_run_folder_names_its_arithmetic_when_it_is_not_the_devices_old_default(monkeypatch):
+    """Rows kept from before --precision (fp32 on a CPU, bf16 on CUDA) keep their folders; the other arithmetic is
+    another run, never reused for this one."""
+    import dataclasses
+
+    from train.experiments import runner
+
+    run = E.Run("noise", {"system": "noise", "seed": 0}, "noise")
+    fp32, bf16 = (dataclasses.replace(TINY, precision=p) for p in ("fp32", "bf16"))
+    monkeypatch.setattr(runner, "device_kind", lambda: "cpu")
+    assert run.folder(Path("R"), fp32).name == "seed0-systemnoise-steps2"
+    assert run.folder(Path("R"), bf16).name == "seed0-systemnoise-steps2-bf16"
+    assert runner.rate_table(bf16) == "cpu-bf16" and runner.rate_table(fp32) == "cpu"
+    assert E.RATES["cpu-bf16"][32].pretrain > E.RATES["cpu"][32].pretrain
+    monkeypatch.setattr(runner, "device_kind", lambda: "cuda")
+    assert run.folder(Path("R"), bf16).name == "seed0-systemnoise-steps2"
+    assert run.folder(Path("R"), fp32).name == "seed0-systemnoise-steps2-fp32"
+    assert runner._command("compare", dataclasses.replace(E.experiment_budget("compare"), precision="fp32"), 1,
+                           0.0) == "make compare PRECISION=fp32"
+    rows = [{"device": "CPU, 2 cores"}, {"device": "NVIDIA H200"}, {"device": "CPU, 2 cores", "precision": "bf16"}]
+    assert tables.precisions(rows[:1]) == "fp32" and tables.precisions(rows) == "bf16, fp32"

@@ -1,6 +1,7 @@
 """`make sweep-resolution` (issue 21): its runs, the plan and time box, rows kept in the results. The GPU run itself
 is not part of the tests; the device script is rehearsed at toy size in the slow test at the end."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from train import experiments as E
+from train.experiments import runner
 from train.experiments.__main__ import app as experiments_app
 from train.experiments.sweep_resolution import sweep_resolution
 from train.runtime import TrainError
@@ -18,7 +20,7 @@ from train.runtime import TrainError
 REPO = Path(__file__).parents[1]
 
 
-def test_sweep_resolution_holds_the_runs_the_issue_asks_for():
+def test_sweep_resolution_holds_the_runs_the_issue_asks_for(monkeypatch):
     runs = E.EXPERIMENTS["sweep-resolution"]()
     assert [r.x for r in runs] == [res for res in (224, 112, 64, 32) for _ in range(6)]  # largest first
     for res in (32, 64, 112, 224):
@@ -34,7 +36,8 @@ def test_sweep_resolution_holds_the_runs_the_issue_asks_for():
     assert len(data) == 5 and len({r.slug for r in runs}) == len(runs)
     # never the CPU default's 128 px data under the same name
     assert not data & {r.slug for r in E.EXPERIMENTS["compare"]()}
-    budget = E.experiment_budget("sweep-resolution")
+    budget = dataclasses.replace(E.experiment_budget("sweep-resolution"), precision="bf16")  # the GPU's arithmetic
+    monkeypatch.setattr(runner, "device_kind", lambda: "cuda")
     folders = {r.folder(Path("R"), budget).name for r in runs}
     assert len(folders) == 24 and all(f.endswith("-steps1500-ftpaper200") for f in folders)
     cfg = E.finetune_config(budget)

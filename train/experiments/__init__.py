@@ -1,5 +1,6 @@
 """The paper's comparisons, rerunnable: `make compare`, `make sweep-delta`, `make sweep-sigma`, `make sweep-bases`,
-`make control`, and on one GPU `make sweep-resolution` and `make score-bases` (`python -m train.experiments NAME`).
+`make control`, `make which-base` (and `make which-base-held-out`), and on one GPU `make sweep-resolution` and
+`make score-bases` (`python -m train.experiments NAME`).
 
 Every run is the same pipeline at the same budget: render its data with fracgen (the CPU default's 1000 images
 at 128 px, 50k points, unless the run says otherwise), pre-train the CPU preset for `--steps` steps, fine-tune on
@@ -24,6 +25,7 @@ from . import (  # noqa: F401  (each registers its experiment)
     sweep_delta,
     sweep_resolution,
     sweep_sigma,
+    which_base,
 )
 from .runner import (  # noqa: F401  (the runner's API)
     BASES,

@@ -12,6 +12,7 @@ from fracgen.errors import FracgenError
 
 from .. import finetune as finetune_lib
 from ..runtime import TrainError, run_cli
+from ..step import PRECISIONS
 from . import EXPERIMENTS, experiment_budget, run_experiment, runner_options
 from .runner import STEPS
 from .sweep_resolution import BUDGET as RESOLUTION_BUDGET
@@ -40,6 +41,9 @@ def main(
     finetune_preset: Annotated[str | None, typer.Option(help="train.finetune's --preset for every run (default "
                                                               "default; sweep-resolution paper)")] = None,
     resolutions: Annotated[str | None, typer.Option(help="sweep-resolution: a subset of 32,64,112,224")] = None,
+    precision: Annotated[str, typer.Option(help="pre-training's and fine-tuning's arithmetic: auto (bf16 on CUDA and "
+                                                "on CPUs with bf16 units), bf16 or fp32; a run folder is named by it")]
+    = "auto",
     toy: Annotated[bool, typer.Option(help="a rehearsal at toy size: 8 classes, 2 steps, 1 seed, 1 split")] = False,
 ):
     """Run one of the paper's comparisons and write its tables and plots (at CPU scale; sweep-resolution on a GPU)."""
@@ -51,6 +55,8 @@ def main(
     if finetune_preset is not None and finetune_preset not in finetune_lib.PRESETS:
         raise TrainError(f"unknown --finetune-preset {finetune_preset!r}; choose from "
                          f"{', '.join(finetune_lib.PRESETS)}")
+    if precision not in PRECISIONS:
+        raise TrainError(f"unknown --precision {precision!r}; choose {', '.join(PRECISIONS)}")
     if time_box is not None and time_box < 0:
         raise TrainError(f"--time-box must not be negative, got {time_box:g}")
     runs = None
@@ -67,7 +73,7 @@ def main(
     budget = experiment_budget(name, toy)
     budget = dataclasses.replace(budget, steps=steps or budget.steps,
                                  finetune_steps=finetune_steps or budget.finetune_steps,
-                                 finetune_preset=finetune_preset or budget.finetune_preset)
+                                 finetune_preset=finetune_preset or budget.finetune_preset, precision=precision)
     options = runner_options(name)
     # a toy's 8-class data sets must never sit where a real run would find and reuse them
     root = root or Path("runs/experiments-toy" if toy else "runs/experiments")

@@ -25,6 +25,7 @@ from .. import model as model_lib
 from .. import pretrain as pretrain_lib
 from .. import probe as probe_lib
 from ..runtime import TrainError, atomic_save, atomic_write_json, seed_everything
+from ..step import resolve_precision
 from . import tables
 
 DATA = dict(classes=1000, size=128, points=50_000)  # the CPU default's data (`make pretrain`)
@@ -64,9 +65,13 @@ class Run:
         return "-".join(f"{k}{v}" for k, v in sorted(items.items())).replace("_", "")
 
     def folder(self, root: Path, budget: Budget) -> Path:
-        # a fine-tuning recipe other than the default names other runs (their fine-tunes are other results)
+        # a fine-tuning recipe other than the default names other runs (their fine-tunes are other results), and so
+        # does an arithmetic other than the device's before --precision (fp32 on a CPU, bf16 on CUDA): kept rows of
+        # either stay valid, and a bf16 CPU run never reuses an fp32 one
         recipe = "" if budget.finetune_preset == "default" else f"-ft{budget.finetune_preset}{budget.finetune_steps}"
-        return root / f"{self.slug}-steps{budget.steps}{recipe}"
+        arithmetic = precision_of(budget)
+        tag = "" if arithmetic == OLD_DEFAULT[device_kind()] else f"-{arithmetic}"
+        return root / f"{self.slug}-steps{budget.steps}{recipe}{tag}"
 
 
 
@@ -87,6 +92,24 @@ class Budget:
     probe_seeds: tuple[int, ...] = (0, 1, 2)
     data: dict = field(default_factory=lambda: dict(DATA))
     finetune_preset: str = "default"  # train.finetune's --preset; its warm-up shrinks with finetune_steps
+    precision: str = "auto"  # train.pretrain's and train.finetune's --precision (train.step.resolve_precision)
+    log_every: int = 100  # pre-training's log (and metrics.jsonl) cadence: which-base reads LPCE at step 200
+
+
+OLD_DEFAULT = {"cpu": "fp32", "cuda": "bf16"}  # each device's arithmetic before --precision existed
+
+
+def device_kind() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def precision_of(budget: Budget) -> str:
+    """bf16 or fp32: what the budget's --precision resolves to on this machine."""
+    import torch
+
+    return resolve_precision(budget.precision, torch.device(device_kind()))[0]
 
 
 # Per experiment, what differs from Budget(): sweep-resolution fits one H200 in 8 minutes (docs/results.md, "the
@@ -155,6 +178,7 @@ def execute(run: Run, root: Path, budget: Budget, log=print) -> dict:
     times_file = folder / "times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     row = {"label": run.label, "group": run.group, "x": run.x, "slug": run.slug, "steps": budget.steps,
+           "precision": precision_of(budget),
            **({"series": run.series} if run.series else {}), **({"network": run.model} if run.model else {})}
     checkpoint = "none"
     if run.data is not None:
@@ -169,11 +193,13 @@ def execute(run: Run, root: Path, budget: Budget, log=print) -> dict:
             log(f"[{run.label}] pre-train {budget.steps} steps")
             # the same call continues a pre-training an earlier call left unfinished (train.pretrain's contract)
             cfg = pretrain_lib.Config(shards=str(shards), out=str(folder / "pretrain"), steps=budget.steps,
-                                      eval_every=0, log_every=100, ckpt_every=budget.steps, **(run.model or {}))
+                                      eval_every=0, log_every=budget.log_every, ckpt_every=budget.steps,
+                                      precision=budget.precision, **(run.model or {}))
             _timed(times, "pretrain_s", lambda: pretrain_lib.pretrain(cfg))
         summary = json.loads(summary_file.read_text())
         row.update(first_loss=summary["first_loss"], last_loss=summary["last_loss"],
-                   pretext_top1=summary["pretext_acc"], chance=summary["chance_acc"])
+                   pretext_top1=summary["pretext_acc"], chance=summary["chance_acc"],
+                   losses=logged_losses(folder / "pretrain" / "metrics.jsonl"))
         checkpoint = str(folder / "pretrain" / "ckpt.pt")
     finetune_file = folder / "finetune" / "results.json"
     if not finetune_file.exists():
@@ -197,6 +223,17 @@ def execute(run: Run, root: Path, budget: Budget, log=print) -> dict:
     return row
 
 
+def logged_losses(metrics: Path, up_to: int = 500) -> dict[str, float]:
+    """{step: mean LPCE of its log window} for the windows up to `up_to`: the early curve a row keeps (which-base's
+    trial reads step 200), without the rest of metrics.jsonl."""
+    losses = {}
+    for line in metrics.read_text().splitlines() if metrics.exists() else ():
+        entry = json.loads(line)
+        if "loss" in entry and isinstance(entry.get("step"), int) and entry["step"] <= up_to:
+            losses[str(entry["step"])] = entry["loss"]
+    return losses
+
+
 def finetune_config(budget: Budget, **fields) -> finetune_lib.Config:
     """train.finetune's Config for the budget's preset and steps: a preset's warm-up keeps its share of the steps
     (the paper's 650 of 65,000: 1%), so a shortened run has the official schedule's shape."""
@@ -205,7 +242,8 @@ def finetune_config(budget: Budget, **fields) -> finetune_lib.Config:
     if "steps" in preset:
         warmup = max(1, round(warmup * budget.finetune_steps / preset["steps"]))
     return finetune_lib.Config(**{**preset, "steps": budget.finetune_steps, "warmup_steps": warmup,
-                                  "seeds": budget.finetune_seeds, "preset": budget.finetune_preset, **fields})
+                                  "seeds": budget.finetune_seeds, "preset": budget.finetune_preset,
+                                  "precision": budget.precision, **fields})
 
 
 def _scratch_checkpoint(run: Run, folder: Path) -> str:
@@ -253,8 +291,19 @@ RATES = {
     "cpu": {32: Rates(400, 380, 900, 10), 64: Rates(140, 130, 320, 10), 112: Rates(100, 95, 225, 10),
             224: Rates(21, 20, 48, 10)},
 }
+# cpu-bf16: the same VM with bf16 autocast (AVX512-BF16): 32 px measured (make which-base's runs), the others scaled
+# by the model-only speed-up bench.py measured at 32 px.
+RATES["cpu-bf16"] = {32: Rates(600, 500, 1200, 10),
+                     **{px: Rates(r.pretrain * 1.5, r.finetune * 1.3, r.probe * 1.3, r.fixed)
+                        for px, r in RATES["cpu"].items() if px != 32}}
 DIGITS = 1797  # images the probe runs through the network (all of scikit-learn's digits)
 SHOTS = 100  # 10-shot digits: the fine-tuning's training images, so its batch is at most this
+
+
+def rate_table(budget: Budget) -> str:
+    """The RATES table for this machine and the budget's arithmetic."""
+    device = device_kind()
+    return "cpu-bf16" if device == "cpu" and precision_of(budget) == "bf16" else device
 
 
 def estimate(run: Run, budget: Budget, device: str, share: float = 1.0) -> float:
@@ -347,11 +396,9 @@ def execute_all(runs: list[Run], root: Path, budget: Budget, jobs: int = 1, keep
     CPU preset's small model leaves the card mostly idle, so several runs share it. Rows come back in the runs'
     order; a run that fails is reported after the others have finished (and kept what they did). With `time_box`
     (seconds from now), a run starts only if the rate table says it ends inside the box; it is None otherwise."""
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = rate_table(budget)
     # the cpu rates are one run on the 2-core VM's two cores; side by side, runs split the cores they have
-    share = 1.0 if device == "cuda" else min(1.0, available_cores() / (2 * jobs))
+    share = 1.0 if device.startswith("cuda") else min(1.0, available_cores() / (2 * jobs))
     seconds = [0.0 if finished_row(r, root, budget, keep) else estimate(r, budget, device, share) for r in runs]
     deadline = time.time() + time_box if time_box else 0.0
     if time_box:
@@ -430,13 +477,14 @@ def _command(name: str, budget: Budget, jobs: int, time_box: float) -> str:
     """`make NAME` when the call was the make target's, else the module command that repeats it."""
     default = experiment_budget(name)
     options = runner_options(name)
+    arithmetic = "" if budget.precision == "auto" else f" --precision {budget.precision}"
     if (budget.steps, jobs, time_box, budget.finetune_preset, budget.finetune_steps) == (
             default.steps, options.get("jobs", 1), options.get("time_box", 0.0), default.finetune_preset,
             default.finetune_steps):
-        return f"make {name}"
+        return f"make {name}" + (f" PRECISION={budget.precision}" if arithmetic else "")
     recipe = "" if (budget.finetune_preset, budget.finetune_steps) == (default.finetune_preset,
                                                                        default.finetune_steps) else (
         f" --finetune-preset {budget.finetune_preset} --finetune-steps {budget.finetune_steps}")
     return (f"python -m train.experiments {name} --steps {budget.steps}" + (f" --jobs {jobs}" if jobs > 1 else "")
-            + (f" --time-box {time_box:g}" if time_box else "") + recipe)
+            + (f" --time-box {time_box:g}" if time_box else "") + recipe + arithmetic)
 

@@ -38,6 +38,12 @@ def devices(rows: list[dict]) -> str:
     return ", ".join(sorted({r.get("device", "CPU, 2 cores") for r in rows}))
 
 
+def precisions(rows: list[dict]) -> str:
+    # rows from before --precision ran in each device's arithmetic of the time: fp32 on a CPU, bf16 on CUDA
+    return ", ".join(sorted({r.get("precision") or ("fp32" if r.get("device", "CPU").startswith("CPU") else "bf16")
+                             for r in rows}))
+
+
 def _networks(rows: list[dict]) -> str:
     nets = {r["network"]["img_size"]: r["network"] for r in rows if r.get("network")}
     if not nets:
@@ -55,7 +61,7 @@ def markdown(name: str, rows: list[dict], grouped: list[dict], seconds: float, c
              f"steps at batch 128. Fine-tuning: {next((r['finetune_recipe'] for r in rows), '')}, digits 10-shot, "
              f"{len(rows[0]['finetune_seeds'])} seed(s). Probe: logistic regression on frozen class + mean tokens, "
              f"10-shot, {len(rows[0]['probe_splits'])} split(s). "
-             f"Ran on: {devices(rows)}.", "",
+             f"Ran on: {devices(rows)}, {precisions(rows)}.", "",
              "| run | LPCE first -> last | pretext top-1 % | digits fine-tuned top-1 % | linear probe top-1 % |",
              "|---|---|---|---|---|"]
     for r in rows:
