@@ -133,6 +133,10 @@ def test_the_near_chance_warning_fires_below_five_times_chance_only(classes, acc
     assert (warning is not None) == fires
     if fires:
         assert warning.startswith("warning: pretext accuracy is near chance")
+        assert "`fracgen score SHARDS --at 32`" in warning and "another --seed" in warning
+    named = chance_warning(0.1, 1000, "shards/cpu-seed4", 32, seed=4)
+    assert "`fracgen score shards/cpu-seed4 --at 32`" in named and "`fracgen render --seed 5`" in named
+    assert "`fracgen score SHARDS --at 64`" in chance_warning(0.1, 1000, "https://host/set/", 64)
 
 
 def test_options_a_checkpoint_overrides_are_named_in_one_note(run, capsys):

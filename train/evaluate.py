@@ -29,10 +29,17 @@ def pretext_accuracy(model: torch.nn.Module, eval_batches, clean, device, autoca
 NEAR_CHANCE = 5  # a pretext top-1 under 5x chance: the network has not learned its task
 
 
-def chance_warning(pretext_acc: float, num_classes: int) -> str | None:
+def chance_warning(pretext_acc: float, num_classes: int, shards: str = "", at: int = 32, seed: int | None = None
+                   ) -> str | None:
     """The warning a run ends with when its pretext accuracy is near chance (docs/design.md section 9: such a
-    pre-training can transfer worse than none), else None."""
+    pre-training can transfer worse than none), else None. It names the likeliest cause on 1p-frac data, the base
+    fractal drawn (docs/results.md, "Which base will learn?"), and the commands that check it."""
     if pretext_acc >= NEAR_CHANCE * 100 / num_classes:
         return None
+    folder = shards if shards and "://" not in shards else "SHARDS"
+    other = f"--seed {seed + 1}" if seed is not None else "another --seed"
     return ("warning: pretext accuracy is near chance: the network has not learned to tell the perturbation classes "
-            "apart, and such a pre-training can transfer worse than none (docs/design.md section 9).")
+            "apart, and such a pre-training can transfer worse than none (docs/design.md section 9). On 1p-frac "
+            "data the base fractal drawn is the likeliest cause (docs/results.md, \"Which base will learn?\"): "
+            f"`fracgen score {folder} --at {at}` measures this one's data, and `fracgen render {other}` draws "
+            "another base.")

@@ -531,7 +531,9 @@ def summarise(cfg: Config, plan: Plan, where: Rank, parts: Parts, outcome: Outco
             else "no training steps")
     where.log(f"done: {loss} | pretext top-1 {result['pretext_acc']:.1f}% on {result['eval_samples']} clean "
               f"images (chance {100 / num_classes:.2g}%) | weights: {out / weights.WEIGHTS}")
-    warning = chance_warning(result["pretext_acc"], num_classes)
+    settings = plan.run.manifest.get("settings", {})
+    warning = chance_warning(result["pretext_acc"], num_classes, cfg.shards, cfg.img_size,
+                             settings.get("seed") if settings.get("system", "1p-frac") == "1p-frac" else None)
     if warning:
         where.log(warning)
     return summary
