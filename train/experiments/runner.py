@@ -69,9 +69,7 @@ class Run:
         # does an arithmetic other than the device's before --precision (fp32 on a CPU, bf16 on CUDA): kept rows of
         # either stay valid, and a bf16 CPU run never reuses an fp32 one
         recipe = "" if budget.finetune_preset == "default" else f"-ft{budget.finetune_preset}{budget.finetune_steps}"
-        arithmetic = precision_of(budget)
-        tag = "" if arithmetic == OLD_DEFAULT[device_kind()] else f"-{arithmetic}"
-        return root / f"{self.slug}-steps{budget.steps}{recipe}{tag}"
+        return root / f"{self.slug}-steps{budget.steps}{recipe}{arithmetic_tag(budget)}"
 
 
 
@@ -103,6 +101,12 @@ def device_kind() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def arithmetic_tag(budget: Budget) -> str:
+    """A run folder's suffix for its arithmetic: none for the device's old default."""
+    arithmetic = precision_of(budget)
+    return "" if arithmetic == OLD_DEFAULT[device_kind()] else f"-{arithmetic}"
 
 
 def precision_of(budget: Budget) -> str:
@@ -291,9 +295,10 @@ RATES = {
     "cpu": {32: Rates(400, 380, 900, 10), 64: Rates(140, 130, 320, 10), 112: Rates(100, 95, 225, 10),
             224: Rates(21, 20, 48, 10)},
 }
-# cpu-bf16: the same VM with bf16 autocast (AVX512-BF16): 32 px measured (make which-base's runs), the others scaled
-# by the model-only speed-up bench.py measured at 32 px.
-RATES["cpu-bf16"] = {32: Rates(600, 500, 1200, 10),
+# cpu-bf16: the 2-core AMD EPYC VM with bf16 autocast (AVX512-BF16). 32 px measured on make which-base's seed-4 run
+# on a quiet machine (2026-12-04: pre-training 750-820 samples/s, each 300-step fine-tuning seed 27-28 s); the other
+# resolutions scaled from the fp32 rates by bench.py's model-only speed-up at 32 px.
+RATES["cpu-bf16"] = {32: Rates(750, 650, 900, 10),
                      **{px: Rates(r.pretrain * 1.5, r.finetune * 1.3, r.probe * 1.3, r.fixed)
                         for px, r in RATES["cpu"].items() if px != 32}}
 DIGITS = 1797  # images the probe runs through the network (all of scikit-learn's digits)
@@ -466,7 +471,9 @@ def run_experiment(name: str, root: Path, results: Path, budget: Budget, finishe
     if after is not None:  # what the experiment adds to its tables (score-bases: the measures against the runs)
         after(rows, root, budget, results)
     if budget.finetune_preset == "default":  # the scatter holds the runs of one fine-tuning recipe
-        tables.scatter(root, results / "pretext-vs-transfer.png", budget.steps)
+        # one scatter per pre-training budget: which-base's 1500-step runs never overwrite compare's 800-step plot
+        plot = "pretext-vs-transfer" + ("" if budget.steps == STEPS else f"-steps{budget.steps}")
+        tables.scatter(root, results / f"{plot}{arithmetic_tag(budget)}.png", budget.steps, arithmetic_tag(budget))
     print(f"{name}: {len(rows)} of {len(runs)} runs in {seconds / 60:.1f} minutes; tables in {results}/{name}.csv "
           "and .md" + (f", plot {results}/{name}.png" if drew else " (no plot: pip install fracgen[plots])"))
     return rows

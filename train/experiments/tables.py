@@ -194,14 +194,15 @@ def plot(name: str, rows: list[dict], grouped: list[dict], path: Path) -> bool:
     return True
 
 
-def scatter(root: Path, path: Path, steps: int) -> int:
-    """Pretext top-1 against fine-tuned and probed transfer, over every run under `root`."""
-    rows = [json.loads(p.read_text()) for p in sorted(root.glob(f"*-steps{steps}/row.json"))]
+def scatter(root: Path, path: Path, steps: int, tag: str = "") -> int:
+    """Pretext top-1 against fine-tuned and probed transfer, over every run under `root` at `steps` steps (and the
+    folder suffix `tag` of an arithmetic: runner.arithmetic_tag)."""
+    rows = [json.loads(p.read_text()) for p in sorted(root.glob(f"*-steps{steps}{tag}/row.json"))]
     rows = [r for r in rows if r.get("pretext_top1") is not None]
     plt = pyplot()
     if plt is None:
         return 0
-    scratch = [json.loads(p.read_text()) for p in root.glob(f"scratch-steps{steps}/row.json")]
+    scratch = [json.loads(p.read_text()) for p in root.glob(f"scratch-steps{steps}{tag}/row.json")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([r["pretext_top1"] for r in rows], [r["finetune_top1"] for r in rows], label="fine-tuned")
     ax.scatter([r["pretext_top1"] for r in rows], [r["probe_top1"] for r in rows], marker="x", label="linear probe")
@@ -212,6 +213,6 @@ def scatter(root: Path, path: Path, steps: int) -> int:
         ax.axhline(s["finetune_top1"], linestyle="--", alpha=0.6, label="scratch, fine-tuned")
         ax.axhline(s["probe_top1"], linestyle=":", alpha=0.6, label="scratch (random init), probe")
     ax.set_xlabel("pretext top-1 % after pre-training (chance 0.1%)")
-    _finish(plt, fig, ax, f"every run at {steps} steps", path)
+    _finish(plt, fig, ax, f"every run at {steps} steps{tag.replace('-', ', ')}", path)
     return len(rows)
 
