@@ -81,7 +81,9 @@ def test_trainer_rows_run_every_data_path():
     assert all(float(r[1].replace(",", "")) > 0 for r in rows) and all(r[2] == "100%" for r in rows[:len(precisions)])
     reference = {_precision(r[0]): _number(r[1]) for r in rows[:len(precisions)]}
     for r in rows[len(precisions):]:  # each share is its rate over model-only's in the same precision
-        assert _number(r[2].rstrip("%")) == pytest.approx(100 * _number(r[1]) / reference[_precision(r[0])], abs=1)
+        rate, ref = _number(r[1]), reference[_precision(r[0])]
+        # the printed rates are rounded to whole samples/s: at the tens a busy machine gives, that moves the share
+        assert _number(r[2].rstrip("%")) == pytest.approx(100 * rate / ref, abs=1 + 50 * (1 / rate + 1 / ref))
     assert all(r[5].endswith("; median of 2 rounds") for r in rows)
     assert all(r[3] == "-" and r[4] == "-" for r in rows)  # no MFU nor device memory on a CPU
     notes = {r[0].split(" ")[0]: r[5] for r in rows}
