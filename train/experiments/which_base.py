@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fracgen import score as score_lib
 from fracgen.dataset import render_sample
 from fracgen.manifest import read_manifest
 
@@ -92,8 +93,7 @@ def data_measures(manifest: dict, classes: int = MEASURE_CLASSES) -> dict:
         crops = [_view(image, _crop_box(image.width, rng)) for _ in range(4)]
         crop_moves.append(np.median([np.sqrt(((c - view) ** 2).mean()) for c in crops]))
     flat = np.stack(views)
-    sq = (flat * flat).sum(1)
-    between = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * flat @ flat.T, 0) / flat.shape[1])
+    between = score_lib._distances(flat, flat)  # fracgen score's RMS distances, as its "nearest" uses them
     np.fill_diagonal(between, np.inf)
     nearest = between.min(1)
     return {"sigma_drawn": manifest["base"].get("sigma_drawn"), "box_dimension": float(np.mean(dims)),
@@ -127,8 +127,6 @@ MEASURES = ("separation", "confusable", "diversity", "fill", "sigma_drawn", "box
 
 def measure_rows(rows: list[dict], root: Path) -> list[dict]:
     """Each pre-trained row with every measure of its data and its trial."""
-    from fracgen import score as score_lib
-
     measured = []
     for row in rows:
         if row.get("pretext_top1") is None:
