@@ -18,12 +18,13 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from fracgen.ifs import perturb, sample_sigma_system
 from fracgen.render import render
 from fracgen.rng import derive_seed
-from train import data
+from train import data, rng
 from train.augment import (
-    AugmentRNG,
+    CROP_ATTEMPTS,
     DeviceAugment,
     HostCrop,
     erase_boxes,
+    pil_vertical_first,
     random_erase,
     resized_crop,
     sample_crop_boxes,
@@ -31,6 +32,10 @@ from train.augment import (
 from train.randaugment import GEOMETRIC, RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS, RandAugment, parse
 
 CPU = torch.device("cpu")
+
+
+def counter(t: int = 0) -> torch.Tensor:
+    return torch.tensor(t)
 
 
 def fractal(size: int, seed: int = 3, points: int = 20_000) -> np.ndarray:
@@ -53,8 +58,8 @@ def test_crop_boxes_follow_timms_random_resized_crop(height, width, scale):
     same fallback rate (no attempt fits) and positions inside the image."""
     ratio = (3 / 4, 4 / 3)
     n = 8000
-    generator = torch.Generator().manual_seed(0)
-    ours = sample_crop_boxes(n, height, width, scale, ratio, generator=generator).double().numpy()
+    u = rng.uniform(0, rng.CROP, counter(), (n, CROP_ATTEMPTS, 4), torch.float64)
+    ours = sample_crop_boxes(u, height, width, scale, ratio).double().numpy()
     random.seed(0)
     image = Image.new("L", (width, height))
     theirs = np.array([RandomResizedCropAndInterpolation.get_params(image, scale, ratio) for _ in range(n)], float)
@@ -72,13 +77,16 @@ def test_crop_boxes_follow_timms_random_resized_crop(height, width, scale):
 @pytest.mark.parametrize(("size", "out"), [(128, 32), (512, 224), (64, 96)])
 def test_resized_crop_equals_pils_crop_then_bicubic_resize(size, out):
     """Our batched matmul resampling against PIL's crop().resize(BICUBIC) (what timm's RandomResizedCrop does),
-    flips included: PIL computes in fixed point, so a pixel may differ by one grey level, rarely."""
+    flips included: PIL computes in fixed point, so a pixel may differ by one grey level, rarely. Tall boxes take
+    PIL's vertical-first order of passes (the transposed image through the same matmuls); the batch has both."""
     image = fractal(size) * 2
-    rng = np.random.default_rng(0)
+    draw = np.random.default_rng(0)
     boxes, refs = [], []
     for k in range(6):
-        h, w = rng.integers(size // 4, size + 1, 2)
-        top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        h, w = draw.integers(size // 4, size + 1, 2)
+        if k == 4:  # tall and narrow: vertical first
+            h, w = size, max(2, out // 2)
+        top, left = draw.integers(0, size - h + 1), draw.integers(0, size - w + 1)
         ref = Image.fromarray(image).crop((left, top, left + w, top + h)).resize((out, out), Image.BICUBIC)
         if k % 2:
             ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
@@ -87,8 +95,9 @@ def test_resized_crop_equals_pils_crop_then_bicubic_resize(size, out):
         boxes.append([top, left, h, w])
         refs.append(np.asarray(ref, float))
     batch = torch.tensor(image, dtype=torch.float32).expand(6, size, size)
-    ours = resized_crop(batch, torch.tensor(boxes, dtype=torch.float32), out,
-                        hflip=torch.tensor([k % 2 == 1 for k in range(6)]),
+    boxes = torch.tensor(boxes, dtype=torch.float32)
+    assert pil_vertical_first(boxes[:, 2], boxes[:, 3], out)[4] or out > size
+    ours = resized_crop(batch, boxes, out, hflip=torch.tensor([k % 2 == 1 for k in range(6)]),
                         vflip=torch.tensor([k % 3 == 0 for k in range(6)])).numpy()
     diff = np.abs(ours - np.stack(refs))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
@@ -172,7 +181,7 @@ def test_randaugment_layer_applies_each_samples_own_op():
 def test_randaugment_draws_like_timm():
     """Per layer: uniform op choice, applied with p, magnitude N(m, mstd) clipped to [0, 10], sign +-1 evenly."""
     ra = RandAugment("rand-m9-mstd0.5-inc1")
-    op, level, sign = ra.draw(60_000, torch.Generator().manual_seed(0))
+    op, level, sign = ra.draw(0, counter(), 60_000)
     applied = op >= 0
     assert abs(applied.double().mean().item() - 0.5) < 0.01
     counts = torch.bincount(op[applied], minlength=len(ra.ops)).double() / applied.sum()
@@ -192,8 +201,7 @@ def test_randaugment_config_strings():
 
 
 def rates(augment: DeviceAugment, images: torch.Tensor, batches: int):
-    rng = AugmentRNG(0, CPU)
-    return torch.cat([augment(images, rng) for _ in range(batches)])
+    return torch.cat([augment(images, 0, counter(t)) for t in range(batches)])
 
 
 def test_flips_hit_their_rates_independently():
@@ -207,7 +215,7 @@ def test_flips_hit_their_rates_independently():
     assert abs(hflip.double().mean().item() - 0.5) < 4 * math.sqrt(0.25 / n)
     assert abs(vflip.double().mean().item() - 0.5) < 4 * math.sqrt(0.25 / n)
     assert abs((hflip & vflip).double().mean().item() - 0.25) < 4 * math.sqrt(0.1875 / n)
-    none = DeviceAugment(16, crop=False, hflip=0.0, vflip=0.0, mean=0.0, std=1.0)(images, AugmentRNG(0, CPU))
+    none = DeviceAugment(16, crop=False, hflip=0.0, vflip=0.0, mean=0.0, std=1.0)(images, 0, counter())
     assert (none[:, 0, 0, 0] > 0).all()
 
 
@@ -215,13 +223,14 @@ def test_erasing_hits_its_rate_and_area():
     """timm's defaults: a sample is erased with the asked probability, the box covers U(2%, 33%) of the image
     (mean ~17.7%), and it is filled with N(0, 1) per pixel and channel."""
     n, size = 4000, 32
-    boxes = erase_boxes(n, size, size, 0.25, generator=torch.Generator().manual_seed(0))
+    u = rng.uniform(0, rng.ERASE, counter(), (n, CROP_ATTEMPTS + 1, 4), torch.float64)
+    boxes = erase_boxes(u[:, :CROP_ATTEMPTS], u[:, CROP_ATTEMPTS, 0], size, size, 0.25)
     erased = boxes[:, 2] > 0
     assert abs(erased.double().mean().item() - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
     area = (boxes[erased, 2] * boxes[erased, 3] / size**2).mean().item()
     assert abs(area - (0.02 + 1 / 3) / 2) < 0.015
     x = torch.full((64, 3, size, size), 7.0)
-    out = random_erase(x, boxes[:64], generator=torch.Generator().manual_seed(1))
+    out = random_erase(x, boxes[:64], rng.normal(0, rng.ERASE_NOISE, counter(), tuple(x.shape)))
     changed = out != 7.0
     assert torch.equal(changed.flatten(1).any(1), erased[:64])
     noise = out[changed]
@@ -234,7 +243,7 @@ def test_device_augment_without_randomness_equals_the_pil_path():
     three channels (to a grey level: PIL resizes in fixed point)."""
     image = fractal(128)
     images = torch.tensor(image)[None, None]
-    device = DeviceAugment(32, crop=False, hflip=0.0, vflip=0.0, ink_gain=2.0)(images, AugmentRNG(0, CPU))[0]
+    device = DeviceAugment(32, crop=False, hflip=0.0, vflip=0.0, ink_gain=2.0)(images, 0, counter())[0]
     pil = data.train_transform(32, crop=False, flip=False, vflip=False, gray=True, ink_gain=2.0)(Image.fromarray(image))
     assert device.shape == pil.shape == (3, 32, 32)
     assert (device - pil).abs().max().item() <= 2 / 255 / 0.5 + 1e-6
@@ -243,27 +252,26 @@ def test_device_augment_without_randomness_equals_the_pil_path():
     assert (evaluated - pil_eval).abs().max().item() <= 2 / 255 / 0.5 + 1e-6
 
 
-def test_same_generator_state_same_augmentations_and_different_per_sample():
+def test_same_key_and_counter_same_augmentations_and_different_per_sample():
     images = torch.tensor(fractal(64))[None, None].expand(8, 1, 64, 64).contiguous()
     augment = DeviceAugment(32, randaug="rand-m9-mstd0.5-inc1", reprob=0.5)
-    rng = AugmentRNG(5, CPU)
-    state = rng.state()
-    first = augment(images, rng)
-    rng.load(state)
-    assert torch.equal(first, augment(images, rng))
+    first = augment(images, 5, counter(3))
+    assert torch.equal(first, augment(images, 5, counter(3)))
     flat = first.flatten(1)
     assert len({tuple(row.tolist()) for row in flat}) == 8  # every sample got its own parameters
+    assert not torch.equal(first, augment(images, 5, counter(4)))  # the next micro-step: new draws
+    assert not torch.equal(first, augment(images, 6, counter(3)))  # another rank's key: new draws
 
 
 def test_crops_cut_in_the_workers_are_the_devices_crops():
-    """`HostCrop` (in a loader worker) draws the boxes the device's crop draws from the same generator state and
+    """`HostCrop` (in a loader worker) draws the boxes the device's crop draws from the same key and counter and
     cuts them with PIL, after the ink gain; the device then resizes nothing: to a grey level, the same images."""
     images = torch.tensor(fractal(128))[None, None].expand(6, 1, 128, 128).contiguous()
     device = DeviceAugment(32, crop_scale=(0.35, 1.0), hflip=0.0, vflip=0.0, ink_gain=2.0)
     rest = DeviceAugment(32, crop=False, hflip=0.0, vflip=0.0, ink_gain=1.0)
-    cut = HostCrop(32, scale=(0.35, 1.0), ink_gain=2.0)(images, torch.Generator().manual_seed(4))
+    cut = HostCrop(32, scale=(0.35, 1.0), ink_gain=2.0)(images, 4, 2)
     assert cut.shape == (6, 1, 32, 32) and cut.dtype == torch.uint8
-    ours = rest(cut, AugmentRNG(9, CPU))
-    theirs = device(images, AugmentRNG(4, CPU))
+    ours = rest(cut, 9, counter())
+    theirs = device(images, 4, counter(2))
     assert (ours - theirs).abs().max().item() <= 2 / 255 / 0.5 + 1e-6
     assert len({tuple(row.tolist()) for row in cut.flatten(1)}) == 6  # every sample its own box

@@ -52,7 +52,7 @@ def test_streamed_batches_are_the_caches_for_any_number_of_workers(shards):
         batches = list(onthefly.loader(manifest, draws, first=2, last=9, workers=workers))
         assert len(batches) == 7
         for t, (x, y) in enumerate(batches, start=2):
-            mx, my = memory(t)
+            mx, my = memory(torch.tensor(t))  # drawn from a device counter, as the step draws it
             assert torch.equal(x, mx) and torch.equal(y, my)
 
 

@@ -1,5 +1,5 @@
-"""The training step and its speed-ups (issue 19): prefetched augmentation draws every batch as the plain loop
-does and checkpoints the right random state; the compiled step trains what the eager one trains; MFU counts the
+"""The training step and its speed-ups (issues 19, 37): a run with the compiled batch continues bit for bit from a
+checkpoint; the compiled step trains what the eager one trains; a compiler that fails is one note; MFU counts the
 FLOPs timm's ViT-Tiny is known to need."""
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import timm
 import torch
 
 from fracgen.dataset import render_dataset
-from train import batches, pretrain
-from train.augment import AugmentRNG
-from train.pretrain import Config, device_augment
+from train import pretrain
+from train.pretrain import Config
 from train.step import Fast, fast_options, flops_per_sample, mfu
 
 TINY = dict(img_size=32, patch_size=8, depth=2, batch=16, log_every=1, eval_every=0, ckpt_every=0)
-AUGMENTED = dict(randaug="rand-m9-mstd0.5-inc1", reprob=0.5, cutmix=1.0, drop_path=0.1)
+AUGMENTED = dict(randaug="rand-m9-mstd0.5-inc1", reprob=0.5, cutmix=1.0, drop_path=0.1, mix_group=8)
 
 
 @pytest.fixture(scope="module")
@@ -29,55 +28,41 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def _device_batches(shards: Path, prefetch: bool) -> batches.DeviceBatches:
-    cfg = Config(shards=str(shards), **TINY, **AUGMENTED)
-    run = batches.read_run_data(cfg)
-    path, _ = batches.open_data(cfg, run, torch.device("cpu"), cfg.batch)
-    return batches.DeviceBatches(path, device_augment(cfg), AugmentRNG(7, torch.device("cpu")), torch.device("cpu"),
-                                 0, 6, prefetch=prefetch)
-
-
-def test_prefetching_draws_the_same_batches_and_saves_the_state_of_the_next_one(shards):
-    plain, ahead = _device_batches(shards, False), _device_batches(shards, True)
-    plain_it, ahead_it = iter(plain), iter(ahead)
-    for _ in range(4):
-        x, y = next(plain_it)
-        x2, y2 = next(ahead_it)
-        assert torch.equal(x, x2) and torch.equal(y, y2)
-        # The prefetcher has already drawn the next batch; the state it reports is the plain loop's, before it.
-        assert torch.equal(ahead.rng_state()["host"], plain.rng_state()["host"])
-        assert not torch.equal(ahead.rng.state()["host"], plain.rng.state()["host"])
-    assert len(list(plain_it)) == len(list(ahead_it)) == 2
-
-
 def _weights(out: Path) -> dict:
     return torch.load(out / "model.pth", weights_only=True)
 
 
-def test_a_resumed_prefetching_run_equals_an_uninterrupted_plain_one(shards, tmp_path, monkeypatch):
-    """Prefetching changes no random draw, and a checkpoint written mid-run (the next batch already drawn) restarts
-    the augmentation at the batch the loop had not taken: resumed from it, the weights equal those of a plain run
-    that never stopped, bit for bit."""
+def test_a_resumed_run_with_the_compiled_batch_equals_an_uninterrupted_one(shards, tmp_path, monkeypatch):
+    """The CPU default of a long run (the batch compiled, traced by dynamo; the 'eager' backend keeps the test free
+    of a C++ build) trains what the eager step trains, and since every draw is a function of the micro-step, the
+    run continued from its step-3 checkpoint ends with the weights of the run that never stopped, bit for bit."""
+    from train import step
+
+    monkeypatch.setattr(step, "BACKEND", "eager")
     args = dict(shards=str(shards), **{**TINY, "ckpt_every": 3}, **AUGMENTED, steps=6)
-    pretrain.pretrain(Config(**args, out=str(tmp_path / "plain")))
-    monkeypatch.setattr(pretrain, "fast_options", lambda *a: Fast(prefetch=True))
-    pretrain.pretrain(Config(**args, out=str(tmp_path / "ahead"), keep_ckpts=2))
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "plain"), fast="off"))
+    monkeypatch.setattr(step, "CPU_COMPILE_STEPS", 6)
+    pretrain.pretrain(Config(**args, out=str(tmp_path / "fast"), keep_ckpts=2))
     (tmp_path / "resumed").mkdir()  # the mid-run checkpoint alone, as a killed run would have left it
-    shutil.copy(tmp_path / "ahead" / "ckpt-00000003.pt", tmp_path / "resumed" / "ckpt.pt")
+    shutil.copy(tmp_path / "fast" / "ckpt-00000003.pt", tmp_path / "resumed" / "ckpt.pt")
     pretrain.pretrain(Config(**args, out=str(tmp_path / "resumed"), resume="always"))
     plain = _weights(tmp_path / "plain")
-    for run in ("ahead", "resumed"):
+    for run in ("fast", "resumed"):
         weights = _weights(tmp_path / run)
         assert all(torch.equal(plain[k], weights[k]) for k in plain), run
 
 
-def test_fast_is_on_by_default_on_cuda_only_and_can_be_forced():
+def test_fast_is_on_by_default_on_cuda_and_compiles_the_cpus_batch_for_long_runs():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert fast_options("auto", False, "default", cpu) == Fast()
-    assert fast_options("auto", False, "default", cuda) == Fast(True, "default", True, True)
+    assert fast_options("auto", False, "default", cpu, steps=100) == Fast()
+    assert fast_options("auto", False, "default", cpu, steps=1500) == Fast(augment=True)
+    assert fast_options("auto", False, "default", cuda) == Fast(True, "default", True, True, True)
+    assert fast_options("auto", False, "default", cuda, world_size=8) == Fast(True, "default", True, True, False)
+    assert fast_options("auto", False, "default", cuda, graph="off").graph is False
     assert fast_options("off", False, "default", cuda) == Fast()
-    assert fast_options("on", False, "reduce-overhead", cpu) == Fast(True, "reduce-overhead", False, True)
+    assert fast_options("on", False, "reduce-overhead", cpu) == Fast(True, "reduce-overhead", False, True, False)
     assert fast_options("off", True, "default", cpu).compile
+    assert fast_options("on", False, "default", cpu, graph="on").graph is False  # no CUDA graphs on a CPU
 
 
 def test_flops_per_sample_of_vit_tiny_at_224():
@@ -156,7 +141,32 @@ def test_a_compiled_run_really_compiles(shards, tmp_path, capsys, monkeypatch):
     torch._dynamo.reset()  # a graph an earlier test compiled in this process would be reused, not counted
     counters.clear()
     log, _ = _run(shards, tmp_path / "run", capsys, compile=True)
-    assert counters["stats"]["unique_graphs"] >= 1 and "step: torch.compile (default)" in log.splitlines()
+    assert counters["stats"]["unique_graphs"] >= 1 and "step: torch.compile (default) model" in log.splitlines()
+    torch._dynamo.reset()
+    counters.clear()
+    log, _ = _run(shards, tmp_path / "fast", capsys, fast="on")
+    assert counters["stats"]["unique_graphs"] >= 2  # the model and the batch
+    assert "step: augmentation and mixing compiled whole (inductor), torch.compile (default) model" in \
+        log.splitlines()
+
+
+def test_a_batch_that_does_not_compile_is_one_note_and_trains_what_eager_trains(shards, tmp_path, capsys,
+                                                                               monkeypatch):
+    from train import step
+
+    _, eager = _run(shards, tmp_path / "eager", capsys, **AUGMENTED)
+
+    def broken(graph, inputs):
+        raise RuntimeError("this backend is broken")
+
+    monkeypatch.setattr(step, "BACKEND", broken)
+    log, fallback = _run(shards, tmp_path / "fallback", capsys, fast="on", **AUGMENTED)
+    notes = [line for line in log.splitlines() if line.startswith(("note:", "step: "))]
+    assert notes == ["note: torch.compile failed on this machine (BackendCompilerFailed: backend='broken' raised: "
+                     "RuntimeError: this backend is broken); training eagerly",
+                     "note: compiling the augmentation failed on this machine (BackendCompilerFailed: backend='broken' "
+                     "raised: RuntimeError: this backend is broken); it runs eagerly", "step: eager"], log
+    assert all(torch.equal(eager[k], fallback[k]) for k in eager)  # the tries moved no weight, buffer or draw
 
 
 def test_precision_auto_is_bf16_where_the_cpu_has_bf16_units_and_fp32_where_not():

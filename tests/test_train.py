@@ -427,6 +427,10 @@ def test_memory_source_deals_out_epochs_like_a_distributed_sampler():
     assert drawn[:n].tolist() != drawn[n:2 * n].tolist()  # a new permutation each epoch
     again = data.MemorySource(torch.zeros(n, 1, 2, 2), torch.arange(n), batch, seed=7, rank=1, world_size=ranks)
     assert torch.equal(again.indices(3), sources[1].indices(3))  # a pure function of the step
+    for t in range(5):  # drawn on the device from a counter tensor (the step's graph) as on the host (loaders)
+        assert all(torch.equal(s.indices(torch.tensor(t)), s.indices(t)) for s in sources)
+    wide = data.MemorySource(torch.zeros(n, 1, 2, 2), torch.arange(n), 23, seed=7)  # a batch over three epochs
+    assert torch.equal(wide.indices(torch.tensor(4)), wide.indices(4))
 
 
 def test_pil_path_survives_zero_bit_posterize():

@@ -1,20 +1,25 @@
-"""Augmentation on the training device: docs/design.md section 6's recipe on whole batches, every sample its own draw.
+"""Augmentation on the training device: docs/design.md section 6's recipe on whole batches, every sample its own draw,
+as one fixed graph.
 
 The loader hands over uint8 pixels (B, 1, H, W) (fracgen's images are grayscale) and everything else happens here,
 where the model runs, on CUDA or on the CPU by the same code: timm's RandomResizedCrop (box sampling, PIL's
 antialiased bicubic resampling), horizontal and vertical flips, timm's RandAugment (`train.randaugment`),
-normalisation, and timm's random erasing; Mixup/CutMix stay timm's own, in the training loop. Images stay one
-channel until the model's input. The random parameters of a batch (a few numbers per sample) are drawn on the
-host and sent over in one small copy, the pixel work runs on the device; the generators are seeded per rank and
-saved in checkpoints (`AugmentRNG`), so a resumed run continues the same stream of augmentations.
+normalisation, and timm's random erasing; Mixup/CutMix follow in `train.mixup`. Images stay one channel until the
+model's input.
 
-Why written here rather than taken from a library (README "Training" has the measurements): torchvision's v2
-transforms draw one parameter set per call (a batch shares one crop); kornia draws per sample but resizes crops one
-sample at a time in a Python loop and picks RandAugment's ops once per batch; DALI is a ~0.5 GB dependency whose
-RandAugment is not timm's. Here the crop and resize of a whole batch are two batched matrix products: each sample's
-rows and columns are resampled by a weight matrix that holds PIL's bicubic filter, widened by the downscale factor
-(that is PIL's antialiasing: a 1-pixel fractal stroke keeps its mass instead of aliasing into dots), cut to the crop
-window and flipped when the sample is flipped. Nothing waits for the GPU: no decision depends on device values.
+A fixed graph: every random number is drawn on the device from the step's counter (`train.rng`), every sample passes
+through the same kernels whatever was drawn for it (the draw selects by masks and by identity parameters: a flip
+that is not taken, RandAugment's ops that were not drawn), and no shape or branch depends on a drawn value. So the
+host never waits for the device, `torch.compile(fullgraph=True)` takes the whole augmentation as one graph, and on
+CUDA the step around it can be captured and replayed (`train.step`).
+
+Why written here rather than taken from a library (docs/speed.md, "Why these means"): torchvision's v2 transforms
+draw one parameter set per call (a batch shares one crop); kornia resamples bilinearly without PIL's antialiasing
+and picks RandAugment's ops once per batch; DALI is a ~0.5 GB dependency whose RandAugment is not timm's. Here the
+crop and resize of a whole batch are two batched matrix products: each sample's rows and columns are resampled by
+a weight matrix that holds PIL's bicubic filter, widened by the downscale factor (PIL's antialiasing: a 1-pixel
+fractal stroke keeps its mass instead of aliasing into dots), cut to the crop window and mirrored where the sample
+is flipped.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import math
 import numpy as np
 import torch
 
-from .randaugment import RandAugment, to_device
+from . import rng
+from .randaugment import RandAugment
 
 CROP_ATTEMPTS = 10  # timm's RandomResizedCrop tries 10 boxes before falling back to the centre crop
 
@@ -33,14 +39,15 @@ def _uniform(low, high, u: torch.Tensor) -> torch.Tensor:
     return low + (high - low) * u
 
 
-def sample_crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), *,
-                      generator: torch.Generator) -> torch.Tensor:
-    """(n, 4) float boxes (top, left, h, w), on the host, drawn as timm's RandomResizedCrop.get_params draws them.
+def sample_crop_boxes(u: torch.Tensor, height: int, width: int, scale=(0.08, 1.0),
+                      ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """(n, 4) float32 boxes (top, left, h, w) from (n, 10, 4) float64 uniforms, as timm's
+    RandomResizedCrop.get_params draws them.
 
     10 attempts of area ~ U(scale) x image area and log aspect ~ U(log ratio); the first attempt that fits wins,
-    placed uniformly (randint over the whole range); none fits: the centre crop of timm's fallback.
+    placed uniformly (randint over the whole range); none fits: the centre crop of timm's fallback. Fixed shapes:
+    every attempt is computed and the first fitting one picked by mask.
     """
-    u = torch.rand(n, CROP_ATTEMPTS, 4, generator=generator, dtype=torch.float64)
     target_area = _uniform(scale[0], scale[1], u[..., 0]) * (height * width)
     aspect = torch.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), u[..., 1]))
     w = torch.round(torch.sqrt(target_area * aspect))
@@ -59,9 +66,15 @@ def sample_crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=
         fw, fh = round(height * max(ratio)), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float64)
-    boxes = torch.stack([top, left, h, w], 1)
-    return torch.where(fits.any(1, keepdim=True), boxes, fallback).float()
+    fits = fits.any(1)
+    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)  # Python numbers: no copy to the device
+    return torch.stack([torch.where(fits, v, f) for v, f in zip((top, left, h, w), fallback, strict=True)], 1).float()
+
+
+def whole_boxes(batch: int, height: int, width: int, device) -> torch.Tensor:
+    """(B, 4) boxes (top, left, h, w) of the whole image, made on the device (no copy from the host)."""
+    columns = torch.arange(4, device=device)
+    return torch.where(columns == 2, float(height), torch.where(columns == 3, float(width), 0.0)).expand(batch, 4)
 
 
 def _bicubic(t: torch.Tensor) -> torch.Tensor:
@@ -70,7 +83,7 @@ def _bicubic(t: torch.Tensor) -> torch.Tensor:
     t = t.abs()
     near = ((a + 2) * t - (a + 3)) * t * t + 1
     far = (((t - 5) * t + 8) * t - 4) * a
-    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+    return torch.where(t < 1, near, torch.where(t < 2, far, 0.0))
 
 
 def resample_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int,
@@ -78,26 +91,26 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, i
     """(B, out_size, in_size): row o holds the weights with which output pixel o averages the input pixels, for a
     window [start, start + length) of each sample resized to out_size, the way PIL's `resize(BICUBIC)` computes
     them after a crop: the kernel widened by the downscale factor (antialiasing), cut to the window, normalised.
-    `flip`: (B,) bool, reverse the output order of those samples.
+    `flip`: (B,) bool, mirror the output order of those samples.
 
-    The kernel is evaluated only on the taps it can reach (at most 4 x in_size / out_size + 2 per output pixel) and
-    scattered into the dense matrix the batched matmul wants.
+    The kernel is evaluated only on the taps it can reach (at most 4 x in_size / out_size + 2 per output pixel, a
+    number fixed by the sizes, not by the box) and scattered into the dense matrix the batched matmul wants.
     """
     device = start.device
     scale = (length / out_size)[:, None, None]
     stretch = scale.clamp(min=1.0)
-    centres = start[:, None, None] + (torch.arange(out_size, device=device) + 0.5)[None, :, None] * scale
+    out = torch.arange(out_size, device=device, dtype=start.dtype)[None, :, None]
+    if flip is not None:
+        out = torch.where(flip[:, None, None], out_size - 1 - out, out)
+    centres = start[:, None, None] + (out + 0.5) * scale
     reach = math.ceil(4 * max(1.0, in_size / out_size)) + 2
     taps = torch.floor(centres - 0.5 - 2 * stretch) + torch.arange(reach, device=device)  # (B, out, reach)
     weights = _bicubic((taps + 0.5 - centres) / stretch)
     inside = (taps >= start[:, None, None]) & (taps < (start + length)[:, None, None])
     weights = torch.where(inside, weights, 0.0)
     weights = weights / weights.sum(-1, keepdim=True)
-    dense = torch.zeros(len(start), out_size, in_size, device=device)
-    dense.scatter_add_(2, taps.clamp_(0, in_size - 1).long(), weights.float())
-    if flip is not None:
-        dense = torch.where(flip[:, None, None], dense.flip(1), dense)
-    return dense
+    dense = torch.zeros(len(start), out_size, in_size, device=device, dtype=weights.dtype)
+    return dense.scatter_add(2, taps.clamp(0, in_size - 1).long(), weights)
 
 
 def pil_vertical_first(h: torch.Tensor, w: torch.Tensor, out_size: int) -> torch.Tensor:
@@ -107,46 +120,47 @@ def pil_vertical_first(h: torch.Tensor, w: torch.Tensor, out_size: int) -> torch
 
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: int, hflip: torch.Tensor | None = None,
-                 vflip: torch.Tensor | None = None) -> torch.Tensor:
-    """Crop every (H, W) image of a (B, H, W) float batch to its own box (top, left, h, w), resize it to
-    out_size x out_size with PIL's antialiased bicubic filter, and flip it where asked: two batched matmuls.
-    Gives 8-bit values (integers in 0..255), as PIL does. `boxes` (B, 4) and the (B,) bool flips are host tensors.
+                 vflip: torch.Tensor | None = None, pixels=None) -> torch.Tensor:
+    """Crop every (H, W) image of a (B, H, W) batch to its own box (top, left, h, w), resize it to out_size x
+    out_size with PIL's antialiased bicubic filter, and flip it where asked: two batched matmuls. Gives 8-bit
+    values (integers in 0..255) as float32, as PIL does. `boxes` (B, 4) and the (B,) bool flips are on the images'
+    device; `pixels` maps the images (uint8, say) to the float values to resample (default: `.float()`).
 
     PIL resizes in two passes and rounds and clips the intermediate 8-bit image: clipping cuts the kernel's
     negative lobes beside thin strokes, which changes the result by up to ~25 grey levels there, so each sample
-    takes PIL's order of passes (`pil_vertical_first`).
+    takes PIL's order of passes (`pil_vertical_first`). On square images the vertical-first order is the
+    horizontal-first order of the transposed image with the two weight matrices swapped, so every sample runs the
+    same two matmuls, on its image or on its transpose (chosen before `pixels`, on the narrower type); on others
+    both orders are computed and one kept.
     """
+    pixels = pixels or (lambda t: t.float())
     batch, height, width = images.shape
-    no = torch.zeros(batch, dtype=torch.bool)
-    flips = torch.stack([no if hflip is None else hflip, no if vflip is None else vflip], 1)
-    params = to_device(torch.cat([boxes.float(), flips.float()], 1), images.device)
-    rows = resample_weights(params[:, 0], params[:, 2], out_size, height, params[:, 5] > 0)
-    cols = resample_weights(params[:, 1], params[:, 3], out_size, width, params[:, 4] > 0).transpose(1, 2)
-    vertical = pil_vertical_first(boxes[:, 2], boxes[:, 3], out_size)
-    if not vertical.any():
-        return _round8(rows @ _round8(images @ cols))
-    if vertical.all():
-        return _round8(_round8(rows @ images) @ cols)
-    out = torch.empty(batch, out_size, out_size, device=images.device)
-    for first_rows, mask in ((False, ~vertical), (True, vertical)):
-        idx = to_device(mask.nonzero().squeeze(1), images.device)
-        x, r, c = images.index_select(0, idx), rows.index_select(0, idx), cols.index_select(0, idx)
-        out.index_copy_(0, idx, _round8(_round8(r @ x) @ c) if first_rows else _round8(r @ _round8(x @ c)))
-    return out
+    boxes = boxes.float()
+    rows = resample_weights(boxes[:, 0], boxes[:, 2], out_size, height, vflip)  # (B, out, H)
+    cols = resample_weights(boxes[:, 1], boxes[:, 3], out_size, width, hflip).transpose(1, 2)  # (B, W, out)
+    vertical = pil_vertical_first(boxes[:, 2], boxes[:, 3], out_size)[:, None, None]
+    if height != width:
+        x = pixels(images)
+        return torch.where(vertical, _round8(_round8(rows @ x) @ cols), _round8(rows @ _round8(x @ cols)))
+    x = pixels(torch.where(vertical, images.transpose(1, 2), images))
+    r = torch.where(vertical, cols.transpose(1, 2), rows)
+    c = torch.where(vertical, rows.transpose(1, 2), cols)
+    out = _round8(r @ _round8(x @ c))
+    return torch.where(vertical, out.transpose(1, 2), out)
 
 
 def _round8(x: torch.Tensor) -> torch.Tensor:
     """To the 8-bit value PIL stores: round half up, clip to 0..255."""
-    return torch.floor(x + 0.5).clamp_(0, 255)
+    return torch.floor(x + 0.5).clamp(0, 255)
 
 
-def erase_boxes(batch: int, height: int, width: int, probability: float, *, generator: torch.Generator,
+def erase_boxes(u: torch.Tensor, chance: torch.Tensor, height: int, width: int, probability: float,
                 min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3) -> torch.Tensor:
-    """(B, 4) float64 boxes (top, left, h, w) of timm's RandomErasing (one box), h = 0 where a sample is not erased.
+    """(B, 4) float64 boxes (top, left, h, w) of timm's RandomErasing (one box), h = 0 where a sample is not erased,
+    from (B, 10, 4) float64 uniforms `u` and (B,) uniforms `chance`.
 
     With `probability` a sample gets up to 10 attempts at a box of area U(min_area, max_area) and log aspect
     U(log min_aspect, -log min_aspect) that fits strictly inside, placed uniformly."""
-    u = torch.rand(batch, CROP_ATTEMPTS, 4, generator=generator, dtype=torch.float64)
     target_area = _uniform(min_area, max_area, u[..., 0]) * (height * width)
     aspect = torch.exp(_uniform(math.log(min_aspect), -math.log(min_aspect), u[..., 1]))
     h = torch.round(torch.sqrt(target_area * aspect))
@@ -157,38 +171,19 @@ def erase_boxes(batch: int, height: int, width: int, probability: float, *, gene
     h, w = pick(h), pick(w)
     top = torch.floor(pick(u[..., 2]) * (height - h + 1))
     left = torch.floor(pick(u[..., 3]) * (width - w + 1))
-    erase = (torch.rand(batch, generator=generator, dtype=torch.float64) < probability) & fits.any(1)
+    erase = (chance < probability) & fits.any(1)
     return torch.stack([top, left, torch.where(erase, h, 0.0), w], 1)
 
 
-def random_erase(x: torch.Tensor, boxes: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
-    """Fill each sample's box (from `erase_boxes`, on x's device) of a normalised (B, C, H, W) batch with per-pixel,
-    per-channel N(0, 1) noise (timm's mode 'pixel'), drawn on the device."""
+def random_erase(x: torch.Tensor, boxes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Fill each sample's box (from `erase_boxes`) of a normalised (B, C, H, W) batch with `noise` (per-pixel,
+    per-channel N(0, 1): timm's mode 'pixel')."""
     _, _, height, width = x.shape
     rows = torch.arange(height, device=x.device, dtype=boxes.dtype)[None, :, None]
     cols = torch.arange(width, device=x.device, dtype=boxes.dtype)[None, None, :]
     top, left, h, w = (boxes[:, i, None, None] for i in range(4))
     box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return torch.where(box[:, None], noise, x)
-
-
-class AugmentRNG:
-    """The random streams of one rank's augmentation. Parameters (crop and erasing boxes, flips, RandAugment's ops
-    and magnitudes) come from a host generator: the batch can then be split by op without asking the device
-    anything. Pixel noise (erasing) comes from a generator on the device. Both are saved in checkpoints."""
-
-    def __init__(self, seed: int, device):
-        self.host = torch.Generator().manual_seed(seed)
-        self.device = torch.Generator(device=device)
-        self.device.manual_seed(seed)
-
-    def state(self) -> dict:
-        return {"host": self.host.get_state(), "device": self.device.get_state()}
-
-    def load(self, state: dict) -> None:
-        self.host.set_state(state["host"])
-        self.device.set_state(state["device"])
 
 
 class DeviceAugment:
@@ -196,6 +191,7 @@ class DeviceAugment:
 
     Same steps, order and parameters as `train.data.train_transform` (the PIL path, `--augment cpu`): ink gain,
     RandomResizedCrop (bicubic), flips, RandAugment, to [0, 1] and normalise, copy to 3 channels, random erasing.
+    Call with the images, the rank's key and the micro-step counter (`train.rng.StepRNG`): a pure function of them.
     """
 
     def __init__(self, img_size: int, *, crop: bool = True, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
@@ -208,64 +204,75 @@ class DeviceAugment:
         self.randaug = RandAugment(randaug, fill=round(255 * mean)) if randaug else None
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
-        x = images[:, 0].float()
+        """(B, H, W) uint8 -> float pixel values, after the ink gain."""
+        x = images.float()
         if self.ink_gain != 1:  # `_Ink`'s lookup table: round(v x gain), clipped at 255
-            x.mul_(self.ink_gain)
+            x = x * self.ink_gain
             if not float(self.ink_gain).is_integer():
-                x.round_()
-            x.clamp_(max=255)
+                x = torch.round(x)
+            x = x.clamp(max=255)
         return x
 
     def _to_model(self, x: torch.Tensor) -> torch.Tensor:
         x = (x / 255 - self.mean) / self.std
         return x[:, None].expand(-1, self.channels, -1, -1)
 
-    def __call__(self, images: torch.Tensor, rng: AugmentRNG) -> torch.Tensor:
-        x = self._pixels(images)
+    def __call__(self, images: torch.Tensor, key: int, counter: torch.Tensor) -> torch.Tensor:
+        x = images[:, 0]
         batch, height, width = x.shape
         if self.crop:
-            boxes = sample_crop_boxes(batch, height, width, self.crop_scale, self.crop_ratio, generator=rng.host)
+            u = rng.uniform(key, rng.CROP, counter, (batch, CROP_ATTEMPTS, 4), torch.float64)
+            boxes = sample_crop_boxes(u, height, width, self.crop_scale, self.crop_ratio)
         else:
-            boxes = torch.tensor([[0.0, 0.0, height, width]]).expand(batch, 4)
-        flips = torch.rand(2, batch, generator=rng.host) < torch.tensor([[self.hflip], [self.vflip]])
-        x = resized_crop(x, boxes, self.img_size, hflip=flips[0], vflip=flips[1])
+            boxes = whole_boxes(batch, height, width, x.device)
+        u = rng.uniform(key, rng.FLIP, counter, (2, batch))
+        hflip, vflip = u[0] < self.hflip, u[1] < self.vflip
+        if self.crop or height != self.img_size or width != self.img_size:
+            x = resized_crop(x, boxes, self.img_size, hflip=hflip, vflip=vflip, pixels=self._pixels)
+        else:  # crops already cut at the model's size (HostCrop): resampling at scale 1 is the identity
+            x = self._pixels(x)
+            x = torch.where(hflip[:, None, None], x.flip(2), x)
+            x = torch.where(vflip[:, None, None], x.flip(1), x)
         if self.randaug is not None:
-            x = self.randaug(x, rng.host)
+            x = self.randaug(x, key, counter)
         x = self._to_model(x)
         if self.reprob > 0:
-            erase = erase_boxes(batch, self.img_size, self.img_size, self.reprob, generator=rng.host)
-            return random_erase(x, to_device(erase, x.device), generator=rng.device)
+            u = rng.uniform(key, rng.ERASE, counter, (batch, CROP_ATTEMPTS + 1, 4), torch.float64)
+            boxes = erase_boxes(u[:, :CROP_ATTEMPTS], u[:, CROP_ATTEMPTS, 0], self.img_size, self.img_size,
+                                self.reprob)
+            noise = rng.normal(key, rng.ERASE_NOISE, counter, tuple(x.shape))
+            return random_erase(x, boxes, noise)
         return x.contiguous()
 
     def evaluate(self, images: torch.Tensor) -> torch.Tensor:
         """The clean view pretext accuracy is measured on: the whole image resized (as `eval_transform`)."""
-        x = self._pixels(images)
-        batch, height, width = x.shape
-        boxes = torch.tensor([[0.0, 0.0, height, width]]).expand(batch, 4)
-        return self._to_model(resized_crop(x, boxes, self.img_size)).contiguous()
+        batch, _, height, width = images.shape
+        boxes = whole_boxes(batch, height, width, images.device)
+        return self._to_model(resized_crop(images[:, 0], boxes, self.img_size, pixels=self._pixels)).contiguous()
 
 
 class HostCrop:
     """RandomResizedCrop where the pixels are decoded or rendered (a loader worker), the rest on the device.
 
     A (B, 1, H, W) uint8 batch becomes (B, 1, size, size) uint8: ink gain, then for every sample its own box (drawn
-    as `sample_crop_boxes` draws it) cut out and resized with PIL's antialiased bicubic filter, as the PIL path
-    (`train.data.train_transform`) does. The streamed paths then hand the training process crops at the model's
-    size instead of whole images (at the paper preset 224 px instead of 512 px: a fifth of the bytes to move, pin
-    and copy to the device); flips, RandAugment, normalisation and erasing stay on the device (`DeviceAugment` with
-    `crop=False`, `ink_gain=1`).
+    as `DeviceAugment` draws it, from the worker's key and batch counter) cut out and resized with PIL's
+    antialiased bicubic filter, as the PIL path (`train.data.train_transform`) does. The streamed paths then hand
+    the training process crops at the model's size instead of whole images (at the paper preset 224 px instead of
+    512 px: a fifth of the bytes to move, pin and copy to the device); flips, RandAugment, normalisation and erasing
+    stay on the device (`DeviceAugment` with `crop=False`, `ink_gain=1`).
     """
 
     def __init__(self, size: int, crop: bool = True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), ink_gain: float = 1.0):
         self.size, self.crop, self.scale, self.ratio = size, crop, scale, ratio
         self.lut = None if ink_gain == 1 else [min(255, round(v * ink_gain)) for v in range(256)]
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, key: int, counter: int) -> torch.Tensor:
         from PIL import Image
 
         batch, _, height, width = images.shape
         if self.crop:
-            boxes = sample_crop_boxes(batch, height, width, self.scale, self.ratio, generator=generator)
+            u = rng.uniform(key, rng.CROP, torch.tensor(counter), (batch, CROP_ATTEMPTS, 4), torch.float64)
+            boxes = sample_crop_boxes(u, height, width, self.scale, self.ratio)
         else:
             boxes = torch.tensor([[0.0, 0.0, height, width]]).expand(batch, 4)
         out = torch.empty(batch, 1, self.size, self.size, dtype=torch.uint8)

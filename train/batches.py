@@ -8,16 +8,19 @@ device, ready for the model, and the clean images its pretext accuracy is measur
 | render | rendered by loader workers (`--render`, a set too large to hold)       | the device, batched  |
 | pil    | shards read, decoded and augmented by loader workers (`--augment cpu`) | PIL, in the workers  |
 
-`read_run_data` reads what a run trains on, `open_data` is the one place that picks a path, and `DeviceBatches`
-moves and augments what the path gives; the training loop knows none of them apart.
+`read_run_data` reads what a run trains on, `open_data` is the one place that picks a path, and `Feed` hands the
+step what the path gives (nothing on the in-memory path, whose batches the step draws itself); the training loop
+knows none of them apart.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import tarfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,7 @@ import torch
 from fracgen.errors import FracgenError
 
 from . import data, onthefly
-from .augment import AugmentRNG, DeviceAugment, HostCrop
+from .augment import HostCrop
 from .runtime import TrainError
 from .source import resolve_shards
 
@@ -108,8 +111,9 @@ def choose_data_path(cfg, manifest: dict, device, images: int | None = None) -> 
 
 class DataPath:
     """One way the pixels reach the run. `raw(first, last)`: micro-batches [first, last) of this rank as (uint8
-    (B, 1, H, W), labels), or model-ready float images where `augmented`; `eval_batches()`: (uint8 images, labels)
-    of the clean set the pretext accuracy is measured on; `how`: one line for the log."""
+    (B, 1, H, W), labels), or model-ready float images where `augmented` (the in-memory path has none: the step
+    draws from its `source`); `eval_batches()`: (uint8 images, labels) of the clean set the pretext accuracy is
+    measured on; `how`: one line for the log."""
 
     name = ""
     augmented = False
@@ -121,6 +125,16 @@ class DataPath:
 
     def eval_batches(self):
         raise NotImplementedError
+
+    def example(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A raw micro-batch of the shapes `raw` gives, on `device` (zeros): what the step's compile is tried on."""
+        if self.augmented:
+            size = self.cfg.img_size
+            return torch.zeros(batch, 3, size, size, device=device), torch.zeros(batch, dtype=torch.int64,
+                                                                                 device=device)
+        size = self.cfg.img_size if self.cropped else data.image_size(self.run.manifest)
+        return (torch.zeros(batch, 1, size, size, dtype=torch.uint8, device=device),
+                torch.zeros(batch, dtype=torch.int64, device=device))
 
 
 class MemoryPath(DataPath):
@@ -136,8 +150,8 @@ class MemoryPath(DataPath):
         self.how = (f"in-memory cache on {images.device.type}: {len(labels)} images, {images.numel() / 2**20:.0f} "
                     f"MiB, {made}; augmentation on the device, no loader processes")
 
-    def raw(self, first: int, last: int):
-        return (self.source(t) for t in range(first, last))
+    def example(self, batch: int, device) -> None:
+        return None  # the step draws its batches from the counter
 
     def eval_batches(self):
         n = min(self.eval_samples, len(self.labels))
@@ -148,8 +162,8 @@ class StreamPath(DataPath):
     """Shards streamed by loader workers that only decode (`augmented` False) or also augment with PIL (the `pil`
     path). The stream seed includes the start step, so a resumed run draws new samples instead of replaying."""
 
-    def __init__(self, run: RunData, cfg, batch: int, step: int, pin_memory: bool, pil: bool, crop=None):
-        self.run, self.cfg, self.batch, self.pin_memory, self.crop = run, cfg, batch, pin_memory, crop
+    def __init__(self, run: RunData, cfg, batch: int, step: int, pil: bool, crop=None):
+        self.run, self.cfg, self.batch, self.crop = run, cfg, batch, crop
         self.seed = cfg.seed + 7919 * step
         self.name, self.augmented, self.cropped = ("pil", True, False) if pil else ("stream", False, crop is not None)
         shards = f"streaming {len(run.urls)} shards, {cfg.workers} loader worker(s)"
@@ -160,7 +174,7 @@ class StreamPath(DataPath):
         cfg, urls = self.cfg, list(self.run.urls)
         if not self.augmented:
             return data.uint8_loader(urls, self.batch, last - first, self.seed, cfg.shuffle_buffer, cfg.workers,
-                                     pin_memory=self.pin_memory, crop=self.crop)
+                                     crop=self.crop)
         transform = data.train_transform(cfg.img_size, crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip,
                                          vflip=cfg.flip, randaug=cfg.randaug or None, reprob=cfg.reprob, gray=True,
                                          ink_gain=cfg.ink_gain)
@@ -177,8 +191,8 @@ class RenderPath(DataPath):
 
     name = "render"
 
-    def __init__(self, run: RunData, cfg, batch: int, rank: int, world_size: int, pin_memory: bool, crop=None):
-        self.run, self.cfg, self.pin_memory, self.crop, self.cropped = run, cfg, pin_memory, crop, crop is not None
+    def __init__(self, run: RunData, cfg, batch: int, rank: int, world_size: int, crop=None):
+        self.run, self.cfg, self.crop, self.cropped = run, cfg, crop, crop is not None
         self.draws = onthefly.Draws(run.num_classes, run.instances, batch, cfg.seed, rank, world_size)
         drawn = (f"{run.instances} instances per class" if run.instances else
                  "a fresh instance of every class every epoch")
@@ -186,8 +200,7 @@ class RenderPath(DataPath):
                    "augmentation on the device, no shards"
 
     def raw(self, first: int, last: int):
-        return onthefly.loader(self.run.manifest, self.draws, first, last, self.cfg.workers,
-                               pin_memory=self.pin_memory, crop=self.crop)
+        return onthefly.loader(self.run.manifest, self.draws, first, last, self.cfg.workers, crop=self.crop)
 
     def eval_batches(self):
         return onthefly.eval_batches(self.run.manifest, min(self.cfg.eval_samples, self.run.epoch_images))
@@ -204,7 +217,6 @@ def open_data(cfg, run: RunData, device, batch: int, rank: int = 0, world_size: 
     """The data path of this run and why it was chosen: `chosen`, the caller's `choose_data_path` answer, or
     asked here."""
     path, why = chosen or choose_data_path(cfg, run.manifest, device, run.images)
-    pin = device.type == "cuda"
     crop = None
     if path == "stream" and crop_in_workers(cfg, device):
         crop = HostCrop(cfg.img_size, crop=cfg.crop, scale=cfg.crop_scale, ink_gain=cfg.ink_gain)
@@ -220,82 +232,124 @@ def open_data(cfg, run: RunData, device, batch: int, rank: int = 0, world_size: 
         return MemoryPath(images.to(device), labels.to(device), batch, cfg.seed, rank, world_size, cfg.eval_samples,
                           made), why
     if cfg.render:
-        return RenderPath(run, cfg, batch, rank, world_size, pin, crop), why
-    return StreamPath(run, cfg, batch, step, pin, pil=path == "pil", crop=crop), why
+        return RenderPath(run, cfg, batch, rank, world_size, crop), why
+    return StreamPath(run, cfg, batch, step, pil=path == "pil", crop=crop), why
 
 
-class DeviceBatches:
-    """The micro-batches of a run on the device, ready for the model: the path's raw batches, moved and augmented.
+class PinnedRing:
+    """Host batches handed over through `slots` reused buffers (pinned on CUDA), filled by a thread: no allocation
+    per batch, and the copy out of the loader's shared memory runs beside the step. `next()` gives a filled slot
+    (its `x`, `y`); `release(slot, event)` gives it back once `event` (the copy to the device) has completed.
+    A loader error reaches `next()`; `close()` stops the thread and the loader."""
 
-    `prefetch`: the next batch is made while the current step runs. On CUDA it is augmented on a side stream, so
-    the augmentation's many small kernels run beside the model's instead of before them; on the CPU the same
-    order of work is kept (one batch ahead), which changes nothing but lets the tests check the bookkeeping.
-    Either way every random draw happens in the same order as without prefetching, and `rng_state()` is the
-    augmentation's state before the next batch the loop has not taken yet: what a checkpoint must hold for a
-    resumed run to draw that batch again.
-    """
+    class Slot:
+        def __init__(self, x: torch.Tensor, y: torch.Tensor, pin: bool):
+            self.x = torch.empty_like(x, pin_memory=pin)
+            self.y = torch.empty_like(y, pin_memory=pin)
+            self.event = None
 
-    def __init__(self, path: DataPath, augment: DeviceAugment, rng: AugmentRNG, device, first: int, last: int,
-                 prefetch: bool = False, hint: str = ""):
-        self.path, self.augment, self.rng, self.device = path, augment, rng, device
-        self.first, self.last, self.prefetch, self.hint = first, last, prefetch, hint
-        self.stream = torch.cuda.Stream(device) if prefetch and device.type == "cuda" else None
-        self._pending: list[tuple] = []  # (x, y, ready event, rng state before x)
-        self._raw: Iterator | None = None
+    _END = object()
 
-    def _make(self) -> tuple | None:
-        """The next micro-batch, augmented; None at the end. Read errors become one line."""
-        state = self.rng.state() if self.prefetch else None
+    def __init__(self, batches, slots: int = 3, pin: bool = True):
+        self._batches, self._slots, self._pin = batches, slots, pin
+        self._made = 0
+        self._free: queue.Queue = queue.Queue()
+        self._ready: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="fracgen-pinned-ring", daemon=True)
+        self._thread.start()
+
+    def _slot(self, x: torch.Tensor, y: torch.Tensor):
+        if self._made < self._slots:
+            self._made += 1
+            return self.Slot(x, y, self._pin)
+        slot = self._free.get()
+        if slot is not None and slot.event is not None:
+            slot.event.synchronize()  # this thread waits for the device's copy, not the training loop
+        return slot
+
+    def _fill(self) -> None:
         try:
-            x, y = next(self._raw)
-        except StopIteration:
+            for x, y in self._batches:
+                slot = self._slot(x, y)
+                if slot is None or self._stop.is_set():
+                    return
+                if slot.x.shape != x.shape or slot.y.shape != y.shape:  # a batch of another shape: its own buffers
+                    slot = self.Slot(x, y, self._pin)
+                slot.x.copy_(x)
+                slot.y.copy_(y)
+                self._ready.put(slot)
+            self._ready.put(self._END)
+        except BaseException as e:  # a loader's error, handed to the training loop
+            self._ready.put(e)
+        finally:
+            close = getattr(self._batches, "close", None)
+            if close:
+                close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._ready.get()
+        if item is self._END:
+            self._ready.put(item)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def release(self, slot, event=None) -> None:
+        slot.event = event
+        self._free.put(slot)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._free.put(None)  # wakes a thread waiting for a slot
+        self._thread.join(timeout=30)
+
+
+class Feed:
+    """What each micro-step takes besides its counter: nothing on the in-memory path (the step draws its own
+    batches from the counter, on the device), else the path's next raw batch on the device, (uint8 images or
+    model-ready ones, labels). On CUDA the loader's batches pass through a `PinnedRing` and are copied with
+    `non_blocking`; on the CPU they are used where they are. Read errors become one line."""
+
+    def __init__(self, path: DataPath, device, first: int, last: int, hint: str = ""):
+        self.path, self.device, self.hint = path, device, hint
+        self._raw = None if isinstance(path, MemoryPath) else path.raw(first, last)
+        self._ring = PinnedRing(self._raw) if self._raw is not None and device.type == "cuda" else None
+        self._it = iter(self._ring if self._ring is not None else (self._raw if self._raw is not None else ()))
+
+    def take(self, n: int) -> list | None:
+        """The next `n` micro-batches (None on the in-memory path)."""
+        if self._raw is None:
             return None
+        return [self._next() for _ in range(n)]
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            item = next(self._it)
+        except StopIteration:
+            raise TrainError("the loader ended before the run did") from None
         except (tarfile.TarError, OSError, EOFError, ValueError, FracgenError) as e:  # a shard changed mid-run
             # from a loader worker, torch's message is the worker's traceback: its last line says what happened
             last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
             what = last[0].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
             raise TrainError(f"reading the shards failed mid-run ({what[:200]}); check them with "
                              f"`fracgen verify {self.hint}`") from None
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if not self.path.augmented:
-            x = self.augment(x, self.rng)
-        event = None
-        if self.stream is not None:
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return x, y, event, state
+        if self._ring is None:
+            return item
+        x, y = item.x.to(self.device, non_blocking=True), item.y.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._ring.release(item, event)
+        return x, y
 
-    def _made(self) -> tuple | None:
-        if self.stream is None:
-            return self._make()
-        with torch.cuda.stream(self.stream):
-            return self._make()
-
-    def __iter__(self):
-        self._raw = iter(self.path.raw(self.first, self.last))
-        try:
-            if not self.prefetch:
-                while (item := self._made()) is not None:
-                    yield item[0], item[1]
-                return
-            self._pending = [item] if (item := self._made()) else []
-            while self._pending:
-                x, y, event, _ = self._pending.pop(0)
-                if (ahead := self._made()) is not None:  # queued before the loop runs its step on x
-                    self._pending.append(ahead)
-                if event is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(event)
-                    x.record_stream(current)  # made on the side stream: in use on this one until freed
-                    y.record_stream(current)
-                yield x, y
-        finally:
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+        else:
             close = getattr(self._raw, "close", None)
             if close:
                 close()
-
-    def rng_state(self) -> dict:
-        """The augmentation's random state before the first batch the loop has not taken (see the class doc)."""
-        if self._pending and self._pending[0][3] is not None:
-            return self._pending[0][3]
-        return self.rng.state()

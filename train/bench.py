@@ -32,7 +32,6 @@ from PIL import Image
 from fracgen.dataset import Settings, render_dataset
 
 from . import data, onthefly
-from .augment import AugmentRNG
 from .pretrain import (
     PRESETS,
     Config,
@@ -42,8 +41,10 @@ from .pretrain import (
     device_augment,
     pretrain,
 )
+from .rng import StepRNG
 from .runtime import rng_states
 from .step import (
+    BATCH_COMPILE_OPTIONS,
     TrainStep,
     autocast_for,
     bf16_units,
@@ -51,6 +52,7 @@ from .step import (
     fast_options,
     flops_per_sample,
     mfu,
+    model_compile_mode,
     peak_flops,
 )
 
@@ -138,10 +140,10 @@ def onthefly_rows(seconds: float = 10.0, batch: int = 128) -> list[tuple[str, st
 
 def model_only_rate(cfg: Config, num_classes: int, steps: int, window: int = 20) -> list[float]:
     """Samples/s per window of `window` steps of the model alone: pretrain's model, optimizer, schedule, batch,
-    loss and step (`train.step`, with the run's --fast options) on a fixed random batch (no data, no augmentation,
-    no Mixup), the loss read once per window as pretrain reads it."""
+    loss and step (`train.step`, with the run's --fast and --graph options: on CUDA the captured step too) on a
+    fixed random batch (no data, no augmentation, no Mixup), the loss read once per window as pretrain reads it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fast = fast_options(cfg.fast, cfg.compile, cfg.compile_mode, device)
+    fast = fast_options(cfg.fast, cfg.compile, cfg.compile_mode, device, graph=cfg.graph)
     torch.manual_seed(0)
     model, _ = build_model(cfg, num_classes, device)
     optimizer = build_optimizer(cfg, model, 1e-3, fused=fast.fused)
@@ -149,14 +151,14 @@ def model_only_rate(cfg: Config, num_classes: int, steps: int, window: int = 20)
     batch = cfg.global_batch or cfg.batch  # one process
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     target = torch.softmax(torch.randn(batch, num_classes, device=device), 1)
+    autocast = autocast_for(device, cfg.precision)
     if fast.compile:
-        model, _ = compile_model(model, fast.compile_mode, (x, target), autocast_for(device, cfg.precision))
-    step = TrainStep(model, optimizer, scheduler, num_classes, autocast=autocast_for(device, cfg.precision))
-    step.targets = lambda x, y: (x, y)  # the targets are already soft: no one-hot
-    fixed = iter(lambda: (x, target), None)
+        model, _ = compile_model(model, model_compile_mode(fast.compile_mode, fast.graph), (x, target), autocast)
+    step = TrainStep(model, optimizer, scheduler, lambda counter, raw: (x, target), StepRNG(0, 0, device),
+                     autocast=autocast, graph=fast.graph)
     rates, t0 = [], time.perf_counter()
     for i in range(steps):
-        step(i, fixed)
+        step(i)
         if (i + 1) % window == 0:
             step.take_mean_loss()
             rates.append(window * batch / (time.perf_counter() - t0))
@@ -312,9 +314,9 @@ def _row(row: list, reference: float) -> tuple[str, str, str, str, str, str]:
     return label, f"{rate:,.0f}", f"{100 * rate / reference:.0f}%", used, mib, note
 
 
-def augmentation_rows(batch: int = 256, repeats: int = 3) -> list[tuple[str, str, str]]:
+def augmentation_rows(batch: int = 256, repeats: int = 3, compiled: bool = True) -> list[tuple[str, str, str]]:
     """ms per batch of the paper preset's image augmentation: timm/PIL one sample at a time (one process) against
-    `train.augment` on the whole batch, on this machine's device."""
+    `train.augment` on the whole batch, eager and compiled as one graph, on this machine's device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         render_dataset(Path(tmp), Settings(classes=batch, size=512, shard_size=batch), workers=1)
@@ -329,20 +331,26 @@ def augmentation_rows(batch: int = 256, repeats: int = 3) -> list[tuple[str, str
         times.append(time.perf_counter() - t0)
     rows = [("timm/PIL transform, one sample at a time, 1 process", f"{1e3 * min(times):,.0f}", "cpu")]
     augment = device_augment(Config(**PAPER))
-    rng = AugmentRNG(0, device)
     images = images.to(device)
-    augment(images, rng)  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        augment(images, rng)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    rows.append((f"train.augment, whole batch, {torch.get_num_threads()} threads", f"{1e3 * min(times):,.0f}",
-                 device.type))
+    counter = torch.zeros((), dtype=torch.int64, device=device)
+    ways = [("eager", augment)]
+    if compiled:
+        ways.append(("compiled whole (torch.compile fullgraph)", torch.compile(augment, fullgraph=True, dynamic=False,
+                                                                              options=BATCH_COMPILE_OPTIONS)))
+    for how, run in ways:
+        run(images, 0, counter)  # warm-up (and the compilation)
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run(images, 0, counter)
+            counter += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        rows.append((f"train.augment, whole batch, {how}, {torch.get_num_threads()} threads",
+                     f"{1e3 * min(times):,.1f}", device.type))
     return rows
 
 
@@ -363,11 +371,11 @@ def augmentation_memory(batch: int = 256) -> dict:
         render_dataset(Path(tmp), Settings(), workers=os.cpu_count() or 1)
         images, _ = data.load_images(Path(tmp), data.read_manifest(Path(tmp)))
     images = images.to(device)
-    augment, rng = device_augment(Config(**PAPER)), AugmentRNG(0, device)
+    augment = device_augment(Config(**PAPER))
     index = torch.arange(batch, device=device)
     before = _peak_bytes(device)
-    for _ in range(3):
-        augment(images[index], rng)
+    for i in range(3):
+        augment(images[index], 0, torch.tensor(i, device=device))
     return {"device": device.type, "cache_mib": images.numel() / 2**20,
             "augment_peak_mib": (_peak_bytes(device) - before) / 2**20}
 

@@ -33,7 +33,7 @@ from fracgen import manifest as fracgen_manifest
 from fracgen import png
 from fracgen.errors import FracgenError
 
-from .randaugment import to_device
+from . import rng
 from .runtime import TrainError
 
 PRETRAIN_MEAN = PRETRAIN_STD = (0.5, 0.5, 0.5)  # the 1p-frac reference scripts normalise with 0.5 / 0.5
@@ -415,23 +415,34 @@ def load_images(shards_dir: Path, manifest: dict) -> tuple[torch.Tensor, torch.T
 class EpochSampler:
     """Positions of an endless sequence of epochs, dealt out like a DistributedSampler over epochs.
 
-    Epoch e is one permutation of n items, drawn from (seed, e) and the same on every rank; micro-batch t of rank r
-    holds positions [(t * ranks + r) * batch, ... + batch) of the sequence. `indices(t)` gives (item, epoch) for each
-    of them: a pure function of (seed, t, rank), so a resumed run continues exactly where the checkpoint stopped.
+    Epoch e is one permutation of n items, drawn from (seed, e) by `train.rng.permutation` and the same on every
+    rank; micro-batch t of rank r holds positions [(t * ranks + r) * batch, ... + batch) of the sequence.
+    `indices(t)` gives (item, epoch) for each of them: a pure function of (seed, t, rank), so a resumed run continues
+    exactly where the checkpoint stopped. `t` is a host int (loader workers: each epoch's permutation is computed
+    once) or an int64 tensor on the device (the in-memory path, inside the step's graph: the permutations of the
+    epochs a batch touches are computed every step, a sort of n keys each, with no host involved).
     """
 
     def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.batch, self.seed, self.rank, self.world_size = n, batch, seed, rank, world_size
+        self.key = rng.derive_key(seed, 0xE90C)  # not the rank's: every rank deals from the same permutation
+        self.spans = (batch - 1) // n + 2  # most epochs one micro-batch can touch
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
+            self._perms[epoch] = rng.permutation(self.key, torch.tensor([epoch]), self.n)[0]
         return self._perms[epoch]
 
-    def indices(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def indices(self, micro_step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(micro_step, torch.Tensor):
+            positions = (micro_step * self.world_size + self.rank) * self.batch + torch.arange(
+                self.batch, device=micro_step.device)
+            epochs = positions // self.n
+            first = epochs[:1]
+            perms = rng.permutation(self.key, first + torch.arange(self.spans, device=first.device), self.n)
+            return perms[epochs - first, positions % self.n], epochs
         start = (micro_step * self.world_size + self.rank) * self.batch
         positions = torch.arange(start, start + self.batch)
         epochs = positions // self.n
@@ -444,19 +455,18 @@ class EpochSampler:
 
 class MemorySource:
     """Batches by index from images held on the device: micro-batch t of rank r is `EpochSampler`'s, over all N
-    images."""
+    images, drawn on the device from the micro-step counter (a tensor there)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, seed: int, rank: int = 0,
                  world_size: int = 1):
         self.images, self.labels = images, labels
         self.sampler = EpochSampler(len(labels), batch, seed, rank, world_size)
 
-    def indices(self, micro_step: int) -> torch.Tensor:
+    def indices(self, micro_step: int | torch.Tensor) -> torch.Tensor:
         return self.sampler.indices(micro_step)[0]
 
-    def __call__(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Through pinned memory: a plain copy from pageable memory would wait for the device every step.
-        idx = to_device(self.indices(micro_step), self.images.device)
+    def __call__(self, counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.indices(counter.to(self.images.device))
         return self.images[idx], self.labels[idx]
 
 
@@ -477,17 +487,18 @@ def _collate_uint8(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _CollateCrop:
-    """Collate, then cut every sample to its own crop (`train.augment.HostCrop`) with this worker's generator, made
-    after the fork from (seed, rank, worker) as the shuffle's is."""
+    """Collate, then cut every sample to its own crop (`train.augment.HostCrop`) with this worker's key, made after
+    the fork from (seed, rank, worker) as the shuffle's is, and its count of batches as the counter."""
 
     def __init__(self, crop, seed: int):
-        self.crop, self.seed, self.generator = crop, seed, None
+        self.crop, self.seed, self.key, self.batches = crop, seed, None, 0
 
     def __call__(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.generator is None:
-            self.generator = torch.Generator().manual_seed(_stream_seed(self.seed) + 1)
+        if self.key is None:
+            self.key = rng.derive_key(_stream_seed(self.seed), 1)
         images, labels = _collate_uint8(samples)
-        return self.crop(images, self.generator), labels
+        self.batches += 1
+        return self.crop(images, self.key, self.batches - 1), labels
 
 
 def uint8_loader(urls: list[ShardURL], batch_size: int, batches: int, seed: int, shuffle_buffer: int = 1000,

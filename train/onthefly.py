@@ -26,7 +26,7 @@ from fracgen import manifest as fracgen_manifest
 from fracgen import render_sample
 from fracgen.errors import FracgenError
 
-from . import data
+from . import data, rng
 from .runtime import TrainError
 
 CHUNK = 256  # samples per job when the in-memory cache is rendered
@@ -78,10 +78,9 @@ class Draws:
         self.num_classes, self.instances = num_classes, instances
         self.sampler = data.EpochSampler(num_classes * (instances or 1), batch, seed, rank, world_size)
 
-    def seed(self, micro_step: int) -> int:
-        """A seed of this micro-batch alone, for what else is drawn for it (its crops)."""
-        s = self.sampler
-        return ((s.seed * 1_000_003 + 7) * 2_147_483_659 + micro_step * s.world_size + s.rank) % 2**63
+    def crop_key(self) -> int:
+        """This rank's key for what else is drawn for its micro-batches (their crops; the counter: the micro-step)."""
+        return rng.derive_key(self.sampler.seed, 0xC209, self.sampler.rank)
 
     def __call__(self, micro_step: int) -> list[tuple[int, int]]:
         items, epochs = self.sampler.indices(micro_step)
@@ -103,8 +102,7 @@ class _Batches(IterableDataset):
         for t in range(self.first + worker, self.last, workers):
             images, labels = render_images(self.manifest, self.draws(t))
             if self.crop is not None:  # from (seed, rank, t): the same crops for any number of workers
-                generator = torch.Generator().manual_seed(self.draws.seed(t))
-                images = self.crop(images, generator)
+                images = self.crop(images, self.draws.crop_key(), t)
             yield images, labels
 
 

@@ -15,11 +15,12 @@ Runbook
     python -m train.pretrain --render /tmp/cpu-shards/manifest.json --out runs/cpu-fly --instances 0
 
 Data: a set whose decoded pixels fit the cache budget (1p-frac: 1000 images) is decoded once into device memory
-and batches are drawn by index; a larger one is streamed from the shards by loader workers that only decode. Either
-way the augmentation runs on the device, batched (`train.augment`); `--augment cpu` is the PIL path instead.
-With `--render` the samples are rendered by fracgen instead of read (`train.onthefly`), into the cache or in loader
-workers, by the same rule. The paths live in `train.batches`, the step in `train.step` (`--fast`: compiled model,
-fused AdamW, augmentation prefetched on a side stream; on by default on CUDA).
+and batches are drawn by index on the device; a larger one is streamed from the shards by loader workers that only
+decode. Either way the augmentation runs on the device, batched, every draw made there from the step's counter
+(`train.augment`, `train.mixup`, `train.rng`); `--augment cpu` is the PIL path instead. With `--render` the samples
+are rendered by fracgen instead of read (`train.onthefly`), into the cache or in loader workers, by the same rule.
+The paths live in `train.batches`, the step in `train.step` (`--fast`: compiled model and augmentation, fused AdamW,
+on one GPU the whole step as one CUDA graph; on by default on CUDA).
 Every rank runs exactly --steps optimizer steps; rank 0 alone logs, evaluates the pretext accuracy and writes
 RUN_DIR/{ckpt.pt, checkpoints.json, model.safetensors, config.json, model.pth, summary.json, metrics.jsonl}
 (train.checkpoint, train.weights).
@@ -38,7 +39,6 @@ from typing import Annotated
 import torch
 import torch.distributed as dist
 import typer
-from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -49,10 +49,12 @@ from fracgen.manifest import other_renderer
 
 from . import batches, data, onthefly, weights
 from . import model as model_lib
-from .augment import AugmentRNG, DeviceAugment
+from .augment import DeviceAugment
 from .checkpoint import LATEST, Checkpoints, snapshot
 from .evaluate import chance_warning, pretext_accuracy
+from .mixup import GroupMix
 from .preempt import Agreement, Preemption
+from .rng import StepRNG
 from .runtime import (
     TrainError,
     atomic_write_json,
@@ -66,14 +68,17 @@ from .runtime import (
 )
 from .step import (
     PRECISIONS,
+    BatchMaker,
     Fast,
     TrainStep,
     autocast_for,
+    compile_batches,
     compile_model,
     example_batch,
     fast_options,
     flops_per_sample,
     mfu,
+    model_compile_mode,
     peak_flops,
     resolve_precision,
 )
@@ -113,6 +118,7 @@ class Config:
     mixup: float = 0.8
     cutmix: float = 0.0  # off in the CPU preset (docs/design.md section 9 used Mixup alone); the paper's is 1.0
     mix_switch_prob: float = 0.5
+    mix_group: int = 0  # samples per Mixup/CutMix draw; 0: the whole micro-batch (timm's 'batch' mode on one process)
     smoothing: float = 0.1
     # fracgen draws strokes at 127 (the reference's value), which ToTensor maps to 0.5 and the 0.5/0.5
     # normalisation to 0: half the contrast. At 32 px a small ViT then learns nothing in minutes; with
@@ -132,7 +138,8 @@ class Config:
     ckpt_minutes: float = 0.0  # > 0: a checkpoint also every that many minutes (a job manager thinks in minutes)
     keep_ckpts: int = 1  # the newest K complete checkpoints stay (train.checkpoint)
     stop_after: int = 0  # > 0: end this run after that many steps with a checkpoint (job time limits)
-    fast: str = "auto"  # torch.compile + fused AdamW + prefetched augmentation (train.step); auto: on on CUDA
+    fast: str = "auto"  # compiled model and batch maker, fused AdamW, captured step (train.step); auto: on on CUDA
+    graph: str = "auto"  # the whole step as one CUDA graph; auto: with --fast on one CUDA rank
     compile: bool = False  # torch.compile the model on any device (the CPU too), whatever --fast says
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
     precision: str = "auto"  # bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with bf16 units (train.step)
@@ -144,16 +151,18 @@ PRESETS = {
     "cpu": {},
     # docs/design.md section 6: the reference scripts' recipe; base lr 1e-3 per 512 gives 5e-4 at batch 256.
     # The official training script (1p-frac repository, train/pre-train.sh): 8 GPUs x batch 32 = 256, RandAugment
-    # rand-m9-mstd0.5-inc1, random erasing 0.5 ('pixel'), colour jitter off (timm disables it under RandAugment).
+    # rand-m9-mstd0.5-inc1, random erasing 0.5 ('pixel'), colour jitter off (timm disables it under RandAugment),
+    # timm's Mixup/CutMix per GPU: one mixing draw per 32 samples (mix_group).
     "paper": dict(img_size=224, patch_size=16, depth=0, drop_path=0.1, steps=240_000, global_batch=256, blr=1e-3,
                   warmup_epochs=5.0, randaug="rand-m9-mstd0.5-inc1", reprob=0.5, ink_gain=1.0,
-                  crop_scale=(0.08, 1.0), cutmix=1.0, workers=8, log_every=100, eval_every=5000, ckpt_every=5000),
+                  crop_scale=(0.08, 1.0), cutmix=1.0, mix_group=32, workers=8, log_every=100, eval_every=5000,
+                  ckpt_every=5000),
 }
 
 # Options that may differ on --resume (they do not change what is being trained).
 RESUMABLE = {"out", "shards", "cache_dir", "render", "resume", "allow_other_data", "steps", "workers", "log_every",
              "eval_every", "eval_samples", "ckpt_every", "ckpt_minutes", "keep_ckpts", "stop_after",
-             "fast", "compile", "compile_mode", "crop_in",
+             "fast", "compile", "compile_mode", "graph", "crop_in",
              "cache", "cache_budget", "augment", "shuffle_buffer"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -318,6 +327,9 @@ def plan_run(cfg: Config, where: Rank, checkpoint: dict | None) -> Plan:
     batch = per_rank_batch(cfg, where.world_size)
     if (cfg.mixup > 0 or cfg.cutmix > 0) and batch % 2:
         raise TrainError(f"the batch per rank ({batch}) must be even with Mixup/CutMix (they pair images in a batch)")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mix_group and (batch % cfg.mix_group or cfg.mix_group % 2):
+        raise TrainError(f"--mix-group {cfg.mix_group} must be even and divide the batch per rank ({batch}): each "
+                         "group of samples gets its own Mixup/CutMix draw and pairs its images within itself")
     chosen = batches.choose_data_path(cfg, run.manifest, where.device, run.images)  # refuse one that cannot work
     global_batch = batch * cfg.accum * where.world_size
     precision = resolve_precision(cfg.precision, where.device)
@@ -328,7 +340,8 @@ def plan_run(cfg: Config, where: Rank, checkpoint: dict | None) -> Plan:
         precision = (began, f"auto: as the run began ({began})")
     return Plan(run, batch, global_batch, cfg.lr or cfg.blr * global_batch / 512,
                 _warmup_steps(cfg, run.epoch_images, global_batch),
-                fast_options(cfg.fast, cfg.compile, cfg.compile_mode, where.device), chosen, data_sha256, precision)
+                fast_options(cfg.fast, cfg.compile, cfg.compile_mode, where.device, cfg.steps - (checkpoint or {}).get(
+                    "step", 0), where.world_size, cfg.graph), chosen, data_sha256, precision)
 
 
 @dataclass
@@ -342,7 +355,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: CosineLRScheduler
     scaler: torch.amp.GradScaler
-    augment_rng: AugmentRNG
+    rng: StepRNG
     autocast: object
     fast: Fast
     flops: float = 0.0  # of one sample's forward and backward (rank 0 counts them: the log's MFU)
@@ -358,7 +371,7 @@ def build(cfg: Config, plan: Plan, where: Rank) -> Parts:
     # bf16 autocast on CUDA needs no loss scaling; the scaler is kept (disabled) so checkpoints look the same.
     return Parts(model, model, model_args, optimizer, build_scheduler(cfg, optimizer, plan.lr, plan.warmup),
                  torch.amp.GradScaler(where.device.type, enabled=False),
-                 AugmentRNG(cfg.seed * 1_000_003 + where.rank, where.device),
+                 StepRNG(cfg.seed, where.rank, where.device),
                  autocast_for(where.device, plan.precision[0]), plan.fast,
                  flops_per_sample(model, cfg.img_size, where.device) if where.master else 0.0)
 
@@ -377,32 +390,43 @@ def restore(cfg: Config, plan: Plan, where: Rank, parts: Parts, checkpoint: dict
     saved = checkpoint["rng"]
     if where.rank < len(saved):
         set_rng_states(saved[where.rank])
-        if "augment" in saved[where.rank]:
-            parts.augment_rng.load(saved[where.rank]["augment"])
+        if "micro" not in saved[where.rank].get("augment", {}):
+            where.log("note: this checkpoint was written by an older trainer, whose augmentation drew from host "
+                      "generators; the run continues with the device's counter-based draws (docs/training.md), so "
+                      "it is not bit for bit what an uninterrupted run of that version would have trained")
     else:  # more ranks than the checkpoint had: new streams for the new ranks
         seed_everything(cfg.seed + where.rank + 1_000_003 * step)
-        parts.augment_rng = AugmentRNG(cfg.seed * 1_000_003 + where.rank + 7919 * step, where.device)
+    parts.rng.seek(step * cfg.accum)  # the draws are a function of (seed, rank, micro-step): nothing else to load
     return step
 
 
-def make_step(cfg: Config, plan: Plan, where: Rank, parts: Parts) -> None:
+def make_step(cfg: Config, plan: Plan, where: Rank, parts: Parts, path: batches.DataPath) -> None:
     """The training step: the model compiled where --fast asks (tried first; eager with a note where it fails) and
-    wrapped in DDP on several ranks, Mixup/CutMix, LPCE (train.step)."""
-    if parts.fast.compile:
-        example = example_batch(parts.raw_model, plan.batch, cfg.img_size, plan.run.num_classes, where.device,
+    wrapped in DDP on several ranks; the batch maker (the in-memory path's draws, the augmentation on the device,
+    Mixup/CutMix by --mix-group, label smoothing) compiled as one graph where asked; LPCE (train.step); on one CUDA
+    rank the whole step captured as a CUDA graph at its first call."""
+    fast, device = parts.fast, where.device
+    if fast.compile:
+        mode = model_compile_mode(cfg.compile_mode, fast.graph)
+        example = example_batch(parts.raw_model, plan.batch, cfg.img_size, plan.run.num_classes, device,
                                 parts.model_args.get("in_chans", 3))
-        parts.model, compiled = compile_model(parts.model, parts.fast.compile_mode, example, parts.autocast,
-                                              where.log)
-        parts.fast = dataclasses.replace(parts.fast, compile=compiled)  # the log's `step:` line says what runs
+        parts.model, compiled = compile_model(parts.model, mode, example, parts.autocast, where.log)
+        fast = dataclasses.replace(fast, compile=compiled, compile_mode=mode)  # the log's `step:` line says what runs
     if where.world_size > 1:
-        parts.model = DDP(parts.model, device_ids=[where.local_rank] if where.device.type == "cuda" else None)
-    mixup_fn = None
+        parts.model = DDP(parts.model, device_ids=[where.local_rank] if device.type == "cuda" else None)
+    mix = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mix_switch_prob,
-                         label_smoothing=cfg.smoothing, num_classes=plan.run.num_classes)
-    parts.train_step = TrainStep(parts.model, parts.optimizer, parts.scheduler, plan.run.num_classes,
-                                 mixup_fn=mixup_fn, smoothing=cfg.smoothing, accum=cfg.accum, autocast=parts.autocast,
-                                 scaler=parts.scaler, distributed=where.world_size > 1)
+        mix = GroupMix(plan.run.num_classes, cfg.mixup, cfg.cutmix, cfg.mix_switch_prob, cfg.smoothing, cfg.mix_group)
+    maker = BatchMaker(None if path.augmented else device_augment(cfg, path.cropped), mix, plan.run.num_classes,
+                       cfg.smoothing, parts.rng.key, path.source if isinstance(path, batches.MemoryPath) else None)
+    if fast.augment:
+        maker, compiled = compile_batches(maker, (parts.rng.counter.clone(), path.example(plan.batch, device)),
+                                          where.log)
+        fast = dataclasses.replace(fast, augment=compiled)
+    parts.fast = fast
+    parts.train_step = TrainStep(parts.model, parts.optimizer, parts.scheduler, maker, parts.rng, accum=cfg.accum,
+                                 autocast=parts.autocast, scaler=parts.scaler, distributed=where.world_size > 1,
+                                 graph=fast.graph, log=where.log)
 
 
 def checkpoint_state(cfg: Config, plan: Plan, parts: Parts, step: int, rngs: list) -> dict:
@@ -444,7 +468,7 @@ class Outcome:
     stopped_by: str = ""  # the signal that stopped the run, if one did
 
 
-def train_loop(cfg: Config, plan: Plan, where: Rank, parts: Parts, stream, step: int, end: int, metrics: Metrics,
+def train_loop(cfg: Config, plan: Plan, where: Rank, parts: Parts, feed, step: int, end: int, metrics: Metrics,
                evaluate, save, checkpoints: Checkpoints, preemption: Preemption) -> Outcome:
     """Steps `step`..`end`: log every --log-every steps (the loss read from the device then only), evaluate every
     --eval-every, checkpoint when due, and stop early when the ranks agree a signal came."""
@@ -452,7 +476,7 @@ def train_loop(cfg: Config, plan: Plan, where: Rank, parts: Parts, stream, step:
     outcome = Outcome(step, metrics.first_loss, None)
     window_steps, t_window = 0, time.time()
     while outcome.step < end:
-        parts.train_step(outcome.step, stream)
+        parts.train_step(outcome.step, feed.take(cfg.accum))
         outcome.step += 1
         step, window_steps = outcome.step, window_steps + 1
         if step % cfg.log_every == 0 or step == end:
@@ -555,13 +579,10 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device, 
     parts = build(cfg, plan, where)
     step = restore(cfg, plan, where, parts, checkpoint, ckpt_path) if checkpoint is not None else 0
     del checkpoint
-    make_step(cfg, plan, where, parts)
-
     end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps  # where this run stops
     path, why = batches.open_data(cfg, plan.run, device, plan.batch, rank, world_size, step, plan.chosen)
-    micro_batches = batches.DeviceBatches(path, device_augment(cfg, path.cropped), parts.augment_rng, device,
-                                          step * cfg.accum, end * cfg.accum, prefetch=parts.fast.prefetch,
-                                          hint=str(plan.run.shards_dir or cfg.render))
+    make_step(cfg, plan, where, parts, path)
+    feed = batches.Feed(path, device, step * cfg.accum, end * cfg.accum, hint=str(plan.run.shards_dir or cfg.render))
     clean = device_augment(cfg).evaluate
 
     def evaluate() -> dict:
@@ -570,7 +591,7 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device, 
     def save(at: int, wait: bool = False) -> None:
         """Every rank's random streams gathered (a collective), rank 0's copy of the state written by
         `checkpoints` on its thread (`wait`: before returning)."""
-        mine = {**rng_states(), "augment": micro_batches.rng_state()}
+        mine = {**rng_states(), "augment": parts.rng.state()}
         rngs = [None] * world_size
         if world_size > 1:
             dist.all_gather_object(rngs, mine)  # every rank's RNG, so resume restores each one
@@ -581,10 +602,11 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device, 
 
     describe(cfg, plan, where, parts, path, why, step)
     metrics = Metrics(out, where.master, step)
-    stream = iter(micro_batches)
-    outcome = train_loop(cfg, plan, where, parts, stream, step, end, metrics, evaluate, save, checkpoints,
-                         preemption)
-    stream.close()
+    try:
+        outcome = train_loop(cfg, plan, where, parts, feed, step, end, metrics, evaluate, save, checkpoints,
+                             preemption)
+    finally:
+        feed.close()
     # Every rank reports its own count: all ranks must have run the same number of steps (no DDP hang).
     print(f"[rank {rank}] done: {outcome.step - step} steps this run, at step {outcome.step}", flush=True)
     save(outcome.step, wait=True)
@@ -674,8 +696,14 @@ def main(
     stop_after: Annotated[int | None, typer.Option(help="end this run after N steps with a checkpoint, for job "
                                                         "time limits; --resume continues (the schedule is --steps')")]
     = None,
-    fast: Annotated[str | None, typer.Option(help="auto (on on CUDA), on or off: torch.compile, fused AdamW and "
-                                                  "augmentation prefetched on a side stream (train.step)")] = None,
+    fast: Annotated[str | None, typer.Option(help="auto, on or off: the model and the augmentation compiled, fused "
+                                                  "AdamW, the step as one CUDA graph (train.step); auto: on on CUDA, "
+                                                  "on the CPU the augmentation compiled for runs of 1000+ steps")]
+    = None,
+    graph: Annotated[str | None, typer.Option(help="auto, on or off: capture the whole step as one CUDA graph "
+                                                   "(auto: with --fast, on one CUDA rank)")] = None,
+    mix_group: Annotated[int | None, typer.Option(help="samples per Mixup/CutMix draw (0: the whole batch per rank; "
+                                                       "the paper preset's 32, as its 8 GPUs x 32 images)")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model, on any device")] = False,
     compile_mode: Annotated[str | None, typer.Option(help="torch.compile mode: default, reduce-overhead (CUDA "
                                                           "graphs), max-autotune, max-autotune-no-cudagraphs")]
@@ -715,13 +743,14 @@ def main(
         raise typer.Exit(128 + summary["signal"])
 
 
-CHOICES = {"augment": ("device", "cpu"), "fast": ("auto", "on", "off"), "compile_mode": COMPILE_MODES,
+CHOICES = {"augment": ("device", "cpu"), "fast": ("auto", "on", "off"), "graph": ("auto", "on", "off"),
+           "compile_mode": COMPILE_MODES,
            "precision": PRECISIONS,
            "crop_in": ("auto", "workers", "device"), "cache": ("auto", "on", "off")}
 AT_LEAST_ONE = ("steps", "batch", "accum", "img_size", "log_every", "eval_samples", "keep_ckpts")
 POSITIVE = ("ink_gain", "blr")
 NOT_NEGATIVE = ("mixup", "cutmix", "smoothing", "reprob", "lr", "cache_budget", "stop_after", "ckpt_minutes",
-                "instances")
+                "instances", "mix_group")
 
 
 def check_options(options: dict) -> None:

@@ -22,7 +22,8 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
+
+from . import rng
 
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is "full strength"
 
@@ -75,71 +76,63 @@ POINT = ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing
 SHARPNESS = ("Sharpness", "SharpnessIncreasing")
 
 
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A small host tensor on `device` without waiting for the device: through pinned memory on CUDA."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 class RandAugment:
-    """Call with a (B, H, W) batch on the device and a host torch.Generator: the ops, magnitudes and signs are drawn
-    on the host, so the batch is split by op without asking the device anything, and only the samples an op was
-    drawn for are processed (a geometric op falls to ~1 sample in 6 per layer)."""
+    """Call with a (B, H, W) batch on the device, the rank's key and the micro-step counter (`train.rng`): the ops,
+    magnitudes and signs are drawn on the device, and every sample passes through every layer's three steps
+    (point-op table, Sharpness, affine resampling) with the identity where its op is another one (an identity
+    table, a blend factor of 1, the identity matrix: each gives back the exact 8-bit image), so the layer is one
+    fixed graph whatever was drawn."""
 
     def __init__(self, spec: str, fill: int = 128, translate_pct: float = 0.45):
         self.spec = spec
         self.__dict__.update(parse(spec))
         self.fill, self.translate_pct = float(fill), translate_pct
-        self._op_ids = {group: [i for i, name in enumerate(self.ops) if name in group]
-                        for group in (POINT, SHARPNESS, GEOMETRIC)}
+        self.groups = {group: any(name in group for name in self.ops) for group in (POINT, SHARPNESS, GEOMETRIC)}
 
     def __repr__(self):
         return f"RandAugment({self.spec!r})"
 
-    def draw(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw(self, key: int, counter: torch.Tensor, batch: int,
+             layer: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer's draws as timm's AugmentOp makes them, per sample: the op (uniform, with replacement across
         layers), whether it applies (prob), its level (magnitude + N(0, mstd), clipped, / 10) and its sign (timm's
-        _randomly_negate). Returns (op index or -1 where not applied, level, sign), float64 on the host."""
-        op = torch.randint(len(self.ops), (batch,), generator=generator)
-        applied = torch.rand(batch, generator=generator, dtype=torch.float64) <= self.prob
+        _randomly_negate). Returns (op index or -1 where not applied, level, sign) on the counter's device."""
+        stream = rng.RANDAUG + layer
+        u = rng.uniform(key, stream, counter, (3, batch), torch.float64)
+        op = torch.clamp(torch.floor(u[0] * len(self.ops)), max=len(self.ops) - 1).long()
+        applied = u[1] <= self.prob
         if self.magnitude_std == math.inf:
-            magnitude = self.magnitude * torch.rand(batch, generator=generator, dtype=torch.float64)
+            magnitude = self.magnitude * rng.uniform(key, stream + 100, counter, (batch,), torch.float64)
+        elif self.magnitude_std > 0:
+            magnitude = self.magnitude + self.magnitude_std * rng.normal(key, stream + 100, counter, (batch,),
+                                                                         torch.float64)
         else:
-            magnitude = self.magnitude + self.magnitude_std * torch.randn(batch, generator=generator,
-                                                                          dtype=torch.float64)
+            magnitude = torch.full((batch,), self.magnitude, dtype=torch.float64, device=counter.device)
         level = magnitude.clamp(0, self.magnitude_max) / LEVEL_DENOM
-        sign = torch.where(torch.rand(batch, generator=generator, dtype=torch.float64) > 0.5, -1.0, 1.0)
+        sign = torch.where(u[2] > 0.5, -1.0, 1.0).to(torch.float64)
         return torch.where(applied, op, -1), level, sign
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        for _ in range(self.num_layers):
-            x = self.layer(x, *self.draw(x.shape[0], generator))
+    def __call__(self, x: torch.Tensor, key: int, counter: torch.Tensor) -> torch.Tensor:
+        for layer in range(self.num_layers):
+            x = self.layer(x, *self.draw(key, counter, x.shape[0], layer))
         return x
 
     def layer(self, x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-        """Apply op[i] at level[i], sign[i] to sample i (host tensors; op -1: nothing)."""
-        groups = [(group, torch.isin(op, torch.tensor(ids, dtype=op.dtype)).nonzero().squeeze(1))
-                  for group, ids in self._op_ids.items()]
-        groups = [(group, idx) for group, idx in groups if len(idx)]
-        if not groups:
-            return x
-        x = x.clone()
-        for group, idx in groups:
-            where = to_device(idx, x.device)
-            sub = x.index_select(0, where)
-            chosen = {name: i for i, name in enumerate(self.ops)}
-            if group is POINT:
-                params = to_device(torch.stack([op[idx].double(), level[idx], sign[idx]]), x.device)
-                chosen = {name: params[0] == i for name, i in chosen.items()}
-                sub = _apply_lut(sub, self._lut(sub, chosen, params[1], params[2]))
-            elif group is SHARPNESS:
-                factor = _enhance_factor(level[idx], sign[idx], "SharpnessIncreasing" in self.ops)
-                sub = _sharpness(sub, to_device(factor, x.device))
-            else:
-                a, t = self._affine_params(op[idx], level[idx], sign[idx], sub.shape[2], sub.shape[1])
-                sub = _pil_affine_bicubic(sub, to_device(a, x.device), to_device(t, x.device), self.fill)
-            x.index_copy_(0, where, sub)
+        """Apply op[i] at level[i], sign[i] to sample i (tensors on x's device; op -1: nothing)."""
+        chosen = {name: op == i for i, name in enumerate(self.ops)}
+
+        def drawn(group) -> torch.Tensor:
+            hits = [chosen[name] for name in self.ops if name in group]
+            return torch.stack(hits).any(0)
+
+        if self.groups[POINT]:
+            x = _apply_lut(x, self._lut(x, chosen, level, sign))
+        if self.groups[SHARPNESS]:
+            factor = _enhance_factor(level, sign, "SharpnessIncreasing" in self.ops)
+            x = _sharpness(x, torch.where(drawn(SHARPNESS), factor, 1.0))
+        if self.groups[GEOMETRIC]:
+            a, t = self._affine_params(chosen, level, sign, x.shape[2], x.shape[1])
+            x = _pil_affine_bicubic(x, a, t, self.fill)
         return x
 
     def _lut(self, x, chosen, level, sign) -> torch.Tensor:
@@ -178,10 +171,10 @@ class RandAugment:
         for name, keep in (("Posterize", bits), ("PosterizeIncreasing", 4 - bits)):
             quantum = torch.pow(2.0, 8 - keep)
             use(name, torch.floor(v / col(quantum)) * col(quantum))
-        threshold = torch.minimum(torch.trunc(level * 256), torch.tensor(256.0, device=device))
+        threshold = torch.trunc(level * 256).clamp(max=256.0)
         for name, t in (("Solarize", threshold), ("SolarizeIncreasing", 256 - threshold)):
             use(name, torch.where(v < col(t), v, 255 - v))
-        add = torch.minimum(torch.trunc(level * 110), torch.tensor(128.0, device=device))
+        add = torch.trunc(level * 110).clamp(max=128.0)
         use("SolarizeAdd", torch.where(v < 128, (v + col(add)).clamp(max=255), v))
 
         mean = torch.trunc((hist * v).sum(1) / total + 0.5)  # ImageStat's mean, rounded as Contrast rounds it
@@ -192,28 +185,25 @@ class RandAugment:
                 use(name, _blend(degenerate, v, col(factor)))
         return lut
 
-    def _affine_params(self, op, level, sign, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _affine_params(self, chosen: dict, level, sign, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's geometric op as PIL's affine map from an output pixel centre p (pixel-edge coordinates)
-        to the input point a p + t: (k, 2, 2) and (k, 2) float64 on the host, timm's arguments from the level."""
-        names = [self.ops[int(i)] for i in op]
-        a = torch.eye(2, dtype=torch.float64).repeat(len(names), 1, 1)
-        t = torch.zeros(len(names), 2, dtype=torch.float64)
-        for k, name in enumerate(names):
-            v = float(sign[k] * level[k])
-            if name == "ShearX":
-                a[k, 0, 1] = v * 0.3
-            elif name == "ShearY":
-                a[k, 1, 0] = v * 0.3
-            elif name == "TranslateXRel":
-                t[k, 0] = v * self.translate_pct * width
-            elif name == "TranslateYRel":
-                t[k, 1] = v * self.translate_pct * height
-            else:  # Rotate: PIL's rotate(degrees) turns counter-clockwise about the centre (w / 2, h / 2)
-                angle = -math.radians(v * 30)
-                cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)  # PIL rounds them so
-                a[k] = torch.tensor([[cos, sin], [-sin, cos]], dtype=torch.float64)
-                centre = torch.tensor([width / 2, height / 2], dtype=torch.float64)
-                t[k] = centre - a[k] @ centre
+        to the input point a p + t: (B, 2, 2) and (B, 2) float64, timm's arguments from the level; the identity
+        where the sample's op is not geometric."""
+        v = sign * level
+        none = torch.zeros_like(v, dtype=torch.bool)
+        pick = lambda name, value: torch.where(chosen.get(name, none), value, 0.0)  # noqa: E731
+        shear_x, shear_y = pick("ShearX", v * 0.3), pick("ShearY", v * 0.3)
+        # PIL's rotate(degrees) turns counter-clockwise about the centre (w / 2, h / 2); it rounds cos and sin to
+        # 15 decimals
+        angle = pick("Rotate", -torch.deg2rad(v * 30))
+        cos, sin = torch.round(torch.cos(angle), decimals=15), torch.round(torch.sin(angle), decimals=15)
+        rotate = chosen.get("Rotate", none)
+        a = torch.stack([torch.where(rotate, cos, 1.0), torch.where(rotate, sin, shear_x),
+                         torch.where(rotate, -sin, shear_y), torch.where(rotate, cos, 1.0)], 1).reshape(-1, 2, 2)
+        cx, cy = width / 2, height / 2
+        turned_x, turned_y = cx - (a[:, 0, 0] * cx + a[:, 0, 1] * cy), cy - (a[:, 1, 0] * cx + a[:, 1, 1] * cy)
+        t = torch.stack([torch.where(rotate, turned_x, pick("TranslateXRel", v * self.translate_pct * width)),
+                         torch.where(rotate, turned_y, pick("TranslateYRel", v * self.translate_pct * height))], 1)
         return a, t
 
 
@@ -273,13 +263,12 @@ def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     return lut.to(x.dtype).gather(1, x.reshape(batch, -1).long()).reshape(x.shape)
 
 
-_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13  # PIL's ImageFilter.SMOOTH
-
-
 def _sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """PIL's ImageEnhance.Sharpness: blend with the SMOOTH-filtered image (whose border pixels are the input's)."""
-    smooth = F.conv2d(x[:, None], _SMOOTH.to(x.device, x.dtype)[None, None])[:, 0]
-    smooth = torch.round(smooth)  # PIL rounds the filtered 8-bit values
-    degenerate = x.clone()
-    degenerate[:, 1:-1, 1:-1] = smooth
+    """PIL's ImageEnhance.Sharpness: blend with the SMOOTH-filtered image (kernel 1 1 1 / 1 5 1 / 1 1 1, over 13;
+    border pixels are the input's). The 3x3 sum is taken from shifted views: no filter weights to copy to the
+    device."""
+    height, width = x.shape[1:]
+    inner = sum(x[:, i:height - 2 + i, j:width - 2 + j] for i in range(3) for j in range(3))
+    smooth = torch.round((inner + 4 * x[:, 1:-1, 1:-1]) / 13)  # PIL rounds the filtered 8-bit values
+    degenerate = torch.cat([x[:, :1], torch.cat([x[:, 1:-1, :1], smooth, x[:, 1:-1, -1:]], 2), x[:, -1:]], 1)
     return _blend(degenerate, x, factor.to(x.dtype)[:, None, None])

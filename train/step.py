@@ -1,14 +1,16 @@
 """The training step of a pre-training run, and what makes it fast on a GPU.
 
-`TrainStep` is one optimizer step: `accum` micro-steps of Mixup/CutMix, forward, LPCE and backward, then AdamW.
-Nothing in it waits for the device: the loss is summed on the device and read only at log steps, and every random
-choice (Mixup's lambda, CutMix's box) is drawn on the host.
+`TrainStep` is one optimizer step: `accum` micro-steps of [the batch drawn, augmented and mixed (`BatchMaker`),
+forward, LPCE, backward], then AdamW. Every random number of a step is drawn on the device from the micro-step
+counter (`train.rng`), the loss is summed on the device and read only at log steps, and no shape or branch depends
+on a value on the device: the host never waits for the device, and the whole step can be one graph.
 
-`--fast` (on by default on CUDA, `--no-fast` turns it off) adds what only pays on a GPU: the model compiled with
-torch.compile (`--compile-mode`; a model that does not compile on this machine, tried on one step's shapes before
-the run, falls back to eager with one note), fused AdamW, and
-the next batch augmented on a side stream while this step runs (`batches.DeviceBatches`). None of them changes what
-is trained; a test checks that the loss curve of the fast step matches the eager one.
+`--fast` (on by default on CUDA, `--no-fast`/`--fast off` turns it off) adds what pays on a GPU: the model compiled
+with torch.compile (`--compile-mode`), fused AdamW, the batch maker compiled as one graph (`fullgraph=True`), and,
+on one rank, the whole step captured as one CUDA graph that the host only replays (`--graph`). Each is tried
+before the run and falls back with one note where it fails. None of them changes what is trained: the draws are
+the same integers in every mode, and tests check the images and the loss curve against the eager step. On the CPU
+`--fast auto` compiles the batch maker alone, for runs long enough to pay its compilation back (docs/speed.md).
 
 MFU: the FLOPs of one sample's forward and backward pass are counted once with torch.utils.flop_counter, so that
 samples/s can be read against the card's dense bf16 peak.
@@ -17,40 +19,59 @@ samples/s can be read against the card's dense bf16 peak.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch._dynamo as dynamo
-from timm.data.mixup import one_hot
 from timm.loss import SoftTargetCrossEntropy
+
+from .mixup import GroupMix, smoothed_targets
 
 # Dense bf16 peak FLOP/s by the name torch gives the device (vendor data sheets, SXM parts).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+# On the CPU `--fast auto` compiles the batch maker for runs of at least this many steps: compiling it costs
+# 10-25 s once on 2 cores (3 s from inductor's cache) and saves ~5 ms a step of the CPU preset (docs/speed.md).
+CPU_COMPILE_STEPS = 1000
 
 
 @dataclass
 class Fast:
     """The speed-ups of a run, each on or off."""
 
-    compile: bool = False
+    compile: bool = False  # the model under torch.compile
     compile_mode: str = "default"
-    fused: bool = False
-    prefetch: bool = False
+    fused: bool = False  # fused AdamW
+    augment: bool = False  # the batch maker (draws, augmentation, mixing) compiled as one graph
+    graph: bool = False  # the whole step captured as one CUDA graph and replayed
 
     def describe(self, device) -> str:
-        # on CUDA the prefetched batch is augmented on a side stream, beside the step (batches.DeviceBatches)
-        ahead = "augmentation prefetched on a side stream" if device.type == "cuda" else \
-            "the next batch made a step ahead"
-        parts = [f"torch.compile ({self.compile_mode})" if self.compile else "",
-                 "fused AdamW" if self.fused else "", ahead if self.prefetch else ""]
-        return ", ".join(p for p in parts if p) or "eager"
+        model = f"torch.compile ({self.compile_mode}) model" if self.compile else "eager model"
+        parts = [("augmentation and mixing compiled whole" + (" (inductor)" if device.type == "cpu" else ""))
+                 if self.augment else "", model if self.compile or self.augment or self.fused else "",
+                 "fused AdamW" if self.fused else ""]
+        what = ", ".join(p for p in parts if p) or "eager"
+        return f"one CUDA graph, replayed ({what})" if self.graph else what
 
 
-def fast_options(fast: str, compile: bool, compile_mode: str, device) -> Fast:
-    """`--fast auto|on|off` (auto: on on CUDA) and `--compile` (the model alone, on any device)."""
-    on = fast == "on" or (fast == "auto" and device.type == "cuda")
+def fast_options(fast: str, compile: bool, compile_mode: str, device, steps: int = 0, world_size: int = 1,
+                 graph: str = "auto") -> Fast:
+    """`--fast auto|on|off` (auto: on on CUDA; on the CPU the batch maker alone, for runs of CPU_COMPILE_STEPS or
+    more), `--compile` (the model, on any device) and `--graph auto|on|off` (the step captured: auto with --fast
+    on CUDA on one rank)."""
     cuda = device.type == "cuda"
-    return Fast(compile=on or compile, compile_mode=compile_mode, fused=on and cuda, prefetch=on)
+    on = fast == "on" or (fast == "auto" and cuda)
+    augment = on or (fast == "auto" and steps >= CPU_COMPILE_STEPS)
+    captured = cuda and world_size == 1 and (graph == "on" or (graph == "auto" and on))
+    return Fast(compile=on or compile, compile_mode=compile_mode, fused=on and cuda, augment=augment, graph=captured)
+
+
+def model_compile_mode(mode: str, graph: bool) -> str:
+    """torch.compile's mode for the model: --compile-mode, but without torch.compile's own CUDA graphs where the
+    whole step is captured (a graph does not nest in another's capture)."""
+    if not graph:
+        return mode
+    return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
 
 
 BACKEND = "inductor"  # torch.compile's; the tests swap in a failing one
@@ -102,8 +123,10 @@ def _reason(error: Exception) -> str:
 
 def example_batch(model: torch.nn.Module, batch: int, img_size: int, num_classes: int, device,
                   channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of the run's shapes for compile_model's try: images and soft targets over the C classes."""
-    x = torch.randn(batch, channels, img_size, img_size, device=device)
+    """A batch of the run's shapes for compile_model's try: images and soft targets over the C classes. Its own
+    generator: the run's random streams (drop-path's) must not move."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, channels, img_size, img_size, device=device, generator=generator)
     return x, torch.full((batch, num_classes), 1 / num_classes, device=device)
 
 
@@ -142,51 +165,182 @@ def autocast_for(device, precision: str = "auto"):
     return contextlib.nullcontext()
 
 
-class TrainStep:
-    """One optimizer step over `accum` micro-batches; `loss_sum` holds the device-side sum of the step losses since
-    the last `take_mean_loss()`."""
+class BatchMaker:
+    """The model's input and soft targets of one micro-batch, made on the device from the micro-step counter: the
+    in-memory path's sample indices (`source`, a `data.MemorySource`) or the loader's raw batch, the augmentation
+    (`train.augment.DeviceAugment`; None where the loader workers already gave model-ready images), Mixup/CutMix
+    by groups (`train.mixup.GroupMix`) or label smoothing. A pure function of the counter (and the raw batch),
+    with fixed shapes: `compile_batches` compiles it as one graph."""
 
-    def __init__(self, model: torch.nn.Module, optimizer, scheduler, num_classes: int, *, mixup_fn=None,
-                 smoothing: float = 0.0, accum: int = 1, autocast=None, scaler=None, distributed: bool = False):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.num_classes, self.mixup_fn, self.smoothing, self.accum = num_classes, mixup_fn, smoothing, accum
+    def __init__(self, augment, mix: GroupMix | None, num_classes: int, smoothing: float, key: int, source=None):
+        self.augment, self.mix, self.num_classes, self.smoothing = augment, mix, num_classes, smoothing
+        self.key, self.source = key, source
+
+    def __call__(self, counter: torch.Tensor, raw: tuple[torch.Tensor, torch.Tensor] | None = None):
+        images, labels = self.source(counter) if self.source is not None else raw
+        x = self.augment(images, self.key, counter) if self.augment is not None else images
+        if self.mix is not None:
+            return self.mix(x, labels, self.key, counter)
+        return x, smoothed_targets(labels, self.num_classes, self.smoothing)
+
+
+# Inductor inlines a pointwise producer into each of its consumers; a hash's xor-shifts use their input twice, so
+# a long chain of them blows up its code generation exponentially (76 s for the CPU preset's batch maker on 2
+# cores). Materialising buffers past 16 ops cuts that to ~10 s and costs the CPU preset's batch ~0.5 ms.
+BATCH_COMPILE_OPTIONS = {"realize_opcount_threshold": 16}
+
+
+def compile_batches(maker: BatchMaker, example: tuple, log=print, backend=None):
+    """(the batch maker compiled whole with `fullgraph=True`, True), or (`maker`, False) with one `note:` line
+    where it does not compile on this machine; tried here on `example` (the counter and raw batch of a first
+    call), whose result is dropped (a pure function: nothing else moves)."""
+    backend = backend or BACKEND
+    try:
+        compiled = torch.compile(maker, fullgraph=True, dynamic=False, backend=backend,
+                                 options=BATCH_COMPILE_OPTIONS if backend == "inductor" else None)
+        compiled(*example)
+    except Exception as e:  # dynamo's, inductor's and the C++ compiler's errors are many types
+        log(f"note: compiling the augmentation failed on this machine ({_reason(e)}); it runs eagerly")
+        dynamo.reset()
+        return maker, False
+    return compiled, True
+
+
+GRAPH_WARMUP = 3  # eager runs on a side stream before a capture (PyTorch's CUDA graph recipe)
+
+
+class TrainStep:
+    """One optimizer step over `accum` micro-batches; `loss_sum` is the device-side sum of the step losses since
+    the last `take_mean_loss()`. `graph`: on CUDA, the step's device work is captured at the first call as one
+    CUDA graph, which every later call replays (`_capture`)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, make_batch, rng, *, accum: int = 1,
+                 autocast=None, scaler=None, distributed: bool = False, graph: bool = False, log=print):
+        self.model, self.optimizer, self.scheduler, self.make_batch, self.rng = model, optimizer, scheduler, \
+            make_batch, rng
+        self.accum, self.distributed, self.graph, self.log = accum, distributed, graph, log
         self.autocast = autocast or contextlib.nullcontext()
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-        self.distributed = distributed
         self.lpce = SoftTargetCrossEntropy()  # LPCE: cross-entropy against soft targets over the C classes
-        self.loss_sum: torch.Tensor | None = None
+        self.loss_sum = torch.zeros((), device=rng.counter.device)
         self.steps = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: list | None = None  # the captured step's input batches (streamed paths)
+        self._lr: list[torch.Tensor] = []
 
-    def targets(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mixup_fn is not None:
-            return self.mixup_fn(x, y)
-        off = self.smoothing / self.num_classes
-        return x, one_hot(y, self.num_classes, on_value=1 - self.smoothing + off, off_value=off)
-
-    def __call__(self, step: int, batches) -> None:
-        """Optimizer step `step` (0-based) on the next `accum` micro-batches of the iterator `batches`."""
-        self.scheduler.step_update(step)
+    def work(self, raws: list | None) -> None:
+        """The step's device work: what runs eagerly, or what the CUDA graph holds."""
         for micro in range(self.accum):
-            xb, yb = next(batches)
-            xb, target = self.targets(xb, yb)
+            x, target = self.make_batch(self.rng.counter, None if raws is None else raws[micro])
             if self.distributed:
                 # nanoGPT's trick: all-reduce gradients only on the last micro-step of an accumulation.
                 self.model.require_backward_grad_sync = micro == self.accum - 1
             with self.autocast:  # the loss in fp32 under bf16 autocast too: log-softmax over C classes
-                loss = self.lpce(self.model(xb).float(), target) / self.accum
+                loss = self.lpce(self.model(x).float(), target) / self.accum
             self.scaler.scale(loss).backward()
-            loss = loss.detach()
-            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+            self.loss_sum += loss.detach()
+            self.rng.counter += 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, step: int, raws: list | None = None) -> None:
+        """Optimizer step `step` (0-based) on the next `accum` raw micro-batches (None: the in-memory path, whose
+        batches the step draws itself)."""
+        self.scheduler.step_update(step)
+        if self.graph:
+            self._replay(raws)
+        else:
+            self.work(raws)
+            self.optimizer.zero_grad(set_to_none=True)
+        self.rng.micro += self.accum
         self.steps += 1
 
     def take_mean_loss(self) -> float:
         """The mean step loss since the last call: the one read of the device per log window."""
         mean = self.loss_sum.item() / self.steps
-        self.loss_sum, self.steps = None, 0
+        self.loss_sum.zero_()
+        self.steps = 0
         return mean
+
+    # -- the step as one CUDA graph ------------------------------------------------------------------------------
+
+    def _replay(self, raws: list | None) -> None:
+        if self._graph is None:
+            self._capture(raws)
+            return
+        for tensor, group in zip(self._lr, self.optimizer.param_groups, strict=True):
+            tensor.fill_(group["lr"])  # the float the schedule just wrote
+        for (x, y), (sx, sy) in zip(raws or (), self._static or (), strict=True):
+            sx.copy_(x, non_blocking=True)
+            sy.copy_(y, non_blocking=True)
+        self._graph.replay()
+
+    def _state(self) -> list[torch.Tensor]:
+        """Every tensor the step changes: what a warm-up must leave as it found it."""
+        tensors = [p for p in self.model.parameters()] + [self.rng.counter, self.loss_sum]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+        return tensors
+
+    def _capture(self, raws: list | None) -> None:
+        """Capture the step at its first call: a few eager warm-up steps on a side stream (they compile and allocate
+        what the step needs), everything they changed put back, then one capture and this step's replay. The
+        learning rate becomes a device tensor the host fills before each replay (fused AdamW, capturable); the
+        input batches of a streamed path are copied into static buffers. The replay's loss is checked against the
+        first warm-up's (the same step from the same state); a capture that fails, or disagrees, is one note and
+        the run goes on uncaptured from the untouched state."""
+        device = self.rng.counter.device
+        self._static = [(x.to(device).clone(), y.to(device).clone()) for x, y in raws] if raws else None
+        saved = {id(t): t.detach().clone() for t in self._state()}
+        cuda_rng = torch.cuda.get_rng_state(device)
+        groups = self.optimizer.param_groups
+        self._lr = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in groups]
+        try:
+            for group, lr in zip(groups, self._lr, strict=True):
+                group["lr"], group["capturable"] = lr, True
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for i in range(GRAPH_WARMUP):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.work(self._static)
+                    if i == 0:
+                        expected = self.loss_sum.clone()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self._restore(saved, cuda_rng)
+            self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates .grad from its own pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.work(self._static)
+            graph.replay()
+            got, want = self.loss_sum.item(), expected.item()  # one read of the device, at the first step only
+            if not math.isfinite(got) or abs(got - want) > 1e-3 * max(1.0, abs(want)):
+                raise RuntimeError(f"the replayed step's loss {got:.6f} is not the eager step's {want:.6f}")
+            self._graph = graph
+        except Exception as e:  # CUDA's, dynamo's and our own check's
+            self.log(f"note: capturing the step as a CUDA graph failed ({_reason(e)}); the step runs uncaptured")
+            torch.cuda.synchronize(device)
+            self._restore(saved, cuda_rng)
+            for group in groups:
+                group["capturable"] = False
+            self.optimizer.zero_grad(set_to_none=True)
+            self.graph, self._graph = False, None
+            self.scheduler.step_update(self.rng.micro // self.accum)  # the floats the schedule writes, again
+            self.work(self._static)
+            self.optimizer.zero_grad(set_to_none=True)
+        for group in groups:
+            group["lr"] = float(group["lr"])  # the schedule writes floats; the graph reads self._lr
+
+    def _restore(self, saved: dict, cuda_rng: torch.Tensor) -> None:
+        """Put back what warm-ups changed: weights, counter, loss sum, AdamW's moments and step counts (those the
+        warm-ups created start at zero, as a first step would create them), the device's random state."""
+        with torch.no_grad():
+            for t in self._state():
+                if id(t) in saved:
+                    t.copy_(saved[id(t)])
+                else:
+                    t.zero_()
+        torch.cuda.set_rng_state(cuda_rng, self.rng.counter.device)
 
 
 def flops_per_sample(model: torch.nn.Module, img_size: int, device, channels: int = 3) -> float:
