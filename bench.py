@@ -176,8 +176,16 @@ def bench_trainer(args) -> None:
     print(f"\n| {what} | samples/s | of the fast model-only rate | MFU (bf16 peak) | peak device MiB | note |"
           "\n|---|---|---|---|---|---|")
     for r in tb.training_rows(args.preset, args.train_steps, stream_images=args.stream_images,
-                              compile_modes=tuple(args.compile_modes.split(",")), repeats=args.repeats):
+                              compile_modes=tuple(args.compile_modes.split(",")), repeats=args.repeats,
+                              precisions=tuple(args.precisions.split(",")) if args.precisions else None,
+                              paths=tuple(args.paths.split(",")) if args.paths else None):
         print("| " + " | ".join(r) + " |")
+    if args.preset == "cpu":
+        print("\n| CPU preset, in-memory step, inside each run | ms making the batch | ms of the step | left for the "
+              "model |\n|---|---|---|---|")
+        for r in tb.batch_share_rows(precisions=tuple(args.precisions.split(",")) if args.precisions else None,
+                                     repeats=args.repeats):
+            print("| " + " | ".join(r) + " |")
     print("\n| paper preset augmentation, one batch of 256 (512 px -> 224 px, RandAugment m9 inc1, erasing 0.5) | "
           "ms/batch | device |\n|---|---|---|")
     for r in tb.augmentation_rows():
@@ -231,10 +239,17 @@ def main():
                     help="measure each training row this many times, round-robin, and report the median (a VM whose "
                          "speed drifts moves every row alike)")
     ap.add_argument("--stream-images", type=int, default=20_000, help="images of the streamed set (paper preset)")
+    ap.add_argument("--precisions", help="CPU trainer rows at these precisions only, e.g. bf16 (default: fp32 and, "
+                                         "where the CPU has bf16 units, bf16)")
+    ap.add_argument("--paths", help="trainer rows of these data paths only (with the model-only rows), comma-"
+                                    "separated: memory, stream, pil, fly")
     ap.add_argument("--scaling", metavar="1,2,4", help="only the end-to-end scaling over these worker counts")
-    ap.add_argument("--only", choices=("renderer", "trainer", "onthefly", "checkpoint"),
-                    help="only fracgen's rows, only the trainer's, only the on-the-fly source against shards, or "
-                         "only what a checkpoint costs the training loop")
+    ap.add_argument("--only", choices=("renderer", "trainer", "onthefly", "checkpoint", "profile"),
+                    help="only fracgen's rows, only the trainer's, only the on-the-fly source against shards, only "
+                         "what a checkpoint costs the training loop, or a profile of the preset's in-memory step "
+                         "(on CUDA with a check that no step waits for the device)")
+    ap.add_argument("--profile-images", type=int, default=0, help="classes of the profiled set (default: the "
+                                                                   "preset's)")
     args = ap.parse_args()
     if args.scaling:
         print("| workers | images | images/s | per worker | speed-up |\n|---|---|---|---|---|")
@@ -248,6 +263,12 @@ def main():
         return
     if args.only == "checkpoint":
         bench_checkpoint(args)
+        return
+    if args.only == "profile":
+        from train import bench as tb
+
+        for line in tb.step_checks(args.preset, images=args.profile_images):
+            print(line)
         return
     if args.only != "trainer":
         print(f"# 1p-frac defaults: 2 maps, {args.points} points, {args.size} px, random 3x3 patches\n")

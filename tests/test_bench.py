@@ -75,9 +75,10 @@ def test_trainer_rows_run_every_data_path():
     rows = list(training_rows("cpu", steps=4, window=2, repeats=2))  # two rounds, round-robin over the rows
     precisions = ["fp32", "bf16"] if bf16_units() else ["fp32"]  # side by side where the CPU has bf16 units
     kinds = [r[0].split(" ")[0] for r in rows]
-    assert kinds == ["model"] * len(precisions) + [k for k in ("in-memory", "streaming,", "PIL", "on")
+    assert kinds == ["model"] * len(precisions) + [k for k in ("in-memory", "in-memory", "streaming,", "PIL", "on")
                                                    for _ in precisions]
-    assert [_precision(r[0]) for r in rows] == precisions * 5
+    assert [_precision(r[0]) for r in rows] == precisions * 6
+    assert "eager step" in rows[len(precisions)][0] and "compiled" in rows[2 * len(precisions)][0]  # old, new
     assert all(float(r[1].replace(",", "")) > 0 for r in rows) and all(r[2] == "100%" for r in rows[:len(precisions)])
     reference = {_precision(r[0]): _number(r[1]) for r in rows[:len(precisions)]}
     for r in rows[len(precisions):]:  # each share is its rate over model-only's in the same precision
@@ -107,3 +108,14 @@ def test_checkpoint_rows_time_the_copy_and_the_write():
     ((what, mib, copy_ms, write_ms),) = checkpoint_rows("cpu", repeats=1)
     assert what.startswith("cpu preset") and 20 < _number(mib) < 60  # ViT-Tiny depth 6 + AdamW moments, float32
     assert _number(copy_ms) >= 0 and _number(write_ms) > 0
+
+
+@pytest.mark.slow  # four short CPU-preset runs
+def test_batch_share_rows_time_the_batch_inside_the_step():
+    from train.bench import batch_share_rows
+
+    rows = batch_share_rows(steps=24, precisions=("fp32",))
+    assert [r[0] for r in rows] == ["fp32, batch eager (`--fast off`)", "fp32, batch compiled whole (`--fast on`)"]
+    for _, batch_ms, step_ms, left in rows:  # the batch is part of the step; the share follows from the two
+        assert 0 < _number(batch_ms) < _number(step_ms)
+        assert _number(left.rstrip("%")) == pytest.approx(100 * (1 - _number(batch_ms) / _number(step_ms)), abs=0.2)

@@ -60,8 +60,9 @@ def test_fast_is_on_by_default_on_cuda_and_compiles_the_cpus_batch_for_long_runs
     assert fast_options("auto", False, "default", cuda, world_size=8) == Fast(True, "default", True, True, False)
     assert fast_options("auto", False, "default", cuda, graph="off").graph is False
     assert fast_options("off", False, "default", cuda) == Fast()
-    assert fast_options("on", False, "reduce-overhead", cpu) == Fast(True, "reduce-overhead", False, True, False)
+    assert fast_options("on", False, "reduce-overhead", cpu) == Fast(False, "reduce-overhead", False, True, False)
     assert fast_options("off", True, "default", cpu).compile
+    assert fast_options("on", True, "default", cpu) == Fast(True, "default", False, True, False)
     assert fast_options("on", False, "default", cpu, graph="on").graph is False  # no CUDA graphs on a CPU
 
 
@@ -144,7 +145,7 @@ def test_a_compiled_run_really_compiles(shards, tmp_path, capsys, monkeypatch):
     assert counters["stats"]["unique_graphs"] >= 1 and "step: torch.compile (default) model" in log.splitlines()
     torch._dynamo.reset()
     counters.clear()
-    log, _ = _run(shards, tmp_path / "fast", capsys, fast="on")
+    log, _ = _run(shards, tmp_path / "fast", capsys, fast="on", compile=True)
     assert counters["stats"]["unique_graphs"] >= 2  # the model and the batch
     assert "step: augmentation and mixing compiled whole (inductor), torch.compile (default) model" in \
         log.splitlines()
@@ -160,7 +161,7 @@ def test_a_batch_that_does_not_compile_is_one_note_and_trains_what_eager_trains(
         raise RuntimeError("this backend is broken")
 
     monkeypatch.setattr(step, "BACKEND", broken)
-    log, fallback = _run(shards, tmp_path / "fallback", capsys, fast="on", **AUGMENTED)
+    log, fallback = _run(shards, tmp_path / "fallback", capsys, fast="on", compile=True, **AUGMENTED)
     notes = [line for line in log.splitlines() if line.startswith(("note:", "step: "))]
     assert notes == ["note: torch.compile failed on this machine (BackendCompilerFailed: backend='broken' raised: "
                      "RuntimeError: this backend is broken); training eagerly",

@@ -68,7 +68,8 @@ def sample_crop_boxes(u: torch.Tensor, height: int, width: int, scale=(0.08, 1.0
         fw, fh = width, height
     fits = fits.any(1)
     fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)  # Python numbers: no copy to the device
-    return torch.stack([torch.where(fits, v, f) for v, f in zip((top, left, h, w), fallback, strict=True)], 1).float()
+    boxes = torch.stack([torch.where(fits, v, f) for v, f in zip((top, left, h, w), fallback, strict=True)], 1)
+    return rng.keep(boxes.float())
 
 
 def whole_boxes(batch: int, height: int, width: int, device) -> torch.Tensor:
@@ -119,8 +120,23 @@ def pil_vertical_first(h: torch.Tensor, w: torch.Tensor, out_size: int) -> torch
     return (h - out_size > 0) & (h - out_size > 2 * (w - out_size))
 
 
+def vertical_first_possible(height: int, width: int, out_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> bool:
+    """Whether any box `sample_crop_boxes` can draw (or its fallback) takes PIL's vertical-first order: from the
+    sizes and the ranges alone, a fixed property of the run (the CPU preset's crops never do, the paper's do). A
+    pixel of slack on each side covers the rounding of the drawn sizes."""
+    area = height * width
+    for h in range(1, height + 1):
+        w_min = max(1.0, ratio[0] * h - 1, scale[0] * area / h - 1)
+        w_max = min(float(width), ratio[1] * h + 1, scale[1] * area / h + 1)
+        if w_min <= w_max and h - out_size > 0 and h - out_size > 2 * (w_min - out_size):
+            return True
+    fh = height if width / height >= min(ratio) else round(width / min(ratio))  # timm's fallback box
+    fw = width if width / height <= max(ratio) else round(height * max(ratio))
+    return bool(fh - out_size > 0 and fh - out_size > 2 * (fw - out_size))
+
+
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: int, hflip: torch.Tensor | None = None,
-                 vflip: torch.Tensor | None = None, pixels=None) -> torch.Tensor:
+                 vflip: torch.Tensor | None = None, pixels=None, vertical: bool = True) -> torch.Tensor:
     """Crop every (H, W) image of a (B, H, W) batch to its own box (top, left, h, w), resize it to out_size x
     out_size with PIL's antialiased bicubic filter, and flip it where asked: two batched matmuls. Gives 8-bit
     values (integers in 0..255) as float32, as PIL does. `boxes` (B, 4) and the (B,) bool flips are on the images'
@@ -131,14 +147,17 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: int, hflip
     takes PIL's order of passes (`pil_vertical_first`). On square images the vertical-first order is the
     horizontal-first order of the transposed image with the two weight matrices swapped, so every sample runs the
     same two matmuls, on its image or on its transpose (chosen before `pixels`, on the narrower type); on others
-    both orders are computed and one kept.
+    both orders are computed and one kept. `vertical=False`: no box can take the vertical-first order
+    (`vertical_first_possible`), so none of that is needed.
     """
     pixels = pixels or (lambda t: t.float())
     batch, height, width = images.shape
     boxes = boxes.float()
     rows = resample_weights(boxes[:, 0], boxes[:, 2], out_size, height, vflip)  # (B, out, H)
     cols = resample_weights(boxes[:, 1], boxes[:, 3], out_size, width, hflip).transpose(1, 2)  # (B, W, out)
-    vertical = pil_vertical_first(boxes[:, 2], boxes[:, 3], out_size)[:, None, None]
+    if not vertical:
+        return _round8(rows @ _round8(pixels(images) @ cols))
+    vertical = rng.keep(pil_vertical_first(boxes[:, 2], boxes[:, 3], out_size))[:, None, None]
     if height != width:
         x = pixels(images)
         return torch.where(vertical, _round8(_round8(rows @ x) @ cols), _round8(rows @ _round8(x @ cols)))
@@ -172,7 +191,7 @@ def erase_boxes(u: torch.Tensor, chance: torch.Tensor, height: int, width: int, 
     top = torch.floor(pick(u[..., 2]) * (height - h + 1))
     left = torch.floor(pick(u[..., 3]) * (width - w + 1))
     erase = (chance < probability) & fits.any(1)
-    return torch.stack([top, left, torch.where(erase, h, 0.0), w], 1)
+    return rng.keep(torch.stack([top, left, torch.where(erase, h, 0.0), w], 1))
 
 
 def random_erase(x: torch.Tensor, boxes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -226,9 +245,12 @@ class DeviceAugment:
         else:
             boxes = whole_boxes(batch, height, width, x.device)
         u = rng.uniform(key, rng.FLIP, counter, (2, batch))
-        hflip, vflip = u[0] < self.hflip, u[1] < self.vflip
+        hflip, vflip = rng.keep(u[0] < self.hflip), rng.keep(u[1] < self.vflip)
         if self.crop or height != self.img_size or width != self.img_size:
-            x = resized_crop(x, boxes, self.img_size, hflip=hflip, vflip=vflip, pixels=self._pixels)
+            vertical = vertical_first_possible(height, width, self.img_size, *(
+                (self.crop_scale, self.crop_ratio) if self.crop else ((1.0, 1.0), (width / height, width / height))))
+            x = resized_crop(x, boxes, self.img_size, hflip=hflip, vflip=vflip, pixels=self._pixels,
+                             vertical=vertical)
         else:  # crops already cut at the model's size (HostCrop): resampling at scale 1 is the identity
             x = self._pixels(x)
             x = torch.where(hflip[:, None, None], x.flip(2), x)
@@ -240,7 +262,7 @@ class DeviceAugment:
             u = rng.uniform(key, rng.ERASE, counter, (batch, CROP_ATTEMPTS + 1, 4), torch.float64)
             boxes = erase_boxes(u[:, :CROP_ATTEMPTS], u[:, CROP_ATTEMPTS, 0], self.img_size, self.img_size,
                                 self.reprob)
-            noise = rng.normal(key, rng.ERASE_NOISE, counter, tuple(x.shape))
+            noise = rng.normal(key, rng.ERASE_NOISE, counter, tuple(x.shape), stored=False)  # per pixel
             return random_erase(x, boxes, noise)
         return x.contiguous()
 
@@ -248,7 +270,9 @@ class DeviceAugment:
         """The clean view pretext accuracy is measured on: the whole image resized (as `eval_transform`)."""
         batch, _, height, width = images.shape
         boxes = whole_boxes(batch, height, width, images.device)
-        return self._to_model(resized_crop(images[:, 0], boxes, self.img_size, pixels=self._pixels)).contiguous()
+        vertical = height - self.img_size > 0 and height - self.img_size > 2 * (width - self.img_size)
+        return self._to_model(resized_crop(images[:, 0], boxes, self.img_size, pixels=self._pixels,
+                                           vertical=vertical)).contiguous()
 
 
 class HostCrop:

@@ -192,28 +192,30 @@ def _peak_mib(device) -> str:
 
 
 def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, stream_images: int = 0,
-                  compile_modes: tuple[str, ...] = ("default",),
-                  repeats: int = 1) -> Iterator[tuple[str, str, str, str, str, str]]:
+                  compile_modes: tuple[str, ...] = ("default",), repeats: int = 1,
+                  precisions: tuple[str, ...] | None = None,
+                  paths: tuple[str, ...] | None = None) -> Iterator[tuple[str, str, str, str, str, str]]:
     """A preset trained through each data path and on random tensors, in this one process: (what, samples/s, % of
     the fast model-only rate, MFU, peak device MiB, note), each row as soon as it is measured (a time-boxed device
     call keeps what finished). Each figure is the median samples/s of the windows after the first (start-up,
     compilation, worker spawn and buffer fill excluded).
 
-    Model only: eager, and on CUDA the fast step once per torch.compile mode in `compile_modes`; the data paths
-    run with the default --fast (on CUDA: the fast step with the first mode), the in-memory path eager as well,
-    old beside new.
+    Model only: eager, and on CUDA the fast step once per torch.compile mode in `compile_modes` (uncaptured) and the
+    step captured as one CUDA graph; the in-memory path eager (the old step), compiled (and on CUDA compiled but
+    uncaptured), old beside new; the other paths with --fast on.
     cpu: the CPU preset on `make pretrain`'s shards, 1 loader worker where there are workers (its default).
     paper: the paper preset on the 1p-frac set (1000 x 512 px) and, streamed, on `stream_images` images (a
     FractalDB-sized set streams the same way; the rate does not depend on its length); loader workers: all
     cores but one; then the CPU preset on the same device, eager and fast. Meant for a GPU machine.
     repeats > 1: every row is measured that many times, round-robin over the rows, and reports the median of its
     rounds; a machine whose speed drifts over minutes (a shared VM) then moves every row alike and the ratios hold.
-    Rows are yielded in the last round.
+    Rows are yielded in the last round. `precisions` (CPU) and `paths` (memory, stream, pil, fly) keep only those
+    rows.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     cores = os.cpu_count() or 1
-    cpu_precisions = ("fp32", "bf16") if bf16_units() else ("fp32",)
+    cpu_precisions = precisions or (("fp32", "bf16") if bf16_units() else ("fp32",))
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         if preset == "cpu":
@@ -251,23 +253,30 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
             probes = [(f"model only, eager, {p} (random tensors, same model, batch, optimizer)",
                        lambda p=p: model_only(fast="off", precision=p), True, True) for p in cpu_precisions]
         probes += [(f"model only, fast step (torch.compile {mode}, fused AdamW)",
-                    lambda mode=mode: model_only(fast="on", compile_mode=mode), True, True)
+                    lambda mode=mode: model_only(fast="on", compile_mode=mode, graph="off"), True, True)
                    for mode in (compile_modes if cuda else ())]
-        paths = [("in-memory cache, augmentation on the device", dict(cache="on")),
-                 (f"streaming, {workers} worker(s) decoding, augmentation on the device",
-                  dict(cache="off", workers=workers, shards=str(big))),
+        if cuda:
+            probes.append(("model only, the step as one CUDA graph (torch.compile default, fused AdamW, captured)",
+                           lambda: model_only(fast="on", compile_mode="default"), True, True))
+        rows = [("in-memory cache, eager step (`--fast off`, the old way)", dict(cache="on", fast="off")),
+                 ("in-memory cache, the default" + (": the step as one CUDA graph" if cuda else
+                                                    " of a long run: augmentation compiled (`--fast on`)"),
+                  dict(cache="on", fast="on")),
+                 (f"streaming, {workers} worker(s) decoding" + (" and cutting crops" if cuda else "") +
+                  ", augmentation on the device", dict(cache="off", workers=workers, shards=str(big), fast="on")),
                  (f"PIL path (`--augment cpu`), {workers} worker(s) decoding and augmenting (old default)",
                   dict(augment="cpu", workers=workers, shards=str(big))),
                  (f"on the fly (`--render --instances 0`), {workers} worker(s) rendering, augmentation on the "
-                  "device", dict(shards="", render=str(shards), instances=0, workers=workers))]
-        if cuda:  # the old ways beside the new defaults
-            paths.insert(0, ("in-memory cache, eager step (`--fast off`, the old step)", dict(cache="on", fast="off")))
-            paths.insert(3, (f"streaming, {workers} worker(s) decoding, whole images to the device (`--crop-in "
-                             "device`, the old way)", dict(cache="off", workers=workers, shards=str(big),
-                                                          crop_in="device")))
+                  "device", dict(shards="", render=str(shards), instances=0, workers=workers, fast="on"))]
+        if cuda:  # the compiled step without the capture, beside it
+            rows.insert(1, ("in-memory cache, compiled step, not captured (`--graph off`)",
+                            dict(cache="on", fast="on", graph="off")))
+        kind = lambda args: ("pil" if args.get("augment") == "cpu" else "fly" if args.get("render") else  # noqa: E731
+                             "stream" if args.get("cache") == "off" else "memory")
+        rows = [(label, args) for label, args in rows if paths is None or kind(args) in paths]
         if not cuda:
-            paths = [(f"{label}, {p}", {**args, "precision": p}) for label, args in paths for p in cpu_precisions]
-        probes += [(label, lambda args=args: run(**args), False, True) for label, args in paths]
+            rows = [(f"{label}, {p}", {**args, "precision": p}) for label, args in rows for p in cpu_precisions]
+        probes += [(label, lambda args=args: run(**args), False, True) for label, args in rows]
         if preset == "paper":
             small = dict(PRESETS["cpu"], steps=steps, log_every=window, eval_every=0, ckpt_every=0, cache="on",
                          compile_mode=compile_modes[0])
@@ -423,3 +432,152 @@ def checkpoint_rows(preset: str = "paper", repeats: int = 3) -> list[tuple[str, 
         size = (Path(tmp) / "ckpt.pt").stat().st_size
     return [(f"{preset} preset ({cfg.model}, {cfg.img_size} px, AdamW)", f"{size / 2**20:,.0f}",
              f"{statistics.median(copies) * 1e3:,.0f}", f"{statistics.median(writes) * 1e3:,.0f}")]
+
+
+def _busy_share(events, wall_us: float) -> float:
+    """The share of a window of `wall_us` microseconds in which the device ran at least one kernel or copy (the
+    union of their intervals)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    busy, end = 0.0, -1.0
+    for start, stop in spans:
+        if stop <= end:
+            continue
+        busy += stop - max(start, end)
+        end = stop
+    return busy / wall_us if wall_us else 0.0
+
+
+def step_checks(preset: str = "paper", sync_steps: int = 20, profile_steps: int = 20, graph: str = "auto",
+                images: int = 0) -> list[str]:
+    """Lines of a report on one in-memory run of the preset with the default --fast: after its first step
+    (compilation and, on one GPU, the capture), `sync_steps` steps under `torch.cuda.set_sync_debug_mode("error")`
+    (any step that makes the host wait for the device raises, naming the call), then `profile_steps` steps under
+    torch.profiler: the top device kernels, and the share of the window's wall time the device was busy. `graph`:
+    --graph for the run. On a CPU the sync check does not apply and the profile lists CPU operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from . import step as step_module
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    lines, calls, window = [], [0], {}
+    original = step_module.TrainStep.__call__
+
+    def hooked(self, step_index, raws=None):
+        calls[0] += 1
+        n = calls[0]
+        if n == 2 and cuda and sync_steps:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        if n == 2 + sync_steps:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.synchronize()
+            if sync_steps and cuda:
+                lines.append(f"sync check: {sync_steps} steps under set_sync_debug_mode('error'), no host "
+                             "synchronisation")
+            window["profiler"] = profile(activities=[ProfilerActivity.CPU] +
+                                         ([ProfilerActivity.CUDA] if cuda else []))
+            window["profiler"].__enter__()
+            window["t0"] = time.perf_counter()
+        original(self, step_index, raws)
+        if n == 1 + sync_steps + profile_steps:
+            if cuda:
+                torch.cuda.synchronize()
+            window["wall"] = time.perf_counter() - window["t0"]
+            window["profiler"].__exit__(None, None, None)
+
+    steps = 2 + sync_steps + profile_steps
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
+        if preset == "cpu":
+            render_dataset(shards, Settings(**{**CPU_SHARDS.__dict__, "classes": images or CPU_SHARDS.classes}))
+            base = dict(PRESETS["cpu"])
+        else:
+            render_dataset(shards, Settings(classes=images or 1000), workers=os.cpu_count() or 1)
+            base = dict(PRESETS["paper"], warmup_epochs=0.0, warmup_steps=10)
+        cfg = Config(**{**base, "shards": str(shards), "out": str(Path(tmp) / "run"), "steps": steps,
+                        "log_every": steps, "eval_every": 0, "ckpt_every": 0, "cache": "on", "fast": "on",
+                        "graph": graph})
+        out = io.StringIO()
+        step_module.TrainStep.__call__ = hooked
+        try:
+            with contextlib.redirect_stdout(out):
+                pretrain(cfg)
+        except RuntimeError as e:  # the sync check: the call that synchronised
+            lines.append(f"sync check FAILED at step {calls[0]}: {str(e).splitlines()[0][:300]}")
+            return lines + [line for line in out.getvalue().splitlines() if line.startswith(("step:", "note:"))]
+        finally:
+            step_module.TrainStep.__call__ = original
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    lines += [line for line in out.getvalue().splitlines() if line.startswith(("step:", "note:", "data:"))]
+    prof, wall = window["profiler"], window["wall"]
+    per_step = wall / profile_steps * 1e3
+    lines.append(f"profile: {profile_steps} steps in {wall * 1e3:.1f} ms, {per_step:.2f} ms a step, "
+                 f"{cfg.global_batch or cfg.batch} samples a step")
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = _busy_share(kernels, wall * 1e6)
+        lines.append(f"profile: the device was busy {100 * busy:.1f}% of the window, idle {100 * (1 - busy):.1f}% "
+                     f"({len(kernels) / profile_steps:.0f} device events a step)")
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines += prof.key_averages().table(sort_by=sort, row_limit=15).splitlines()
+    return lines
+
+
+@contextlib.contextmanager
+def _timed_steps():
+    """Times, in every TrainStep built inside, each batch made and each step's device work (host clocks: meaningful
+    on the CPU, where the work is synchronous): yields {"batch": [s...], "work": [s...]}."""
+    from . import step as step_module
+
+    times = {"batch": [], "work": []}
+    init, work = step_module.TrainStep.__init__, step_module.TrainStep.work
+
+    def timed_init(self, model, optimizer, scheduler, make_batch, *args, **kwargs):
+        def timed_batch(*batch_args):
+            t0 = time.perf_counter()
+            made = make_batch(*batch_args)
+            times["batch"].append(time.perf_counter() - t0)
+            return made
+        init(self, model, optimizer, scheduler, timed_batch, *args, **kwargs)
+
+    def timed_work(self, raws):
+        t0 = time.perf_counter()
+        work(self, raws)
+        times["work"].append(time.perf_counter() - t0)
+
+    step_module.TrainStep.__init__, step_module.TrainStep.work = timed_init, timed_work
+    try:
+        yield times
+    finally:
+        step_module.TrainStep.__init__, step_module.TrainStep.work = init, work
+
+
+def batch_share_rows(steps: int = 150, precisions: tuple[str, ...] | None = None,
+                     repeats: int = 1) -> list[tuple[str, str, str, str]]:
+    """Where the CPU preset's in-memory step goes, measured inside each run (so a VM whose speed drifts between runs
+    cannot move it): the median time of making a batch (the draws, augmentation and mixing) against the median
+    time of the whole step's work, eager (--fast off) and compiled (--fast on), after the first 20 steps. The
+    share left for the model is what the in-memory path can reach of the model-only rate."""
+    precisions = precisions or (("fp32", "bf16") if bf16_units() else ("fp32",))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
+        render_dataset(shards, CPU_SHARDS)
+        for precision in precisions:
+            for fast in ("off", "on"):
+                batch, work = [], []
+                for r in range(repeats):
+                    cfg = Config(shards=str(shards), steps=steps, log_every=steps, eval_every=0, ckpt_every=0,
+                                 fast=fast, precision=precision, out=str(Path(tmp) / f"{precision}-{fast}-{r}"))
+                    with _timed_steps() as times, contextlib.redirect_stdout(io.StringIO()):
+                        pretrain(cfg)
+                    batch.append(statistics.median(times["batch"][20:]))
+                    work.append(statistics.median(times["work"][20:]))
+                b, w = statistics.median(batch), statistics.median(work)
+                how = "eager (`--fast off`)" if fast == "off" else "compiled whole (`--fast on`)"
+                rows.append((f"{precision}, batch {how}", f"{b * 1e3:.1f}", f"{w * 1e3:.1f}",
+                             f"{100 * (1 - b / w):.1f}%"))
+    return rows

@@ -466,7 +466,7 @@ class MemorySource:
         return self.sampler.indices(micro_step)[0]
 
     def __call__(self, counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.indices(counter.to(self.images.device))
+        idx = rng.keep(self.indices(counter.to(self.images.device)))  # stored: not recomputed for every pixel
         return self.images[idx], self.labels[idx]
 
 

@@ -72,7 +72,8 @@ class GroupMix:
         cy, cx = torch.floor(centre[:, 0] * height), torch.floor(centre[:, 1] * width)
         yl, yh = (cy - torch.floor(cut_h / 2)).clamp(0, height), (cy + torch.floor((cut_h + 1) / 2)).clamp(0, height)
         xl, xh = (cx - torch.floor(cut_w / 2)).clamp(0, width), (cx + torch.floor((cut_w + 1) / 2)).clamp(0, width)
-        lam = torch.where(use_cutmix, 1 - (yh - yl) * (xh - xl) / (height * width), lam)  # timm's correct_lam
+        lam = rng.keep(torch.where(use_cutmix, 1 - (yh - yl) * (xh - xl) / (height * width), lam))  # correct_lam
+        yl, yh, xl, xh = rng.keep(torch.stack([yl, yh, xl, xh])).unbind(0)  # stored, not recomputed per pixel
         rows = torch.arange(height, device=x.device, dtype=lam.dtype)[None, :, None]
         cols = torch.arange(width, device=x.device, dtype=lam.dtype)[None, None, :]
         box = ((rows >= yl[:, None, None]) & (rows < yh[:, None, None]) & (cols >= xl[:, None, None])

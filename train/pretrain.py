@@ -696,9 +696,10 @@ def main(
     stop_after: Annotated[int | None, typer.Option(help="end this run after N steps with a checkpoint, for job "
                                                         "time limits; --resume continues (the schedule is --steps')")]
     = None,
-    fast: Annotated[str | None, typer.Option(help="auto, on or off: the model and the augmentation compiled, fused "
-                                                  "AdamW, the step as one CUDA graph (train.step); auto: on on CUDA, "
-                                                  "on the CPU the augmentation compiled for runs of 1000+ steps")]
+    fast: Annotated[str | None, typer.Option(help="auto, on or off. on: on CUDA the model and the augmentation "
+                                                  "compiled, fused AdamW, the step as one CUDA graph; on the CPU the "
+                                                  "augmentation compiled (train.step). auto: on on CUDA, and on the "
+                                                  "CPU for runs of 1000 steps or more")]
     = None,
     graph: Annotated[str | None, typer.Option(help="auto, on or off: capture the whole step as one CUDA graph "
                                                    "(auto: with --fast, on one CUDA rank)")] = None,

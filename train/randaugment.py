@@ -110,7 +110,7 @@ class RandAugment:
             magnitude = torch.full((batch,), self.magnitude, dtype=torch.float64, device=counter.device)
         level = magnitude.clamp(0, self.magnitude_max) / LEVEL_DENOM
         sign = torch.where(u[2] > 0.5, -1.0, 1.0).to(torch.float64)
-        return torch.where(applied, op, -1), level, sign
+        return rng.keep(torch.where(applied, op, -1)), rng.keep(level), rng.keep(sign)
 
     def __call__(self, x: torch.Tensor, key: int, counter: torch.Tensor) -> torch.Tensor:
         for layer in range(self.num_layers):
@@ -125,14 +125,15 @@ class RandAugment:
             hits = [chosen[name] for name in self.ops if name in group]
             return torch.stack(hits).any(0)
 
+        # rng.keep: each sample's table, factor and map are stored once, not recomputed for every pixel they touch
         if self.groups[POINT]:
-            x = _apply_lut(x, self._lut(x, chosen, level, sign))
+            x = _apply_lut(x, rng.keep(self._lut(x, chosen, level, sign)))
         if self.groups[SHARPNESS]:
             factor = _enhance_factor(level, sign, "SharpnessIncreasing" in self.ops)
-            x = _sharpness(x, torch.where(drawn(SHARPNESS), factor, 1.0))
+            x = _sharpness(x, rng.keep(torch.where(drawn(SHARPNESS), factor, 1.0)))
         if self.groups[GEOMETRIC]:
             a, t = self._affine_params(chosen, level, sign, x.shape[2], x.shape[1])
-            x = _pil_affine_bicubic(x, a, t, self.fill)
+            x = _pil_affine_bicubic(x, rng.keep(a), rng.keep(t), self.fill)
         return x
 
     def _lut(self, x, chosen, level, sign) -> torch.Tensor:

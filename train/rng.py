@@ -34,6 +34,21 @@ MIX = 22  # Mixup/CutMix: choice, lambda, box
 HOST_CROP = 23  # crops cut in loader workers
 
 
+@torch.library.custom_op("fracgen::keep", mutates_args=())
+def keep(x: torch.Tensor) -> torch.Tensor:
+    """`x`, stored: in a compiled graph an opaque op, so inductor writes `x` to a buffer instead of inlining the
+    ops that make it into every consumer. A per-sample draw read by a per-pixel kernel would otherwise be
+    recomputed (hash chain and all) for every pixel: 4 ms of the CPU preset's 9 ms batch. A copy of a few numbers
+    per sample in eager mode."""
+    return x.clone()
+
+
+@keep.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+
 def lowbias32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 of 32-bit values held in an int64 tensor (the same function as fracgen.rng's kernel hash). Each
     product stays below 2**63: the second multiplier is over 2**31, so x * c is taken as -(x * (2**32 - c))
@@ -74,20 +89,21 @@ def bits(key: int, stream: int, counter: torch.Tensor, shape: tuple[int, ...],
 
 
 def uniform(key: int, stream: int, counter: torch.Tensor, shape: tuple[int, ...],
-            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Uniform in [0, 1): the top 24 bits (float32) or all 32 bits (float64) of each hash."""
+            dtype: torch.dtype = torch.float32, stored: bool = True) -> torch.Tensor:
+    """Uniform in [0, 1): the top 24 bits (float32) or all 32 bits (float64) of each hash. `stored`: kept in a
+    buffer (`keep`), as a draw of a few numbers per sample should be; False for a per-pixel draw, which the
+    compiled graph computes where it is used."""
     h = bits(key, stream, counter, shape)
-    if dtype == torch.float64:
-        return h.to(torch.float64) * 2.0**-32
-    return (h >> 8).to(dtype) * 2.0**-24
+    u = h.to(torch.float64) * 2.0**-32 if dtype == torch.float64 else (h >> 8).to(dtype) * 2.0**-24
+    return keep(u) if stored else u
 
 
 def normal(key: int, stream: int, counter: torch.Tensor, shape: tuple[int, ...],
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           dtype: torch.dtype = torch.float32, stored: bool = True) -> torch.Tensor:
     """N(0, 1) by Box-Muller, two values from each pair of hashes (cosine half, sine half)."""
     n = math.prod(shape)
     half = (n + 1) // 2
-    u = uniform(key, stream, counter, (2, half), torch.float64 if dtype == torch.float64 else torch.float32)
+    u = uniform(key, stream, counter, (2, half), torch.float64 if dtype == torch.float64 else torch.float32, stored)
     radius = torch.sqrt(-2 * torch.log1p(-u[0]))  # 1 - u in (0, 1]: no log(0)
     angle = 2 * math.pi * u[1]
     z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]

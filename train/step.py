@@ -56,14 +56,17 @@ class Fast:
 
 def fast_options(fast: str, compile: bool, compile_mode: str, device, steps: int = 0, world_size: int = 1,
                  graph: str = "auto") -> Fast:
-    """`--fast auto|on|off` (auto: on on CUDA; on the CPU the batch maker alone, for runs of CPU_COMPILE_STEPS or
-    more), `--compile` (the model, on any device) and `--graph auto|on|off` (the step captured: auto with --fast
-    on CUDA on one rank)."""
+    """What `--fast auto|on|off`, `--compile` and `--graph auto|on|off` turn on for a run of `steps` more steps.
+
+    On CUDA, --fast on (auto: on) is the model and the batch maker compiled, fused AdamW, and on one rank the step
+    captured (unless --graph off). On the CPU, --fast on is the batch maker compiled (the model compiled gains
+    nothing there: docs/speed.md), and auto turns it on for runs of CPU_COMPILE_STEPS steps or more. `--compile`
+    compiles the model on any device."""
     cuda = device.type == "cuda"
-    on = fast == "on" or (fast == "auto" and cuda)
-    augment = on or (fast == "auto" and steps >= CPU_COMPILE_STEPS)
+    on = fast == "on" or (fast == "auto" and (cuda or steps >= CPU_COMPILE_STEPS))
     captured = cuda and world_size == 1 and (graph == "on" or (graph == "auto" and on))
-    return Fast(compile=on or compile, compile_mode=compile_mode, fused=on and cuda, augment=augment, graph=captured)
+    return Fast(compile=(on and cuda) or compile, compile_mode=compile_mode, fused=on and cuda, augment=on,
+                graph=captured)
 
 
 def model_compile_mode(mode: str, graph: bool) -> str:
