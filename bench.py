@@ -180,6 +180,8 @@ def bench_trainer(args) -> None:
                               precisions=tuple(args.precisions.split(",")) if args.precisions else None,
                               paths=tuple(args.paths.split(",")) if args.paths else None):
         print("| " + " | ".join(r) + " |")
+    if args.training_only:
+        return
     if args.preset == "cpu":
         print("\n| CPU preset, in-memory step, inside each run | ms making the batch | ms of the step | left for the "
               "model |\n|---|---|---|---|")
@@ -248,6 +250,8 @@ def main():
                     help="only fracgen's rows, only the trainer's, only the on-the-fly source against shards, only "
                          "what a checkpoint costs the training loop, or a profile of the preset's in-memory step "
                          "(on CUDA with a check that no step waits for the device)")
+    ap.add_argument("--training-only", action="store_true", help="the trainer's training rows only (not the "
+                                                                  "batch share, augmentation, memory and loader rows)")
     ap.add_argument("--profile-images", type=int, default=0, help="classes of the profiled set (default: the "
                                                                    "preset's)")
     args = ap.parse_args()

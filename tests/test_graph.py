@@ -91,19 +91,32 @@ def test_every_batch_dispatches_the_same_operators_whatever_its_size_and_seed(sh
 
 
 def test_compiled_and_eager_batches_agree(shards):
-    """inductor's graph against the eager ops, same draws (integer hashes: identical in both): the images agree to
-    one 8-bit grey level on at most 0.1% of values (a resampling sum rounded to the other side of .5 after another
-    order of float additions) and to 1e-5 elsewhere (erasing noise, mixing); the targets to 1e-6."""
+    """inductor's graph against the eager ops, same draws (integer hashes: identical in both), the paper's recipe:
+    no 8-bit value differs (one grey level would be 0.0078 here), and the model's inputs agree to 2e-6 (the
+    erasing noise's log and cosine, whose vectorised forms may differ in the last bit); the targets exactly."""
     maker = _maker(shards, 16)
     dynamo.reset()
     compiled = torch.compile(maker, fullgraph=True, dynamic=False, options=BATCH_COMPILE_OPTIONS)
-    grey = 1 / 255 / 0.5  # one 8-bit level after normalising with std 0.5
     for t in range(3):
         (x, target), (cx, ctarget) = maker(torch.tensor(t)), compiled(torch.tensor(t))
-        diff = (x - cx).abs()
-        assert diff.max().item() <= grey + 1e-5
-        assert (diff > 1e-5).double().mean().item() <= 1e-3
-        assert torch.allclose(target, ctarget, atol=1e-6)
+        assert (x - cx).abs().max().item() <= 2e-6
+        assert torch.equal(target, ctarget)
+
+
+def test_the_cpu_presets_compiled_batch_is_the_eager_one_bit_for_bit(tmp_path):
+    """No erasing noise there: the compiled batch of make pretrain's recipe equals the eager one exactly (the crop
+    weights' sums in a fixed order: a compiler-chosen order had moved 3 in 400,000 pixels by a grey level)."""
+    shards = tmp_path / "shards"
+    render_dataset(shards, classes=32, size=128, points=20_000, shard_size=32, seed=4, workers=1)
+    cfg = Config(shards=str(shards))
+    images, labels = data.load_images(shards, data.read_manifest(shards))
+    mix = GroupMix(32, cfg.mixup, cfg.cutmix, cfg.mix_switch_prob, cfg.smoothing, cfg.mix_group)
+    maker = BatchMaker(device_augment(cfg), mix, 32, cfg.smoothing, 3, data.MemorySource(images, labels, 128, 0))
+    dynamo.reset()
+    compiled = torch.compile(maker, fullgraph=True, dynamic=False, options=BATCH_COMPILE_OPTIONS)
+    for t in range(4):
+        (x, target), (cx, ctarget) = maker(torch.tensor(t)), compiled(torch.tensor(t))
+        assert torch.equal(x, cx) and torch.equal(target, ctarget), t
 
 
 def _losses(out: Path) -> list[float]:
@@ -126,3 +139,28 @@ def test_300_steps_of_the_cpu_preset_with_the_compiled_batch_log_the_eager_losse
     assert len(eager) == len(compiled) == 12
     assert eager[-1] < eager[0] - 0.05  # it learns, so the comparison means something
     assert max(abs(a - b) for a, b in zip(eager, compiled, strict=True)) < 0.003, (eager, compiled)
+
+
+@pytest.mark.slow  # minutes on 2 cores: the bench rows, two profiled runs and two curves at toy size
+def test_the_device_script_runs_at_toy_size(tmp_path):
+    """docs/results/gpu/issue37.sh with TOY=1: every part runs and writes its file, so the one device call it is
+    meant for does not fail on the script."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "TOY": "1", "PY": sys.executable}
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["bash", "docs/results/gpu/issue37.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=1500)
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.iterdir()} == {"machine.txt", "bench.log", "profile-graph-auto.log",
+                                               "profile-graph-off.log", "curve-off.log", "curve-auto.log"}
+    bench = (out / "bench.log").read_text()
+    assert "| model only, eager, fp32" in bench and "| in-memory cache, the default of a long run" in bench
+    for graph in ("auto", "off"):
+        profile = (out / f"profile-graph-{graph}.log").read_text()
+        assert "profile: 20 steps in" in profile and "Self CPU" in profile, profile
+    for fast in ("off", "auto"):
+        assert "done: LPCE" in (out / f"curve-{fast}.log").read_text()

@@ -109,7 +109,12 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, i
     weights = _bicubic((taps + 0.5 - centres) / stretch)
     inside = (taps >= start[:, None, None]) & (taps < (start + length)[:, None, None])
     weights = torch.where(inside, weights, 0.0)
-    weights = weights / weights.sum(-1, keepdim=True)
+    # The taps summed one by one, in order: a reduction's order is the compiler's choice, and a last-bit change of
+    # a weight can move a resampled value across .5 (one grey level), so compiled and eager weights would differ.
+    total = weights[..., 0]
+    for k in range(1, reach):
+        total = total + weights[..., k]
+    weights = weights / total[..., None]
     dense = torch.zeros(len(start), out_size, in_size, device=device, dtype=weights.dtype)
     return dense.scatter_add(2, taps.clamp(0, in_size - 1).long(), weights)
 

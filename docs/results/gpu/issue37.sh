@@ -32,7 +32,7 @@ PY=${PY:-python3}
   $PY -c "import torch, timm, os; print('torch', torch.__version__, 'timm', timm.__version__, 'cores', os.cpu_count())"
   git log -1 --format='fracgen at %h %cs' 2>/dev/null; date -u; } | tee "$OUT/machine.txt"
 if [ "${TOY:-0}" = 1 ]; then
-    BENCH="--preset cpu --train-steps 40 --precisions fp32 --paths memory"
+    BENCH="--preset cpu --train-steps 40 --precisions fp32 --paths memory --training-only"
     PROFILE="--preset cpu --profile-images 64"
     CURVE="--classes 16 --size 64 --steps 20 --img 32"
 else
