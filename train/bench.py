@@ -268,9 +268,15 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
                   dict(augment="cpu", workers=workers, shards=str(big))),
                  (f"on the fly (`--render --instances 0`), {workers} worker(s) rendering, augmentation on the "
                   "device", dict(shards="", render=str(shards), instances=0, workers=workers, fast="on"))]
-        if cuda:  # the compiled step without the capture, beside it
+        if cuda:  # the compiled step without the capture, and whole images to the card, beside the defaults
             rows.insert(1, ("in-memory cache, compiled step, not captured (`--graph off`)",
                             dict(cache="on", fast="on", graph="off")))
+            rows.insert(4, (f"streaming, {workers} worker(s) decoding, whole images to the device (`--crop-in "
+                            "device`)", dict(cache="off", workers=workers, shards=str(big), fast="on",
+                                             crop_in="device")))
+            rows.append((f"on the fly, {workers} worker(s) rendering, whole images to the device (`--crop-in "
+                         "device`)", dict(shards="", render=str(shards), instances=0, workers=workers, fast="on",
+                                          crop_in="device")))
         kind = lambda args: ("pil" if args.get("augment") == "cpu" else "fly" if args.get("render") else  # noqa: E731
                              "stream" if args.get("cache") == "off" else "memory")
         rows = [(label, args) for label, args in rows if paths is None or kind(args) in paths]
