@@ -191,6 +191,37 @@ def _peak_mib(device) -> str:
     return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f}"
 
 
+def _path_rows(cuda: bool, workers: int, shards: Path, big: Path, paths: tuple[str, ...] | None,
+               cpu_precisions: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """training_rows' data-path rows: (label, the Config fields that differ from the preset), old beside new,
+    kept to `paths`; on the CPU once per precision."""
+    rows = [("in-memory cache, eager step (`--fast off`, the old way)", dict(cache="on", fast="off")),
+             ("in-memory cache, the default" + (": the step as one CUDA graph" if cuda else
+                                                " of a long run: augmentation compiled (`--fast on`)"),
+              dict(cache="on", fast="on")),
+             (f"streaming, {workers} worker(s) decoding" + (" and cutting crops" if cuda else "") +
+              ", augmentation on the device", dict(cache="off", workers=workers, shards=str(big), fast="on")),
+             (f"PIL path (`--augment cpu`), {workers} worker(s) decoding and augmenting (old default)",
+              dict(augment="cpu", workers=workers, shards=str(big))),
+             (f"on the fly (`--render --instances 0`), {workers} worker(s) rendering, augmentation on the "
+              "device", dict(shards="", render=str(shards), instances=0, workers=workers, fast="on"))]
+    if cuda:  # the compiled step without the capture, and whole images to the card, beside the defaults
+        rows.insert(1, ("in-memory cache, compiled step, not captured (`--graph off`)",
+                        dict(cache="on", fast="on", graph="off")))
+        rows.insert(4, (f"streaming, {workers} worker(s) decoding, whole images to the device (`--crop-in "
+                        "device`)", dict(cache="off", workers=workers, shards=str(big), fast="on",
+                                         crop_in="device")))
+        rows.append((f"on the fly, {workers} worker(s) rendering, whole images to the device (`--crop-in "
+                     "device`)", dict(shards="", render=str(shards), instances=0, workers=workers, fast="on",
+                                      crop_in="device")))
+    kind = lambda args: ("pil" if args.get("augment") == "cpu" else "fly" if args.get("render") else  # noqa: E731
+                         "stream" if args.get("cache") == "off" else "memory")
+    rows = [(label, args) for label, args in rows if paths is None or kind(args) in paths]
+    if not cuda:
+        rows = [(f"{label}, {p}", {**args, "precision": p}) for label, args in rows for p in cpu_precisions]
+    return rows
+
+
 def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, stream_images: int = 0,
                   compile_modes: tuple[str, ...] = ("default",), repeats: int = 1,
                   precisions: tuple[str, ...] | None = None,
@@ -258,30 +289,7 @@ def training_rows(preset: str = "cpu", steps: int = 100, window: int = 20, strea
         if cuda:
             probes.append(("model only, the step as one CUDA graph (torch.compile default, fused AdamW, captured)",
                            lambda: model_only(fast="on", compile_mode="default"), True, True))
-        rows = [("in-memory cache, eager step (`--fast off`, the old way)", dict(cache="on", fast="off")),
-                 ("in-memory cache, the default" + (": the step as one CUDA graph" if cuda else
-                                                    " of a long run: augmentation compiled (`--fast on`)"),
-                  dict(cache="on", fast="on")),
-                 (f"streaming, {workers} worker(s) decoding" + (" and cutting crops" if cuda else "") +
-                  ", augmentation on the device", dict(cache="off", workers=workers, shards=str(big), fast="on")),
-                 (f"PIL path (`--augment cpu`), {workers} worker(s) decoding and augmenting (old default)",
-                  dict(augment="cpu", workers=workers, shards=str(big))),
-                 (f"on the fly (`--render --instances 0`), {workers} worker(s) rendering, augmentation on the "
-                  "device", dict(shards="", render=str(shards), instances=0, workers=workers, fast="on"))]
-        if cuda:  # the compiled step without the capture, and whole images to the card, beside the defaults
-            rows.insert(1, ("in-memory cache, compiled step, not captured (`--graph off`)",
-                            dict(cache="on", fast="on", graph="off")))
-            rows.insert(4, (f"streaming, {workers} worker(s) decoding, whole images to the device (`--crop-in "
-                            "device`)", dict(cache="off", workers=workers, shards=str(big), fast="on",
-                                             crop_in="device")))
-            rows.append((f"on the fly, {workers} worker(s) rendering, whole images to the device (`--crop-in "
-                         "device`)", dict(shards="", render=str(shards), instances=0, workers=workers, fast="on",
-                                          crop_in="device")))
-        kind = lambda args: ("pil" if args.get("augment") == "cpu" else "fly" if args.get("render") else  # noqa: E731
-                             "stream" if args.get("cache") == "off" else "memory")
-        rows = [(label, args) for label, args in rows if paths is None or kind(args) in paths]
-        if not cuda:
-            rows = [(f"{label}, {p}", {**args, "precision": p}) for label, args in rows for p in cpu_precisions]
+        rows = _path_rows(cuda, workers, shards, big, paths, cpu_precisions)
         probes += [(label, lambda args=args: run(**args), False, True) for label, args in rows]
         if preset == "paper":
             small = dict(PRESETS["cpu"], steps=steps, log_every=window, eval_every=0, ckpt_every=0, cache="on",
