@@ -264,7 +264,11 @@ def info(
         if score_at:
             from fracgen import score as score_lib
 
-            for r in score_lib.score(m, _resolutions(score_at)):
+            with _bars(_progress(transient=True)) as bar:
+                task = bar.add_task("score")
+                scored = score_lib.score(m, _resolutions(score_at), note=_note,
+                                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+            for r in scored:
                 rows.append((f"score at {r['at']} px", ", ".join(f"{k} {r[k]:.3f}" for k in score_lib.MEASURES)))
         for k, v in rows:  # values come from the manifest: shown as text, never as markup or terminal codes
             t.add_row(k, escape(printable(v)))
@@ -284,20 +288,28 @@ def score(
                                                       "224).")] = None,
     classes: Annotated[int | None, typer.Option(help="Score only the first N classes (default: all).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows to this JSON file.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Refuse, after timing two classes, a score estimated to "
+                                                           "take longer (default: 10).")] = None,
 ):
     """How learnable the set is at a training resolution, from the data alone (fracgen/score.py): separation (the
     nearest other class over the spread of two renders of one class), the share of confusable classes, diversity
-    and fill. Renders instances 0 and 1 of every class: seconds for 1000 classes."""
+    and fill. Renders instances 0 and 1 of every class: seconds for 1000 classes at 512 px, an hour at 16384."""
     from fracgen import score as score_lib
 
     with _errors():
         sizes = _resolutions(at or (32, 224))
         if classes is not None and classes < 2:
             raise FracgenError(f"--classes must be at least 2 (a nearest other class), got {classes}")
+        if max_minutes is not None and not max_minutes > 0:
+            raise FracgenError(f"--max-minutes must be more than 0, got {max_minutes:g}")
         m = read_manifest(dataset)
         if m["num_classes"] < 2:
             raise FracgenError(f"{dataset} has one class: there is nothing to tell apart")
-        rows = score_lib.score(m, sizes, classes)
+        bound = None if max_minutes is None else max_minutes * 60
+        with _bars(_progress(transient=True)) as bar:
+            task = bar.add_task("score")
+            rows = score_lib.score(m, sizes, classes, max_seconds=bound, note=_note,
+                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
         t = Table(title=escape(printable(f"{dataset}: {rows[0]['classes']} classes")))
         for column in ("at px", *score_lib.MEASURES, "spread", "nearest"):
             t.add_column(column, justify="right")

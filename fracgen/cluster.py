@@ -18,6 +18,7 @@ of its own, and hand each result over as it arrives, to the same loop that renam
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import socket
@@ -62,13 +63,15 @@ def connect(scheduler: object = None) -> DaskPool:
                            "DASK_SCHEDULER_ADDRESS")
     deadline = time.monotonic() + CONNECT_TIMEOUT
     _probe(str(address), deadline)
-    try:
-        client = Client(address, timeout=max(1.0, deadline - time.monotonic()), set_as_default=False)
-    except Exception as e:  # dask's errors are many types (a peer that is not Dask gave a MemoryError)
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        _abandon(e, Client)
-        raise FracgenError(f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT:g} s: "
-                           f"{why[:200]}") from None
+    with _held_logs() as held:
+        try:
+            client = Client(address, timeout=max(1.0, deadline - time.monotonic()), set_as_default=False)
+        except Exception as e:  # dask's errors are many types (a peer that is not Dask gave a MemoryError)
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _abandon(e, Client)
+            held.clear()  # what dask logged of it (a CRITICAL traceback for junk msgpack): our line says it
+            raise FracgenError(f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT:g} s: "
+                               f"{why[:200]}") from None
     try:
         client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
     except (TimeoutError, OSError):
@@ -76,6 +79,33 @@ def connect(scheduler: object = None) -> DaskPool:
         raise FracgenError(f"the Dask scheduler at {address} has no workers (none joined within "
                            f"{CONNECT_TIMEOUT:g} s): start some with `dask worker {address}`") from None
     return DaskPool(client, own=True)
+
+
+@contextlib.contextmanager
+def _held_logs():
+    """distributed's log records held back while a Client connects, then passed on to its handlers as they were (a
+    caller's `clear()` drops them): junk from a peer made dask log a CRITICAL traceback and a warning on stderr
+    before our one line. Every logger of the hierarchy that prints (dask gives several their own handler) holds."""
+    records: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    loggers = [logging.getLogger("distributed")] + [
+        logger for name, logger in list(logging.root.manager.loggerDict.items())
+        if name.startswith("distributed.") and isinstance(logger, logging.Logger) and logger.handlers]
+    saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
+    hold = Hold()
+    for logger in loggers:
+        logger.handlers[:], logger.propagate = [hold], False
+    try:
+        yield records
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers[:], logger.propagate = handlers, propagate
+        for record in records:
+            logging.getLogger(record.name).handle(record)
 
 
 def _abandon(error: BaseException, client_type) -> None:

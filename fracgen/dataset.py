@@ -25,6 +25,7 @@ from fracgen.errors import FracgenError
 from fracgen.lock import writing_folder
 from fracgen.manifest import (  # noqa: F401 (API)
     FORMAT_VERSION,
+    check_card,
     check_timm_info,
     other_renderer,
     read_manifest,
@@ -381,8 +382,9 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     atomic_write(out / MANIFEST, lambda f: f.write(text))
 
 
-def verify_dataset(out: str | Path, progress: Progress | None = None) -> list[str]:
-    """Problems found (shard name: reason); empty when every shard matches the manifest."""
+def verify_dataset(out: str | Path, progress: Progress | None = None, card: bool = True) -> list[str]:
+    """Problems found (shard name: reason); empty when every shard matches the manifest. With `card`, the dataset
+    card's configs too (`check_card`; `publish` writes the card again, so it passes False)."""
     out = Path(out)
     manifest = read_manifest(out)
     problems = []
@@ -399,7 +401,7 @@ def verify_dataset(out: str | Path, progress: Progress | None = None) -> list[st
     total = sum(e["samples"] for e in shards)
     if manifest.get("complete") and total != manifest["num_samples"]:
         problems.append(f"{MANIFEST}: shards hold {total} samples, num_samples says {manifest['num_samples']}")
-    problem = check_timm_info(out, manifest)
-    if problem:
-        problems.append(problem)
+    for problem in (check_timm_info(out, manifest), check_card(out, manifest) if card else None):
+        if problem:
+            problems.append(problem)
     return problems

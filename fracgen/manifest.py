@@ -6,16 +6,20 @@ and the systems, and below the writer (`fracgen.dataset`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
+
+import yaml
 
 from fracgen.errors import FracgenError
 from fracgen.render import RENDERER
 from fracgen.settings import Settings
 from fracgen.shards import atomic_write, max_shard_bytes
 from fracgen.systems import SYSTEMS, validate
-from fracgen.untrusted import read_json
+from fracgen.untrusted import printable, read_json
 
 FORMAT_VERSION = 1  # of the shard folder: manifest.json + tar shards, as the README documents it
 SHARD_FILE = re.compile(r"[A-Za-z0-9_-]+\.tar")  # a plain name in the folder: no path, not hidden
@@ -61,6 +65,87 @@ def check_timm_info(folder: Path, manifest: dict) -> str | None:
         same = False
     return None if same else (f"{TIMM_INFO} does not match the manifest (`fracgen render --resume` or `fracgen "
                               "publish` write it again)")
+
+
+CARD = "README.md"  # the dataset card `fracgen publish` writes: Hugging Face `datasets` reads its `configs`
+HF_YAML = ".huggingface.yaml"  # `datasets` reads this file's configs over the card's; fracgen writes none
+MAX_CARD_BYTES = 1 << 20  # a card publish writes takes ~3 KB (a base with 256 maps: ~30 KB)
+# huggingface_hub's REGEX_YAML_BLOCK: the front matter exactly as `datasets.load_dataset` finds it
+FRONT_MATTER = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
+
+
+def card_pattern(manifest: dict) -> str:
+    """The card's data_files: the shards only (manifest.json and _info.json must not be taken for data)."""
+    return f"{manifest['settings']['name']}-*.tar"
+
+
+def card_configs(manifest: dict) -> list:
+    """The card's `configs` as `fracgen publish` writes them (and as YAML reads them back)."""
+    return [{"config_name": "default", "data_files": [{"split": "train", "path": card_pattern(manifest)}]}]
+
+
+def _card_paths(configs: object) -> Iterator[tuple[str, str]]:
+    """("data_files path" or "data_dir", the path) for each path a card's configs name, in the forms `datasets`
+    takes (a string, a list of strings, a list of {split, path} with a string or a list, a {split: ...} map). The
+    first 100 of each list only: YAML's aliases can make lists of lists that never end."""
+    for config in configs[:100] if isinstance(configs, list) else []:
+        if not isinstance(config, dict):
+            continue
+        if isinstance(config.get("data_dir"), str):
+            yield "data_dir", config["data_dir"]
+        files = config.get("data_files")
+        files = list(itertools.islice(files.values(), 100)) if isinstance(files, dict) else \
+            files[:100] if isinstance(files, list) else [files]
+        for item in files:
+            paths = item.get("path") if isinstance(item, dict) else item
+            for path in paths[:100] if isinstance(paths, list) else [paths]:
+                if isinstance(path, str):  # anything else is not publish's configs either
+                    yield "data_files path", path
+
+
+def _outside(path: str) -> bool:
+    """Can this pattern name files outside the folder: absolute, the home folder, a URL or any scheme (hf://,
+    zip://, C:), or a '..'?"""
+    return path.startswith(("/", "\\", "~")) or ".." in path or re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", path) is not None
+
+
+def check_card(folder: Path, manifest: dict) -> str | None:
+    """A problem line when the folder's dataset card (if any) could point Hugging Face `datasets` at other files
+    than its shards: the front matter read as huggingface_hub reads it, its `configs` held to the ones `fracgen
+    publish` writes (the rest of the card is its owner's to edit), and no .huggingface.yaml to override them."""
+    where, again = f"{CARD} (dataset card)", "`fracgen publish` writes it again"
+    if (Path(folder) / HF_YAML).exists():
+        return f"{HF_YAML}: `datasets` reads its configs over the card's, and fracgen writes none (remove it)"
+    try:
+        with open(Path(folder) / CARD, "rb") as f:
+            raw = f.read(MAX_CARD_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{where}: unreadable ({e.strerror or e})"
+    if len(raw) > MAX_CARD_BYTES:
+        return f"{where}: larger than the {MAX_CARD_BYTES:,} bytes fracgen reads of it: {again}"
+    try:
+        match = FRONT_MATTER.search(raw.decode("utf-8-sig"))
+        front = yaml.safe_load(match.group(2)) if match else None
+    except UnicodeDecodeError:
+        return f"{where}: not UTF-8 text: {again}"
+    except (yaml.YAMLError, RecursionError) as e:
+        why = printable((str(e).splitlines() or [type(e).__name__])[0])[:100]
+        return f"{where}: its front matter is not YAML ({why}): {again}"
+    configs = front.get("configs") if isinstance(front, dict) else None
+    if configs == card_configs(manifest):
+        return None
+    named = list(_card_paths(configs))
+    for kind, path in named:
+        if _outside(path):
+            return (f"{where}: its {kind} '{printable(path[:300])}' is outside the folder (`datasets` would read data "
+                    f"from there): {again}")
+    pattern = card_pattern(manifest)
+    for kind, path in named:
+        if kind == "data_files path" and path != pattern:
+            return f"{where}: its data_files path '{printable(path[:300])}' is not the shards' '{pattern}': {again}"
+    return f"{where}: its configs are not the ones `fracgen publish` writes (data_files '{pattern}'): {again}"
 
 
 def renderer_of(manifest: dict) -> int:

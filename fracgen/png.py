@@ -57,6 +57,15 @@ class PNGError(FracgenError, ValueError):
 MAX_SIDE = 16384  # fracgen's largest canvas (render.MAX_SIZE); a larger header is not one of our images
 
 
+def header(data: bytes) -> tuple[int, int, int, int, int]:
+    """(width, height, bit depth, colour type, interlace) from a PNG's IHDR, read before anything is inflated; one
+    PNGError line when `data` does not start as a PNG."""
+    if data[:8] != SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+        raise PNGError("not a PNG (no PNG signature and header)")
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    return width, height, depth, color, interlace
+
+
 def decode(data: bytes, size: int | None = None) -> np.ndarray:
     """(H, W) uint8 pixels of an 8-bit grayscale PNG; with `size`, it must be size x size.
 
@@ -68,9 +77,7 @@ def decode(data: bytes, size: int | None = None) -> np.ndarray:
     time on. Any other PNG (filtered rows, other modes, several IDATs) goes through Pillow, converted to L;
     Pillow inflates no more than the image's size either.
     """
-    if data[:8] != SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
-        raise PNGError("not a PNG (no PNG signature and header)")
-    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    width, height, depth, color, interlace = header(data)
     if size is not None and (width, height) != (size, size):
         raise PNGError(f"a {width}x{height} px PNG, not {size}x{size}")
     if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
@@ -92,7 +99,10 @@ def decode(data: bytes, size: int | None = None) -> np.ndarray:
             if not raw[:, 0].any():  # every row unfiltered: the pixels are the rest
                 return raw[:, 1:].copy()  # writable and contiguous, like Pillow's
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if image.size != (width, height):  # Pillow took a later IHDR than the one checked above
+                raise PNGError(f"Pillow reads a {image.width}x{image.height} px image, its header says "
+                               f"{width}x{height}")
             return np.asarray(image.convert("L"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise PNGError(f"does not decode: {e}") from None

@@ -21,8 +21,10 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fracgen.errors import FracgenError
+from fracgen.untrusted import printable
 
 PATTERN = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?")
 EXPIRES = 3600  # seconds a signed URL stays valid: longer than a file's --deadline (900 s by default)
@@ -59,19 +61,39 @@ IDENTITY = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "
             "AWS_DEFAULT_REGION", "AWS_REGION")  # what the client depends on (its cache key; never shown)
 
 
+def _check_endpoint(name: str, endpoint: str) -> None:
+    """An endpoint URL boto3 can use, or one line naming the variable: boto3 and urllib answered "not a url",
+    "http://", "ftp://x" or "http://[::1" with 65 to 83 lines of traceback."""
+    try:
+        parts = urlsplit(endpoint)
+        fine = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a bracket left open; a port out of range or not a number (.port raises)
+        fine = False
+    if not fine or any(ch.isspace() or not ch.isprintable() for ch in endpoint):
+        raise FracgenError(f"{name} '{printable(endpoint)}' is not the http(s) URL of an S3 endpoint (like "
+                           "http://127.0.0.1:9000): correct it, or unset it for AWS itself")
+
+
 @lru_cache(maxsize=4)
 def _client(environment: tuple):
     """A client per environment (credentials, endpoint, region): a pull signs one URL per shard with the same one."""
-    boto3, _ = _boto3()
+    boto3, botocore = _boto3()
     from botocore.config import Config
 
     env = dict(zip(IDENTITY, environment, strict=True))
-    endpoint = env["AWS_ENDPOINT_URL_S3"] or env["AWS_ENDPOINT_URL"] or None
+    name = "AWS_ENDPOINT_URL_S3" if env["AWS_ENDPOINT_URL_S3"] else "AWS_ENDPOINT_URL"
+    endpoint = env[name] or None
+    if endpoint:
+        _check_endpoint(name, endpoint)
     config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=30, read_timeout=30,
                     signature_version="s3v4", s3={"addressing_style": "path" if endpoint else "auto"})
     session = boto3.session.Session()
     region = env["AWS_DEFAULT_REGION"] or env["AWS_REGION"] or session.region_name or "us-east-1"
-    return session, session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    try:
+        return session, session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    except (ValueError, botocore.exceptions.BotoCoreError) as e:  # an endpoint_url or region in ~/.aws/config
+        raise FracgenError(f"the S3 client cannot be made: {printable(e)[:200]} (check AWS_ENDPOINT_URL, "
+                           "AWS_DEFAULT_REGION and ~/.aws/config)") from None
 
 
 def client():
@@ -94,7 +116,12 @@ def check_credentials(spec: str) -> None:
 def presign(bucket: str, key: str) -> str:
     """A GET URL for s3://bucket/key, signed here (no request is made)."""
     check_credentials(f"s3://{bucket}/{key}")
-    return client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=EXPIRES)
+    _, botocore = _boto3()
+    try:
+        return client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                               ExpiresIn=EXPIRES)
+    except botocore.exceptions.BotoCoreError as e:  # the endpoint rules' refusals (EndpointResolutionError)
+        raise FracgenError(f"s3://{bucket}/{key}: {printable(e)[:200]}") from None
 
 
 def error_hint(body: bytes) -> str:

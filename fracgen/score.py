@@ -17,11 +17,19 @@ and report over the classes:
 - diversity: median distance between two classes over median spread (how different the classes are at all);
 - fill: mean share of non-zero pixels at the rendered size (FractalDB's filling rate).
 Which of these predicts pretext accuracy is an empirical question (docs/results.md, "Which base will learn?").
+
+The time goes into rendering at the manifest's size: ~4 ms a class at 512 px, ~3.3 s at 16384 px (a manifest that
+claims it made 1000 classes an hour's silent work). The second class's time (the first carries the renderer's
+start-up) gives an estimate: said before the rest when it is long, refused past a bound (MAX_SECONDS, `fracgen score
+--max-minutes`) with how to proceed.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -30,6 +38,8 @@ from fracgen.dataset import render_sample
 from fracgen.errors import FracgenError
 
 MEASURES = ("separation", "confusable", "diversity", "fill")
+MAX_SECONDS = 600.0  # the most a score may take unless asked (`--max-minutes`): 1000 classes at 512 px take ~5 s
+NOTE_SECONDS = 10.0  # a score estimated at longer says so before the rest of its work
 
 
 def shrink(image: np.ndarray, at: int) -> np.ndarray:
@@ -70,20 +80,53 @@ def check_memory(manifest: dict, at: tuple[int, ...], classes: int | None = None
                            "(--classes) or at lower resolutions (--at)")
 
 
-def shrunk_pairs(manifest: dict, at: tuple[int, ...], classes: int | None = None):
+def duration(seconds: float) -> str:
+    """0.4 s, 6 s, 2 min 5 s, 3 h 12 min: a time as a person reads it."""
+    if seconds >= 3600:
+        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+    if seconds >= 60:
+        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+    return f"{seconds:.1f}".removesuffix(".0") + " s"
+
+
+def check_time(manifest: dict, n: int, per_class: float, spent: float, max_seconds: float | None = None,
+               note: Callable[[str], None] | None = None) -> None:
+    """After two of `n` classes (`spent` seconds, the second `per_class`): one FracgenError line, saying how to go
+    on, when the whole would take longer than `max_seconds` (default MAX_SECONDS); else the estimate to `note` when
+    it is NOTE_SECONDS or more."""
+    bound = MAX_SECONDS if max_seconds is None else max_seconds
+    estimate = spent + per_class * (n - 2)
+    what = (f"scoring {n:,} classes renders {2 * n:,} images of {manifest['image']['size']} px: about "
+            f"{duration(estimate)}")
+    if estimate > bound:
+        fit = max(2, int(bound // per_class)) if per_class > 0 else n
+        raise FracgenError(f"{what} ({per_class:.2f} s a class here), past the {duration(bound)} bound: score fewer "
+                           f"classes (--classes {fit}) or allow the time (--max-minutes {math.ceil(estimate / 60)})")
+    if note and estimate >= NOTE_SECONDS:
+        note(what)
+
+
+def shrunk_pairs(manifest: dict, at: tuple[int, ...], classes: int | None = None, *, max_seconds: float | None = None,
+                 note: Callable[[str], None] | None = None, progress: Callable[[int, int], None] | None = None):
     """({at: (instances 0, instances 1) as (n, at * at) float32 arrays}, fill of each instance 0): the first `classes`
     classes rendered one image at a time and shrunk at once, so memory grows with the resolutions scored, not with
-    the rendered size."""
+    the rendered size. Timed on its second class (`check_time`); `progress(done, n)` after each class."""
     n = manifest["num_classes"] if classes is None else min(classes, manifest["num_classes"])
     pairs = {a: (np.empty((n, a * a), np.float32), np.empty((n, a * a), np.float32)) for a in at}
     fills = np.empty(n)
+    start = time.monotonic()
     for k in range(n):
+        begun = time.monotonic()
         for m in (0, 1):
             image = render_sample(manifest, k, m)[0]
             if m == 0:
                 fills[k] = np.count_nonzero(image) / image.size
             for a in at:
                 pairs[a][m][k] = shrink(image, a)
+        if k == 1:  # class 0 carries the renderer's start-up (~0.4 s); class 1 costs what every further one does
+            check_time(manifest, n, time.monotonic() - begun, time.monotonic() - start, max_seconds, note)
+        if progress:
+            progress(k + 1, n)
     return pairs, fills
 
 
@@ -107,9 +150,12 @@ def score_arrays(a: np.ndarray, b: np.ndarray, fills: np.ndarray, at: int) -> di
     }
 
 
-def score(manifest: dict, at: tuple[int, ...] = (32, 224), classes: int | None = None) -> list[dict]:
+def score(manifest: dict, at: tuple[int, ...] = (32, 224), classes: int | None = None, *,
+          max_seconds: float | None = None, note: Callable[[str], None] | None = None,
+          progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """One row of measures per training resolution in `at`, from the first `classes` classes; refused in one line
-    when it would not fit in memory (check_memory)."""
+    when it would not fit in memory (check_memory), or take longer than `max_seconds` (check_time, after two
+    classes; `note` hears a long one's estimate first, `progress` each class)."""
     check_memory(manifest, at, classes)
-    pairs, fills = shrunk_pairs(manifest, at, classes)
+    pairs, fills = shrunk_pairs(manifest, at, classes, max_seconds=max_seconds, note=note, progress=progress)
     return [score_arrays(*pairs[size], fills, size) for size in at]

@@ -42,8 +42,10 @@ from fracgen.dataset import MANIFEST, verify_dataset
 from fracgen.errors import FracgenError
 from fracgen.lock import LOCK_NAME, FolderLock, writing_folder
 from fracgen.manifest import (
+    CARD,
     FORMAT_VERSION,
     TIMM_INFO,
+    card_pattern,
     check_manifest,
     load_manifest,
     other_renderer,
@@ -55,7 +57,7 @@ from fracgen.untrusted import MAX_JSON_BYTES, parse_json, printable, read_json, 
 from fracgen.version import __version__
 
 SOURCE_FILE = "source.json"  # where a pulled folder came from
-CARD, SUMS, PREVIEW = "README.md", "SHA256SUMS", "preview.png"  # what `publish` writes beside the shards
+SUMS, PREVIEW = "SHA256SUMS", "preview.png"  # what `publish` writes beside the shards, with the card (CARD)
 TRIES = 5  # attempts per file on transient errors (connection, timeout, too slow, HTTP 429 and 5xx)
 BACKOFF = 0.5  # seconds before the second attempt, doubled for each further one
 MAX_WAIT = 10.0  # the most a server's Retry-After may make us wait (it made a file wait 4 minutes at 60 s)
@@ -633,7 +635,7 @@ def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str,
     them again, a sample grid and how to pull and train from them."""
     s, image, base = manifest["settings"], manifest["image"], manifest["base"]
     source = printable(source).replace("`", "%60")  # no secret of the URL in a public card, no end of its code
-    pattern = f"{s['name']}-*.tar"  # the shards only: manifest.json must not be taken for data
+    pattern = card_pattern(manifest)  # the shards only; `fracgen verify` holds the card to these configs
     n, c = manifest["num_samples"], manifest["num_classes"]
     system = s.get("system", "1p-frac")
     what, rows, extra = _system_text(system, s, base, c)
@@ -743,7 +745,7 @@ def publish(folder: str | Path, *, to: str | None = None, url: str | None = None
     if to is not None:
         check_destination(to)  # a bad destination, or no credentials, fails before any work
     with FolderLock(folder, "fracgen publish", note):
-        problems = verify_dataset(folder, progress)
+        problems = verify_dataset(folder, progress, card=False)  # the card is written again below
         if problems:
             more = f" (and {len(problems) - 1} more; `fracgen verify` lists them)" if len(problems) > 1 else ""
             raise FracgenError(f"{folder} does not verify, so it is not published: {problems[0]}{more}")
