@@ -7,10 +7,12 @@ name on disk always means a finished shard.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -128,13 +130,26 @@ def write_bytes_unfinished(path: Path, data: bytes, entry: dict) -> Path:
     return _write_unfinished(Path(path), lambda f: f.write(data))[0]
 
 
+def why_not_written(error: OSError, folder: Path) -> str:
+    """An OSError of a write as a person needs it: a full disk (or quota) says so, with what is free where (the
+    temporary file is already gone)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return (f"{error.strerror or 'no space left'} (the disk is full: {free} in {folder}): make room, then run "
+                "the same command again")
+    return error.strerror or str(error)
+
+
 def _write_unfinished(path: Path, write) -> tuple[Path, object]:
     """Every file fracgen writes goes through here, so a full disk or a lost permission names the file (the
     OSError of a write or fsync names none)."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise FracgenError(f"cannot write {path}: {e.strerror or e}") from None
+        raise FracgenError(f"cannot write {path}: {why_not_written(e, path.parent)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             result = write(f)
@@ -143,7 +158,7 @@ def _write_unfinished(path: Path, write) -> tuple[Path, object]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; shards are for sharing
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise FracgenError(f"cannot write {path}: {e.strerror or e}") from None
+        raise FracgenError(f"cannot write {path}: {why_not_written(e, path.parent)}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -7,7 +7,9 @@ terminal's cursor, inject rich markup, spread one error over many lines, or get 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import unicodedata
 from pathlib import Path
 
@@ -34,6 +36,12 @@ def _visible(ch: str) -> str:
         # what is shown
         return ascii(ch)[1:-1]
     return ch
+
+
+def without_controls(text: object) -> str:
+    """`text` with its line breaks kept and every other control or format character written as an escape: a block
+    of lines (a command) shown as it is, nothing in it able to move a terminal's cursor."""
+    return "".join(ch if ch == "\n" else _visible(ch) if ch not in "\t" else ch for ch in str(text))
 
 
 def printable(text: object) -> str:
@@ -68,3 +76,21 @@ def read_json(path: str | Path, what: str | None = None, max_bytes: int = MAX_JS
     except OSError as e:
         raise FracgenError(f"{what} is unreadable: {e.strerror or e}") from None
     return parse_json(data, what, max_bytes)
+
+
+def open_regular(path: str | Path, what: str | None = None):
+    """`path` opened for reading (binary) only if it is a regular file, itself and not through a link: a link to
+    /dev/zero never ends, and a FIFO blocks the open itself (hence O_NONBLOCK, harmless on a regular file).
+    FileNotFoundError as open() raises it; anything else not readable is one FracgenError line."""
+    what = what or str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # ELOOP: a link
+        raise FracgenError(f"{what} is {'a link' if os.path.islink(path) else 'unreadable'} "
+                           f"({e.strerror or e}): not read") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FracgenError(f"{what} is not a regular file (a FIFO, device or folder): not read")
+    return os.fdopen(fd, "rb")

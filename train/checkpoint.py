@@ -3,10 +3,12 @@ loadable, keeping the last K, and finding the newest complete one to continue fr
 has this one job too; the training loop only calls it).
 
 Files in the run folder:
-- `ckpt-00001500.pt`: one checkpoint per kept step, written as `.tmp`, fsynced, then renamed into place;
+- `ckpt-00001500.pt`: one checkpoint per kept step, written under a new hidden temporary name, fsynced, then
+  renamed into place (nothing planted in the folder, a link included, is ever written through);
 - `checkpoints.json`: the marker of completeness, the kept checkpoints (step, file, bytes, sha256), rewritten
-  atomically after each checkpoint is in place; a checkpoint is loaded only if the marker lists it and its bytes
-  hash to the recorded sha256;
+  atomically after each checkpoint is in place. It is a record to check, not an authority: an entry counts only
+  if its file is its step's name, a regular file of the run folder (no link, FIFO or device) of the recorded size
+  (bounded) and sha256, and the checkpoint inside says the same step; other entries are noted and ignored;
 - `ckpt.pt`: the newest complete checkpoint under the name older tools and readers use (a hard link to it, or a copy
   where the file system has no links). A run folder from before the marker holds only this file, and loads as before.
 
@@ -22,6 +24,8 @@ import io
 import json
 import os
 import re
+import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -29,10 +33,21 @@ from pathlib import Path
 
 import torch
 
-from .runtime import TrainError, load_checkpoint
+from fracgen.errors import FracgenError
+from fracgen.shards import atomic_write
+from fracgen.untrusted import open_regular, parse_json, printable
+
+from .model import MAX_PARAMS
+from .runtime import TrainError, atomic_write_bytes, atomic_write_json, load_checkpoint
 
 LATEST, MARKER = "ckpt.pt", "checkpoints.json"
 NAME = re.compile(r"ckpt-(\d{8})\.pt")
+TEMPORARY = re.compile(r"(ckpt-\d{8}\.pt|ckpt\.pt|checkpoints\.json|model\.safetensors|model\.pth|config\.json"
+                       r"|summary\.json|metrics\.jsonl)\.tmp")  # names older trainers wrote their temporaries under
+MAX_MARKER_BYTES = 1 << 20  # a few lines per kept checkpoint
+MAX_LISTED = 10_000
+# the model, AdamW's two moments (float32) and the rest of the state, for the largest network fracgen builds
+MAX_CHECKPOINT_BYTES = 3 * 4 * MAX_PARAMS + (1 << 30)
 
 
 def file_name(step: int) -> str:
@@ -87,6 +102,7 @@ class Checkpoints:
         self.last_time = clock()
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.ignored: list[str] = []  # what the marker listed that is not a checkpoint record (entries())
         self.last_seconds = 0.0  # how long the last write took (on its thread)
 
     # --- when ---------------------------------------------------------------------------------------------------
@@ -130,85 +146,130 @@ class Checkpoints:
     def _write(self, state: dict, step: int) -> None:
         t0 = time.perf_counter()
         name = file_name(step)
-        path, tmp = self.out / name, self.out / (name + ".tmp")
-        with open(tmp, "wb") as f:
+        path = self.out / name
+
+        def save(f):
             hashing = _Hashing(f)
             torch.save(state, hashing)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            return hashing
+
+        try:
+            hashing = atomic_write(path, save)
+        except FracgenError as e:
+            raise TrainError(str(e)) from None
         _fsync_dir(self.out)
         entry = {"step": step, "file": name, "bytes": hashing.size, "sha256": hashing.sha.hexdigest()}
         self._link_latest(path)
         kept = [e for e in self.entries() if e["step"] != step and (self.out / e["file"]).is_file()] + [entry]
         kept.sort(key=lambda e: e["step"])
         gone, kept = kept[: -self.keep], kept[-self.keep:]
-        _atomic_json(self.out / MARKER, {"format": 1, "checkpoints": kept})  # now the new one counts as complete
+        atomic_write_json({"format": 1, "checkpoints": kept}, self.out / MARKER)  # now the new one is complete
         for e in gone:
             (self.out / e["file"]).unlink(missing_ok=True)
         self.last_seconds = time.perf_counter() - t0
 
     def _link_latest(self, path: Path) -> None:
         tmp = self.out / (LATEST + ".tmp")
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # a link planted there goes, its target untouched
         try:
-            os.link(path, tmp)
+            os.link(path, tmp)  # a new entry: fails rather than follow anything
+        except FileExistsError:
+            raise TrainError(f"{tmp} appeared while the checkpoint was linked: another writer in {self.out}?") \
+                from None
         except OSError:  # a file system without hard links: a copy
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 24):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
+            with open(path, "rb") as src:
+                atomic_write_bytes(lambda dst: shutil.copyfileobj(src, dst, 1 << 24), self.out / LATEST)
+            return
         os.replace(tmp, self.out / LATEST)
 
     # --- reading ------------------------------------------------------------------------------------------------
 
     def entries(self) -> list[dict]:
-        """The complete checkpoints the marker lists, oldest first ([] without a marker or with a damaged one)."""
+        """The checkpoints the marker lists whose records are well formed, oldest first ([] without a marker or with
+        a damaged one); `self.ignored` says what else it listed."""
+        self.ignored = []
         try:
-            raw = json.loads((self.out / MARKER).read_bytes()[: 1 << 20])
-            entries = raw["checkpoints"]
-            ok = all(isinstance(e, dict) and isinstance(e.get("step"), int) and NAME.fullmatch(str(e.get("file")))
-                     and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str) for e in entries)
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            with open_regular(self.out / MARKER) as f:
+                raw = parse_json(f.read(MAX_MARKER_BYTES + 1), str(self.out / MARKER), MAX_MARKER_BYTES)
+            listed = raw["checkpoints"][:MAX_LISTED]
+        except (OSError, FracgenError, KeyError, TypeError):
             return []
-        return sorted(entries, key=lambda e: e["step"]) if ok else []
+        entries = []
+        for e in listed if isinstance(listed, list) else []:
+            if _well_formed(e):
+                entries.append(e)
+            else:
+                self.ignored.append(printable(json.dumps(e)[:120]))
+        return sorted(entries, key=lambda e: e["step"])
 
     def exists(self) -> bool:
-        """Is there anything to continue from (a listed checkpoint, or an older run's ckpt.pt)?"""
-        return bool(self.entries()) or (self.out / LATEST).is_file()
+        """Is there anything to continue from (a marker, or an older run's ckpt.pt)?"""
+        return os.path.lexists(self.out / MARKER) or os.path.lexists(self.out / LATEST)
 
     def load_latest(self, resume: bool = True, note: Callable[[str], None] = print) -> tuple[dict, Path] | None:
-        """The newest complete checkpoint and its file: the newest the marker lists whose bytes match their record
-        (an older one, with a note, when the newest is damaged); without a marker, `ckpt.pt` as older runs wrote it.
-        None when there is none."""
-        entries = self.entries()
-        if not entries:
+        """The newest complete checkpoint and its file: the newest the marker lists whose file matches its record
+        and holds its step (an older one, with a note, when the newest is damaged); without a marker, `ckpt.pt` as
+        older runs wrote it. None when there is none; one TrainError line when a marker lists none intact."""
+        if not os.path.lexists(self.out / MARKER):
             path = self.out / LATEST
-            return (load_checkpoint(path, resume=resume), path) if path.is_file() else None
+            if not os.path.lexists(path):
+                return None
+            try:
+                with open_regular(path) as f:
+                    return load_checkpoint(f, resume=resume, name=path), path
+            except FracgenError as e:
+                raise TrainError(str(e)) from None
+        entries = self.entries()
+        for what in self.ignored:
+            note(f"note: {self.out / MARKER} lists {what}, which is not a checkpoint record; ignored")
         for entry in reversed(entries):
             path = self.out / entry["file"]
-            try:
-                with open(path, "rb") as f:
-                    raw = f.read(entry["bytes"] + 1)
-            except OSError:
-                raw = b""
-            if len(raw) == entry["bytes"] and hashlib.sha256(raw).hexdigest() == entry["sha256"]:
-                return load_checkpoint(io.BytesIO(raw), resume=resume, name=path), path
-            note(f"note: {path} does not match {self.out / MARKER} (damaged after it was written); trying the one "
-                 "before it")
+            why = _mismatch(path, entry)
+            if why is None:
+                raw = _read(path, entry["bytes"])
+                if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+                    why = "its sha256 is not the recorded one"
+                else:
+                    checkpoint = load_checkpoint(io.BytesIO(raw), resume=resume, name=path)
+                    if checkpoint["step"] == entry["step"]:
+                        return checkpoint, path
+                    why = f"it holds step {checkpoint['step']}, not {entry['step']}"
+            note(f"note: {path} does not match {self.out / MARKER} ({why}); trying the one before it")
         raise TrainError(f"no checkpoint {self.out / MARKER} lists is intact: the run cannot continue from this folder")
 
     def remove_temporaries(self) -> None:
-        """What a write killed part-way left (the caller holds the run folder's lock: nothing is being written)."""
-        for tmp in list(self.out.glob("ckpt-*.pt.tmp")) + [self.out / (LATEST + ".tmp"), self.out / (MARKER + ".tmp")]:
-            tmp.unlink(missing_ok=True)
+        """What a write killed part-way left, and anything planted under a temporary name of ours (the caller holds
+        the run folder's lock: nothing is being written). Links are removed, never followed."""
+        for tmp in self.out.iterdir():
+            if tmp.name.endswith(".tmp") and (TEMPORARY.fullmatch(tmp.name) or tmp.name.startswith(".")):
+                if tmp.is_symlink() or not tmp.is_dir():
+                    tmp.unlink(missing_ok=True)
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _well_formed(e: object) -> bool:
+    return (isinstance(e, dict) and type(e.get("step")) is int and 0 <= e["step"] < 10**8
+            and e.get("file") == file_name(e["step"]) and type(e.get("bytes")) is int
+            and 0 < e["bytes"] <= MAX_CHECKPOINT_BYTES and isinstance(e.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", e["sha256"]) is not None)
+
+
+def _mismatch(path: Path, entry: dict) -> str | None:
+    """Why the file cannot be the entry's checkpoint without reading it (missing, a link, not a regular file, another
+    size), or None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "it is missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is a link" if stat.S_ISLNK(st.st_mode) else "it is not a regular file"
+    if st.st_size != entry["bytes"]:
+        return f"it has {st.st_size:,} bytes, the record {entry['bytes']:,}"
+    return None
+
+
+def _read(path: Path, size: int) -> bytes:
+    try:
+        with open_regular(path) as f:
+            return f.read(size + 1)
+    except (OSError, FracgenError):
+        return b""

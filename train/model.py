@@ -127,7 +127,8 @@ def check_weights(skeleton_model: torch.nn.Module, state: dict, where: str) -> N
                 raise TrainError(f"{where}: weight {key} is {str(got.dtype).removeprefix('torch.')}, not float32, "
                                  "float16 or bfloat16: not trained weights of this network")
             if not bool(torch.isfinite(got).all()):
-                raise TrainError(f"{where}: weight {key} holds NaN or infinite values: a diverged or damaged run")
+                raise TrainError(f"{where}: weight {key} holds non-finite values (NaN or infinite): a diverged or "
+                                 "damaged run")
         elif got.dtype != want.dtype:
             raise TrainError(f"{where}: weight {key} is {got.dtype}, the network needs {want.dtype}")
 

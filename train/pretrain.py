@@ -28,9 +28,13 @@ RUN_DIR/{ckpt.pt, checkpoints.json, model.safetensors, config.json, model.pth, s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import json
+import math
+import os
+import stat
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,21 +48,22 @@ from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fracgen.errors import FracgenError
-from fracgen.lock import writing_folder
+from fracgen.lock import LOCK_NAME, writing_folder
 from fracgen.manifest import other_renderer
+from fracgen.untrusted import open_regular, parse_json, printable
 
 from . import batches, data, onthefly, weights
 from . import model as model_lib
 from .augment import DeviceAugment
-from .checkpoint import LATEST, Checkpoints, snapshot
+from .checkpoint import LATEST, TEMPORARY, Checkpoints, snapshot
 from .evaluate import chance_warning, pretext_accuracy
 from .mixup import GroupMix
-from .preempt import Agreement, Preemption
+from .preempt import Agreement, Interrupted, Preemption
 from .rng import StepRNG
 from .runtime import (
     TrainError,
+    atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
     parse_float_pair,
     rng_states,
     run_cli,
@@ -167,23 +172,65 @@ RESUMABLE = {"out", "shards", "cache_dir", "render", "resume", "allow_other_data
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def _metrics_up_to(path: Path, step: int) -> float | None:
-    """On resume: drop the metrics a killed run logged after its last checkpoint (they will be logged again), so
-    every step appears once; return the run's first logged loss."""
+MAX_METRICS_LINE = 1 << 20  # the trainer's lines take ~150 bytes; a longer one is not its record
+
+
+def _record(line: bytes, path: Path) -> dict | None:
+    """A line of metrics.jsonl as the trainer wrote it (a flat JSON object of numbers, flags and short names, the
+    step an integer, the loss a number), or None."""
     try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
+        entry = parse_json(line, str(path), MAX_METRICS_LINE)
+    except FracgenError:
         return None
-    kept = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-        if isinstance(entry, dict) and not entry.get("final") and entry.get("step", 0) <= step:
-            kept.append(entry)
-    atomic_write_text("".join(json.dumps(e) + "\n" for e in kept), path)
-    return next((e["loss"] for e in kept if "loss" in e), None)
+    if not isinstance(entry, dict) or len(entry) > 64:
+        return None
+    if not all(v is None or isinstance(v, (bool, int, float)) or isinstance(v, str) and len(v) <= 1000
+               for v in entry.values()):
+        return None
+    if any(k in entry and (type(entry[k]) is not int) for k in ("step", "resumed_from")):
+        return None
+    if "loss" in entry and (isinstance(entry["loss"], bool) or not isinstance(entry["loss"], (int, float))):
+        return None
+    return entry
+
+
+def _metrics_up_to(path: Path, step: int, log) -> tuple[float | None, float | None]:
+    """On resume: drop the metrics a killed run logged after its last checkpoint (they will be logged again), so
+    every step appears once; return the run's first and last logged losses. Read line by line, each bounded: a line
+    that is not the trainer's record (torn by a kill, longer than MAX_METRICS_LINE, not flat JSON) is dropped with
+    a note, and the file is never held whole."""
+    try:
+        source = open_regular(path)
+    except FileNotFoundError:
+        return None, None
+    except FracgenError as e:
+        raise TrainError(f"{e}: refused (the trainer appends its metrics there)") from None
+    first = last = None
+    skipped = 0
+
+    def keep(out) -> None:
+        nonlocal first, last, skipped
+        while line := source.readline(MAX_METRICS_LINE + 1):
+            if len(line) > MAX_METRICS_LINE:  # the rest of an overlong line, in bounded pieces
+                while line and not line.endswith(b"\n"):
+                    line = source.readline(MAX_METRICS_LINE + 1)
+                skipped += 1
+                continue
+            entry = _record(line, path)
+            if entry is None:
+                skipped += 1
+            elif not entry.get("final") and entry.get("step", 0) <= step:
+                out.write(line.rstrip(b"\n") + b"\n")
+                if "loss" in entry:
+                    first = entry["loss"] if first is None else first
+                    last = entry["loss"]
+
+    with source:
+        atomic_write_bytes(keep, path)
+    if skipped:
+        log(f"note: {printable(path)}: {skipped} line(s) that are not the trainer's records (torn by a kill, longer "
+            f"than {MAX_METRICS_LINE:,} bytes, not flat JSON) were dropped")
+    return first, last
 
 
 def per_rank_batch(cfg: Config, world_size: int) -> int:
@@ -231,17 +278,43 @@ def pretrain(cfg: Config) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is not a folder")
+    if rank == 0:
+        check_out(out)
     if rank != 0:
         with Preemption() as preemption:
             return _pretrain(cfg, rank, local_rank, world_size, device, preemption)
     try:  # a run that fails before writing anything leaves no folder behind
-        with writing_folder(out, "train.pretrain", lambda text: print(f"note: {text}", flush=True), f"--out {out}"), \
-                Preemption() as preemption:
+        note = lambda text: print(f"note: {printable(text)}", flush=True)  # noqa: E731
+        with writing_folder(out, "train.pretrain", note, f"--out {out}"), Preemption() as preemption:
             return _pretrain(cfg, rank, local_rank, world_size, device, preemption)
     except FracgenError as e:
         raise TrainError(str(e)) from None
     except OSError as e:
         raise TrainError(f"cannot write the run folder {out}: {e.strerror or e}") from None
+
+
+METRICS = "metrics.jsonl"
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before anything is written, an --out that is not ours to write: a folder without a checkpoint that
+    holds anything but what a run killed before its first checkpoint leaves (a published model folder, a user's
+    folder with a config.json, a finished run whose checkpoints were removed: pretrain would replace their files);
+    a metrics.jsonl that is a link or not a regular file (appended to, it would be written through)."""
+    if not out.is_dir():
+        return
+    if os.path.lexists(out / METRICS) and not stat.S_ISREG(os.lstat(out / METRICS).st_mode):
+        raise TrainError(f"{out / METRICS} is {'a link' if os.path.islink(out / METRICS) else 'not a regular file'}:"
+                         " refused (the trainer appends its metrics there and writes nothing through links)")
+    if Checkpoints(out).exists():
+        return
+    leftovers = {METRICS, LOCK_NAME}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in leftovers and not
+                     (p.name.endswith(".tmp") and (TEMPORARY.fullmatch(p.name) or p.name.startswith("."))))
+    if foreign:
+        shown = ", ".join(printable(name)[:60] for name in foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise TrainError(f"--out {out} is not a train.pretrain run folder: it holds {shown} and no checkpoint; "
+                         "nothing was written (choose a new or empty folder)")
 
 
 def _load_resume(cfg: Config, checkpoints: Checkpoints, log) -> tuple[dict, Path] | tuple[None, None]:
@@ -296,8 +369,8 @@ class Rank:
         return self.rank == 0
 
     def log(self, *args) -> None:
-        if self.master:
-            print(*args, flush=True)
+        if self.master:  # folder names and sources shown as text: no terminal codes, no secret of a URL
+            print(printable(" ".join(map(str, args))), flush=True)
 
 
 @dataclass
@@ -317,7 +390,7 @@ class Plan:
 
 def plan_run(cfg: Config, where: Rank, checkpoint: dict | None) -> Plan:
     """Read the data (pulling a remote source once per node), check it is the checkpoint's, and size the step."""
-    run = batches.read_run_data(cfg, where.local_rank, log=functools.partial(print, flush=True))
+    run = batches.read_run_data(cfg, where.local_rank, log=lambda text: print(printable(text), flush=True))
     if checkpoint is not None and checkpoint["num_classes"] != run.num_classes:
         raise TrainError(f"{run.source} has {run.num_classes} classes, the checkpoint was trained on "
                          f"{checkpoint['num_classes']}: resume with the data it was trained on")
@@ -442,11 +515,14 @@ def checkpoint_state(cfg: Config, plan: Plan, parts: Parts, step: int, rngs: lis
 
 class Metrics:
     """metrics.jsonl, rank 0's: one JSON line per log window, evaluation and the final summary. A continued run
-    first drops what its predecessor logged after its checkpoint and marks the seam."""
+    first drops what its predecessor logged after its checkpoint and marks the seam. Appended to, never through a
+    link (O_NOFOLLOW)."""
 
-    def __init__(self, out: Path, master: bool, step: int):
-        self.first_loss = _metrics_up_to(out / "metrics.jsonl", step) if master and step else None
-        self.file = open(out / "metrics.jsonl", "a") if master else None  # noqa: SIM115
+    def __init__(self, out: Path, master: bool, step: int, log=print):
+        self.first_loss = self.last_loss = None
+        if master and step:
+            self.first_loss, self.last_loss = _metrics_up_to(out / METRICS, step, log)
+        self.file = _append(out / METRICS) if master else None
         if step:
             self.record({"resumed_from": step})
 
@@ -458,6 +534,19 @@ class Metrics:
     def close(self) -> None:
         if self.file:
             self.file.close()
+
+
+def _append(path: Path):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        why = ("a link: refused (the trainer appends its metrics there and writes nothing through links)"
+               if os.path.islink(path) else e.strerror or str(e))
+        raise TrainError(f"{path}: {why}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TrainError(f"{path} is not a regular file: refused (the trainer appends its metrics there)")
+    return os.fdopen(fd, "a")
 
 
 @dataclass
@@ -473,14 +562,17 @@ def train_loop(cfg: Config, plan: Plan, where: Rank, parts: Parts, feed, step: i
     """Steps `step`..`end`: log every --log-every steps (the loss read from the device then only), evaluate every
     --eval-every, checkpoint when due, and stop early when the ranks agree a signal came."""
     agreement, peak = Agreement(where.world_size), peak_flops(where.device)
-    outcome = Outcome(step, metrics.first_loss, None)
+    outcome = Outcome(step, metrics.first_loss, metrics.last_loss)
     window_steps, t_window = 0, time.time()
+    preemption.defer()  # from here a signal stops the run at a step boundary, with a checkpoint
     while outcome.step < end:
         parts.train_step(outcome.step, feed.take(cfg.accum))
         outcome.step += 1
         step, window_steps = outcome.step, window_steps + 1
         if step % cfg.log_every == 0 or step == end:
             loss = parts.train_step.take_mean_loss()  # rank 0's mean LPCE over the window
+            if not math.isfinite(loss):
+                raise diverged(f"the loss (LPCE {loss})", step, checkpoints)
             rate = window_steps * plan.global_batch / (time.time() - t_window)
             outcome.first_loss = loss if outcome.first_loss is None else outcome.first_loss
             outcome.last_loss, lr_now = loss, parts.optimizer.param_groups[0]["lr"]
@@ -508,6 +600,20 @@ def train_loop(cfg: Config, plan: Plan, where: Rank, parts: Parts, feed, step: i
         if window_steps == 0:
             t_window = time.time()  # evaluation and checkpoint time is not training throughput
     return outcome
+
+
+def check_finite(model: torch.nn.Module, step: int, checkpoints: Checkpoints) -> None:
+    """One TrainError line when the weights after `step` hold NaN or infinity (one device sync: every parameter
+    reduced on the device)."""
+    if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+        raise diverged("the weights", step, checkpoints)
+
+
+def diverged(what: str, step: int, checkpoints: Checkpoints) -> TrainError:
+    last = checkpoints.entries()
+    kept = f"its last checkpoint (step {last[-1]['step']}) kept" if last else "with no checkpoint"
+    return TrainError(f"{what} became non-finite by step {step}: the run stops, {kept}; lower the learning rate "
+                      "(--lr, --blr) and start again in a new --out")
 
 
 def describe(cfg: Config, plan: Plan, where: Rank, parts: Parts, path, why: str, step: int) -> None:
@@ -571,9 +677,14 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device, 
         checkpoints.remove_temporaries()  # of a write that was killed; we hold the run folder's lock
     checkpoint, ckpt_path = _load_resume(cfg, checkpoints, where.log)
     if checkpoint is not None and checkpoint["step"] == cfg.steps:
-        where.log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: "
-                  f"{out / weights.WEIGHTS})")
-        return {}
+        missing = weights.finished_problem(out)
+        if missing is None:
+            where.log(f"pretrain: {out} already finished all {cfg.steps} steps; nothing to do (weights: "
+                      f"{out / weights.WEIGHTS})")
+            return {}
+        # killed after its last checkpoint and before its weights (kill -9, OOM, a full disk at the end)
+        where.log(f"pretrain: {out} finished all {cfg.steps} steps, but {missing}: writing them from its checkpoint "
+                  f"of step {cfg.steps}")
 
     plan = plan_run(cfg, where, checkpoint)
     parts = build(cfg, plan, where)
@@ -581,7 +692,8 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device, 
     del checkpoint
     end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps  # where this run stops
     path, why = batches.open_data(cfg, plan.run, device, plan.batch, rank, world_size, step, plan.chosen)
-    make_step(cfg, plan, where, parts, path)
+    if step < end:
+        make_step(cfg, plan, where, parts, path)
     feed = batches.Feed(path, device, step * cfg.accum, end * cfg.accum, hint=str(plan.run.shards_dir or cfg.render))
     clean = device_augment(cfg).evaluate
 
@@ -590,7 +702,9 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device, 
 
     def save(at: int, wait: bool = False) -> None:
         """Every rank's random streams gathered (a collective), rank 0's copy of the state written by
-        `checkpoints` on its thread (`wait`: before returning)."""
+        `checkpoints` on its thread (`wait`: before returning). Weights that are not all finite are never saved:
+        every rank stops (DDP keeps them alike) with one line, the last checkpoint kept."""
+        check_finite(parts.raw_model, at, checkpoints)
         mine = {**rng_states(), "augment": parts.rng.state()}
         rngs = [None] * world_size
         if world_size > 1:
@@ -601,15 +715,20 @@ def _pretrain(cfg: Config, rank: int, local_rank: int, world_size: int, device, 
             checkpoints.save(snapshot(checkpoint_state(cfg, plan, parts, at, rngs)), at, wait=wait)
 
     describe(cfg, plan, where, parts, path, why, step)
-    metrics = Metrics(out, where.master, step)
+    metrics = Metrics(out, where.master, step, where.log)
     try:
         outcome = train_loop(cfg, plan, where, parts, feed, step, end, metrics, evaluate, save, checkpoints,
                              preemption)
+    except BaseException:
+        with contextlib.suppress(BaseException):  # a checkpoint being written completes before the lock goes
+            checkpoints.wait()
+        raise
     finally:
         feed.close()
     # Every rank reports its own count: all ranks must have run the same number of steps (no DDP hang).
     print(f"[rank {rank}] done: {outcome.step - step} steps this run, at step {outcome.step}", flush=True)
-    save(outcome.step, wait=True)
+    if outcome.step > step:  # (a finished run writing its missing weights has its checkpoint already)
+        save(outcome.step, wait=True)
     summary = summarise(cfg, plan, where, parts, outcome, evaluate, metrics, preemption)
     metrics.close()
     if world_size > 1:
@@ -739,7 +858,12 @@ def main(
         raise TrainError("give the data as --shards DIR or --render MANIFEST, one of them")
     if cfg.instances >= 0 and not cfg.render:
         raise TrainError("--instances needs --render")
-    summary = pretrain(cfg)
+    try:
+        summary = pretrain(cfg)
+    except Interrupted as stop:  # before the first step: nothing trained, nothing half-written (temporaries go)
+        print(f"stopped by {stop.name} before the first training step: nothing to keep; the same command starts "
+              "again", file=sys.stderr, flush=True)
+        raise typer.Exit(128 + stop.signum) from None
     if summary.get("signal"):  # stopped by a signal, checkpoint written: the shell sees an interrupted run
         raise typer.Exit(128 + summary["signal"])
 
@@ -752,44 +876,97 @@ AT_LEAST_ONE = ("steps", "batch", "accum", "img_size", "log_every", "eval_sample
 POSITIVE = ("ink_gain", "blr")
 NOT_NEGATIVE = ("mixup", "cutmix", "smoothing", "reprob", "lr", "cache_budget", "stop_after", "ckpt_minutes",
                 "instances", "mix_group")
+AT_MOST = {"workers": 256, "instances": onthefly.MAX_INSTANCES}
+# Options of one command, not of the run: a continued run does not inherit them from its checkpoint
+THIS_COMMAND = ("stop_after", "cache_dir")
 
 
-def check_options(options: dict) -> None:
-    """The options a command line gave, each in its range: one TrainError line for the first that is not."""
-    def flag(key: str) -> str:
-        return "--" + key.replace("_", "-")
+def check_options(options: dict, saved_in: Path | None = None) -> None:
+    """The options a command line gave (or, `saved_in`, the config a checkpoint saved), each finite and in its
+    range: one TrainError line for the first that is not."""
+    def bad(key: str, why: str) -> TrainError:
+        if saved_in is None:
+            return TrainError(f"--{key.replace('_', '-')} {why}")
+        return TrainError(f"{saved_in} was saved with {key}={printable(repr(options[key]))[:80]}, which {why}: not "
+                          "a checkpoint of this trainer as it wrote it")
 
+    if saved_in is not None and options.get("instances") == -1:  # the default: the manifest's per-class count
+        options = {k: v for k, v in options.items() if k != "instances"}
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(key, "must be a finite number")
     for key, choices in CHOICES.items():
         if key in options and options[key] not in choices:
-            raise TrainError(f"unknown {flag(key)} {options[key]!r}; choose {', '.join(choices)}")
-    for keys, bad, what in ((AT_LEAST_ONE, lambda v: v < 1, "be at least 1"), (POSITIVE, lambda v: v <= 0,
-                                                                               "be positive"),
-                            (NOT_NEGATIVE, lambda v: v < 0, "not be negative")):
+            if saved_in is None:
+                raise TrainError(f"unknown --{key.replace('_', '-')} {options[key]!r}; choose {', '.join(choices)}")
+            raise bad(key, f"is not one of {', '.join(choices)}")
+    for keys, wrong, what in ((AT_LEAST_ONE, lambda v: v < 1, "must be at least 1"),
+                              (POSITIVE, lambda v: v <= 0, "must be positive"),
+                              (NOT_NEGATIVE, lambda v: v < 0, "must not be negative")):
         for key in keys:
-            if key in options and bad(options[key]):
-                raise TrainError(f"{flag(key)} must {what}")
-    if options.get("instances", 0) > onthefly.MAX_INSTANCES:
-        raise TrainError(f"--instances must be at most {onthefly.MAX_INSTANCES:,} (0: a fresh instance every epoch)")
+            if key in options and wrong(options[key]):
+                raise bad(key, what)
+    for key, most in AT_MOST.items():
+        if options.get(key, 0) > most:
+            raise bad(key, f"must be at most {most:,}" + (" (0: a fresh instance every epoch)" if key == "instances"
+                                                           else ""))
+
+
+def check_saved(saved: object, path: Path) -> dict:
+    """A checkpoint's saved config checked as the command line's options are (it defines the continued run): every
+    key one of Config's, of its type, in its range."""
+    if not isinstance(saved, dict):
+        raise TrainError(f"{path} holds no config of a run: not a checkpoint of this trainer")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    defaults = dataclasses.asdict(Config())
+    for key, value in saved.items():
+        if key not in fields:
+            raise TrainError(f"{path} was saved with an unknown option {printable(repr(key))[:80]}: not a checkpoint "
+                             "of this trainer as it wrote it")
+        want = type(defaults[key])
+        fits = (isinstance(value, bool) if want is bool else type(value) is int if want is int else
+                isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+                isinstance(value, str) and len(value) <= 4096 if want is str else
+                isinstance(value, dict) if want is dict else
+                isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+        if not fits:
+            raise TrainError(f"{path} was saved with {key}={printable(repr(value))[:80]}, not a {want.__name__}: "
+                             "not a checkpoint of this trainer as it wrote it")
+    check_options(saved, saved_in=path)
+    if "crop_scale" in saved and not 0 < saved["crop_scale"][0] <= saved["crop_scale"][1] <= 1:
+        raise TrainError(f"{path} was saved with crop_scale={saved['crop_scale']!r}: not 0 < min <= max <= 1")
+    if "model_args" in saved:
+        model_lib.check_args(saved["model_args"], f"{path}: saved model argument")
+    return saved
 
 
 def run_config(explicit: dict, preset: str, out: Path) -> Config:
     """The run a command line asks for. One command both starts and continues a run (torchrun's contract: workers
     restarted with the same arguments continue from the latest checkpoint): where OUT holds a checkpoint (and
-    --no-resume was not given), its config defines the run, the RESUMABLE options may be given anew, and any other
-    option that differs means another run: refused in one line. Otherwise the preset and the options."""
+    --no-resume was not given), its config defines the run (checked as the options are), the RESUMABLE options may
+    be given anew, THIS_COMMAND's are this command's alone, and any other option that differs means another run:
+    refused in one line (`--precision auto` continues in the precision the run began with). Otherwise the preset
+    and the options."""
     checkpoints = Checkpoints(out)
     if explicit["resume"] == "never" or not checkpoints.exists():
         return Config(**{**PRESETS[preset], **explicit})
     loaded = checkpoints.load_latest(resume=False)
-    saved, path = loaded[0]["config"], loaded[1]
-    saved["resume"] = explicit["resume"]  # older checkpoints stored a bool here
-    changed = sorted(k for k, v in explicit.items() if k not in RESUMABLE and k != "preset" and v != saved.get(k))
+    if loaded is None:
+        return Config(**{**PRESETS[preset], **explicit})
+    path, saved = loaded[1], loaded[0]["config"]
+    if isinstance(saved, dict):
+        saved = {**saved, "resume": explicit["resume"]}  # older checkpoints stored a bool here
+    saved = check_saved(saved, path)
+    changed = sorted(k for k, v in explicit.items() if k not in RESUMABLE and k != "preset" and v != saved.get(k)
+                     and not (k == "precision" and v == "auto"))
     if changed:
         what = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
         asks = ", ".join(f"{k}={explicit[k]!r}" for k in changed)
         raise TrainError(f"{out} holds another run ({path} was trained with {what}; this command asks {asks}): "
                          "give the same options to continue it, or choose another --out")
-    return Config(**{**saved, **{k: v for k, v in explicit.items() if k in RESUMABLE}})
+    fresh = {k: getattr(Config(), k) for k in THIS_COMMAND}
+    return Config(**{**saved, **fresh, **{k: v for k, v in explicit.items() if k in RESUMABLE}})
 
 
 if __name__ == "__main__":

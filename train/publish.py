@@ -30,7 +30,7 @@ from fracgen import s3, share
 from fracgen.errors import FracgenError
 from fracgen.lock import FolderLock, writing_folder
 from fracgen.shards import atomic_write, file_sha256
-from fracgen.untrusted import parse_json, read_json
+from fracgen.untrusted import parse_json, printable, read_json, without_controls
 
 from . import weights
 from .runtime import TrainError, run_cli
@@ -47,12 +47,13 @@ def md(value) -> str:
     """Any value as literal Markdown text on one line: HTML escaped (no tags, no entities), and the characters that
     make emphasis, code, links, table cells or headings backslashed. Line starts need no care: text from files never
     begins a line of the card."""
-    text = html.escape(" ".join(str(value).split()), quote=False)
+    text = html.escape(" ".join(printable(value).split()), quote=False)
     return re.sub(r"([\\`*_\[\]|#~])", r"\\\1", text)
 
 
 def code_block(text: str, lang: str = "") -> str:
     """A fenced block that no backtick run inside `text` can close."""
+    text = without_controls(text)
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}{lang}\n{text}\n{fence}"
@@ -79,7 +80,10 @@ def finished_run(run: Path) -> tuple[dict, dict, bytes]:
     config = weights.read_config(run / weights.CONFIG)
     record = config["fracgen"]["weights"]
     raw = weights._checked_bytes(run / weights.WEIGHTS, record["bytes"], record["sha256"], str(run / weights.CONFIG))
-    weights._tensors(raw, run / weights.WEIGHTS)  # a safetensors file, not only the recorded bytes
+    tensors = weights._tensors(raw, run / weights.WEIGHTS)  # a safetensors file, not only the recorded bytes
+    # the network they name, fitting it, finite: what finetune checks before it trains is checked before publishing
+    weights.checked(weights.Pretrained(config["architecture"], config["model_args"], config["num_classes"], tensors),
+                    str(run / weights.WEIGHTS))
     summary = _read_json(run / "summary.json")
     if not isinstance(summary, dict) or not isinstance(summary.get("pretext_acc"), (int, float)):
         raise TrainError(f"{run / 'summary.json'} is not a train.pretrain summary (no pretext_acc)")

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import typer
 
+from fracgen.errors import FracgenError
+from fracgen.shards import atomic_write
 from fracgen.untrusted import printable
 
 
@@ -165,16 +167,23 @@ def load_checkpoint(path, resume: bool = False, name: Path | None = None) -> dic
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill mid-write never leaves a truncated checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through fracgen's writer (atomic_write_bytes' rules): a kill mid-write never leaves a truncated
+    checkpoint, and no link planted in the folder is written through."""
+    atomic_write_bytes(lambda f: torch.save(obj, f), path)
+
+
+def atomic_write_bytes(write, path: Path) -> None:
+    """write(f) into a new temporary file beside `path` (created exclusively: a name planted there, a link
+    included, is never opened), fsynced, renamed over `path` (a link there is replaced, not followed). A full disk
+    or a lost permission is one TrainError line naming the file (and the free space); the temporary is removed."""
+    try:
+        atomic_write(Path(path), write)
+    except FracgenError as e:
+        raise TrainError(str(e)) from None
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(lambda f: f.write(text.encode()), path)
 
 
 def atomic_write_json(obj, path: Path) -> None:

@@ -35,10 +35,10 @@ from fracgen import share
 from fracgen.errors import FracgenError
 from fracgen.lock import waiting_lock
 from fracgen.shards import file_sha256
-from fracgen.untrusted import parse_json, printable, read_json
+from fracgen.untrusted import open_regular, parse_json, printable, read_json
 
 from . import model as model_lib
-from .runtime import TrainError, atomic_save, atomic_write_json, load_checkpoint
+from .runtime import TrainError, atomic_save, atomic_write_bytes, atomic_write_json, load_checkpoint
 from .source import LOCK_WAIT, default_cache_dir
 
 WEIGHTS, CONFIG, SUMS = "model.safetensors", "config.json", "SHA256SUMS"
@@ -83,12 +83,16 @@ def timm_config(model: torch.nn.Module, name: str, model_args: dict, num_classes
 def write_run(out: Path, model: torch.nn.Module, name: str, model_args: dict, num_classes: int, step: int,
               recipe: dict, data: dict, mean, std) -> None:
     """A finished run's weights: model.safetensors, then config.json recording its size and sha256 (and model.pth,
-    the same weights as a plain state dict for older readers), each written under a temporary name and renamed."""
+    the same weights as a plain state dict for older readers), each written under a temporary name and renamed.
+    The same weights give the same bytes (`safetensors_bytes`); non-finite weights are refused, nothing written."""
     state = {k: v.detach().cpu().contiguous() for k, v in model_lib.clean_state_dict(model).items()}
-    metadata = {"format": "pt", "architecture": name, "num_classes": str(num_classes),
-                "model_args": json.dumps(model_args)}
-    raw = safetensors.torch.save(state, metadata)
-    _atomic_write_bytes(raw, out / WEIGHTS)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise TrainError(f"the weights hold non-finite values ({bad}): not written to {out} (lower --lr, or check "
+                         "the run's metrics.jsonl for where the loss diverged)")
+    raw = safetensors_bytes(state, {"format": "pt", "architecture": name, "num_classes": str(num_classes),
+                                    "model_args": json.dumps(model_args, sort_keys=True)})
+    atomic_write_bytes(lambda f: f.write(raw), out / WEIGHTS)
     atomic_save(state, out / "model.pth")
     config = timm_config(model, name, model_args, num_classes, mean, std)
     config["fracgen"] = {"weights": {"file": WEIGHTS, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()},
@@ -96,10 +100,19 @@ def write_run(out: Path, model: torch.nn.Module, name: str, model_args: dict, nu
     atomic_write_json(config, out / CONFIG)
 
 
-def _atomic_write_bytes(raw: bytes, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(raw)
-    os.replace(tmp, path)
+def safetensors_bytes(state: dict, metadata: dict) -> bytes:
+    """safetensors.torch.save with the header's __metadata__ keys in sorted order. safetensors keeps them in a Rust
+    HashMap, whose order is seeded per process: the same weights gave files with other sha256s (which a model card
+    and SHA256SUMS publish) depending on whether the run had been stopped and continued. The keys are put in order
+    in the header's own bytes: same length, the tensors' offsets untouched."""
+    raw = safetensors.torch.save(state, metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # serde_json and json.dumps disagree on an escape: keep safetensors' own bytes
+        return raw
+    return raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:]
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
@@ -122,15 +135,37 @@ def read_config(path: Path) -> dict:
 
 
 def _checked_bytes(path: Path, size: int, sha256: str, record: str) -> bytes:
-    """The file's bytes, trusted only when their size and sha256 are the record's (read once, hashed as read)."""
-    with open(path, "rb") as f:
-        raw = f.read(size + 1)
-    if len(raw) != size:
-        raise TrainError(f"{path} has {'more than ' if len(raw) > size else ''}{len(raw):,} bytes, {record} says "
-                         f"{size:,}: damaged or replaced")
-    if hashlib.sha256(raw).hexdigest() != sha256:
+    """The file's bytes, trusted only when their size and sha256 are the record's: a regular file (no link, FIFO or
+    device) whose size on disk is compared before a byte is read; then read once and hashed."""
+    if not 0 < size <= MAX_WEIGHTS_BYTES:
+        raise TrainError(f"{record} says {path} has {size:,} bytes; fracgen reads weights of 1 to "
+                         f"{MAX_WEIGHTS_BYTES:,} bytes (the largest network it builds)")
+    try:
+        with open_regular(path) as f:
+            found = os.fstat(f.fileno()).st_size
+            if found != size:
+                raise TrainError(f"{path} has {found:,} bytes, {record} says {size:,}: damaged or replaced")
+            raw = f.read(size + 1)
+    except FileNotFoundError:
+        raise TrainError(f"{path} is missing ({record} records it)") from None
+    except (OSError, FracgenError) as e:
+        raise TrainError(printable(e)) from None
+    if len(raw) != size or hashlib.sha256(raw).hexdigest() != sha256:
         raise TrainError(f"{path} does not match the sha256 {record} records: damaged or replaced")
     return raw
+
+
+def finished_problem(run: Path) -> str | None:
+    """What a run folder whose last checkpoint is its final step lacks to be finished (None: nothing): its weights
+    matching config.json's record, and summary.json. "Finished" never means less."""
+    try:
+        record = read_config(run / CONFIG)["fracgen"]["weights"]
+        _checked_bytes(run / WEIGHTS, record["bytes"], record["sha256"], str(run / CONFIG))
+    except TrainError:
+        return f"its weights ({WEIGHTS}, {CONFIG}) are missing or do not match their record"
+    if not (run / "summary.json").is_file() or (run / "summary.json").is_symlink():
+        return "its summary.json is missing"
+    return None
 
 
 def _tensors(raw: bytes, where: Path) -> dict:
