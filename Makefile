@@ -12,7 +12,7 @@ RUN        ?= runs/cpu-seed$(SEED)
 # units (AVX512-BF16, AMX), fp32 elsewhere (docs/training.md, "Precision").
 PRECISION  ?= auto
 
-.PHONY: install test test-slow lint bench pretrain finetune publish compare sweep-delta sweep-sigma sweep-bases \
+.PHONY: install test test-slow mutants lint bench pretrain finetune publish compare sweep-delta sweep-sigma sweep-bases \
 	control sweep-resolution score-bases which-base which-base-held-out clean
 
 $(STAMP): pyproject.toml
@@ -29,6 +29,11 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q
+
+# One module's mutation pass (docs/testing.md): make mutants MODULE=train/checkpoint.py
+mutants: install
+	$(BIN)/pip install -q mutmut==3.8.1
+	$(BIN)/python tests/mutants.py "$(MODULE)"
 
 lint: install
 	$(BIN)/ruff check .

@@ -52,3 +52,10 @@ if "MUTANT_UNDER_TEST" in os.environ:  # under mutmut (pyproject.toml [tool.mutm
         _parallel_init(self, *a, **{**kw, "n_jobs": 1})
 
     joblib.Parallel.__init__ = _in_process
+
+    import torch
+
+    def _no_compile(*a, **kw):  # dynamo cannot trace the trampolines (sys._getframe): a compiled graph guards nothing
+        pytest.skip("compiles with torch.compile, which cannot trace mutmut's trampolines")
+
+    torch.compile = _no_compile

@@ -44,6 +44,7 @@ LATEST, MARKER = "ckpt.pt", "checkpoints.json"
 NAME = re.compile(r"ckpt-(\d{8})\.pt")
 TEMPORARY = re.compile(r"(ckpt-\d{8}\.pt|ckpt\.pt|checkpoints\.json|model\.safetensors|model\.pth|config\.json"
                        r"|summary\.json|metrics\.jsonl)\.tmp")  # names older trainers wrote their temporaries under
+FORMAT = 1  # of checkpoints.json; a marker of another format lists nothing this trainer reads
 MAX_MARKER_BYTES = 1 << 20  # a few lines per kept checkpoint
 MAX_LISTED = 10_000
 # the model, AdamW's two moments (float32) and the rest of the state, for the largest network fracgen builds
@@ -163,13 +164,13 @@ class Checkpoints:
         kept = [e for e in self.entries() if e["step"] != step and (self.out / e["file"]).is_file()] + [entry]
         kept.sort(key=lambda e: e["step"])
         gone, kept = kept[: -self.keep], kept[-self.keep:]
-        atomic_write_json({"format": 1, "checkpoints": kept}, self.out / MARKER)  # now the new one is complete
+        atomic_write_json({"format": FORMAT, "checkpoints": kept}, self.out / MARKER)  # now the new one is complete
         for e in gone:
             (self.out / e["file"]).unlink(missing_ok=True)
         self.last_seconds = time.perf_counter() - t0
 
     def _link_latest(self, path: Path) -> None:
-        tmp = self.out / (LATEST + ".tmp")
+        tmp = self.out / f".{LATEST}.link.tmp"  # hidden: remove_temporaries takes what a kill left
         tmp.unlink(missing_ok=True)  # a link planted there goes, its target untouched
         try:
             os.link(path, tmp)  # a new entry: fails rather than follow anything
@@ -191,7 +192,7 @@ class Checkpoints:
         try:
             with open_regular(self.out / MARKER) as f:
                 raw = parse_json(f.read(MAX_MARKER_BYTES + 1), str(self.out / MARKER), MAX_MARKER_BYTES)
-            listed = raw["checkpoints"][:MAX_LISTED]
+            listed = raw["checkpoints"][:MAX_LISTED] if raw["format"] == FORMAT else None
         except (OSError, FracgenError, KeyError, TypeError):
             return []
         entries = []
