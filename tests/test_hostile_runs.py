@@ -439,3 +439,24 @@ def test_a_folder_names_control_characters_reach_neither_the_log_nor_the_card(sh
     assert python_m("train.publish", run, "--out", published).returncode == 0
     card = (published / "README.md").read_text()
     assert "\x1b" not in card and "\x07" not in card
+
+
+def test_a_signal_before_the_first_step_is_one_line_from_any_command(monkeypatch, capsys):
+    """The experiments call pretrain() as a library: their command ends in one line too, exit 128 + the signal."""
+    import typer
+
+    from train.preempt import Interrupted
+    from train.runtime import run_cli
+
+    app = typer.Typer(add_completion=False)
+
+    @app.command()
+    def main() -> None:
+        raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(sys, "argv", ["experiments"])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(app)
+    err = capsys.readouterr().err
+    assert stop.value.code == 128 + signal.SIGINT and err.strip() == \
+        "stopped by SIGINT before the first training step: nothing to keep"

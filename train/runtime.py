@@ -21,6 +21,8 @@ from fracgen.errors import FracgenError
 from fracgen.shards import atomic_write
 from fracgen.untrusted import printable
 
+from .preempt import Interrupted
+
 
 class TrainError(Exception):
     """A user-facing problem (bad path, bad option): printed as one line, exit code 1, no traceback."""
@@ -41,6 +43,9 @@ def run_cli(app) -> None:
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         print(f"error: {printable(_own_line(message))}", file=sys.stderr)  # one line, no secret of a URL
         sys.exit(1)
+    except Interrupted as stop:  # a signal before a run's first step (train.preempt), where no command said more
+        print(f"stopped by {stop.name} before the first training step: nothing to keep", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
