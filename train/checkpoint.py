@@ -242,9 +242,15 @@ class Checkpoints:
         """What a write killed part-way left, and anything planted under a temporary name of ours (the caller holds
         the run folder's lock: nothing is being written). Links are removed, never followed."""
         for tmp in self.out.iterdir():
-            if tmp.name.endswith(".tmp") and (TEMPORARY.fullmatch(tmp.name) or tmp.name.startswith(".")):
+            if is_temporary(tmp.name):
                 if tmp.is_symlink() or not tmp.is_dir():
                     tmp.unlink(missing_ok=True)
+
+
+def is_temporary(name: str) -> bool:
+    """A name a write of ours leaves behind when killed: a hidden `.NAME.*.tmp` (fracgen's writer) or an older
+    trainer's `NAME.tmp`."""
+    return name.endswith(".tmp") and (TEMPORARY.fullmatch(name) is not None or name.startswith("."))
 
 
 def _well_formed(e: object) -> bool:

@@ -55,7 +55,7 @@ from fracgen.untrusted import open_regular, parse_json, printable
 from . import batches, data, onthefly, weights
 from . import model as model_lib
 from .augment import DeviceAugment
-from .checkpoint import LATEST, TEMPORARY, Checkpoints, snapshot
+from .checkpoint import LATEST, Checkpoints, is_temporary, snapshot
 from .evaluate import chance_warning, pretext_accuracy
 from .mixup import GroupMix
 from .preempt import Agreement, Interrupted, Preemption
@@ -309,8 +309,7 @@ def check_out(out: Path) -> None:
     if Checkpoints(out).exists():
         return
     leftovers = {METRICS, LOCK_NAME}
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in leftovers and not
-                     (p.name.endswith(".tmp") and (TEMPORARY.fullmatch(p.name) or p.name.startswith("."))))
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in leftovers and not is_temporary(p.name))
     if foreign:
         shown = ", ".join(printable(name)[:60] for name in foreign[:4]) + (", ..." if len(foreign) > 4 else "")
         raise TrainError(f"--out {out} is not a train.pretrain run folder: it holds {shown} and no checkpoint; "
