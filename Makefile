@@ -30,10 +30,11 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q
 
-# One module's mutation pass (docs/testing.md): make mutants MODULE=train/checkpoint.py
+# One module's mutation pass (docs/testing.md): make mutants MODULE=train/checkpoint.py [SURVIVORS=1: only the
+# mutants the last pass left alive, after a new test]
 mutants: install
 	$(BIN)/pip install -q mutmut==3.8.1
-	$(BIN)/python tests/mutants.py "$(MODULE)"
+	$(BIN)/python tests/mutants.py "$(MODULE)" $(if $(SURVIVORS),--survivors)
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,6 +1,8 @@
 """A module's mutation pass (`make mutants MODULE=train/checkpoint.py`, or several: MODULE="a.py b.py"): mutmut over
 those modules' functions with the tests pyproject.toml's [tool.mutmut] selects, then a row of docs/testing.md's table
-per module and the survivors' names (read each with `mutmut show NAME`). Not a test: the suite never runs it."""
+per module and the survivors' names (read each with `mutmut show NAME`). `--survivors` (make mutants ...
+SURVIVORS=1) runs again only the mutants the last pass did not kill: after a new test, minutes instead of the whole
+pass. Not a test: the suite never runs it."""
 
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(modules: list[str]) -> int:
+def _status(mutmut: str, env: dict) -> dict[str, str]:
+    listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, check=True).stdout
+    names = (line.strip().rpartition(": ") for line in listing.splitlines())
+    return {name: state for name, _, state in names if name}
+
+
+def main(modules: list[str], survivors: bool = False) -> int:
     """Each module's row (and its survivors) from one mutmut run over them all: the stats pass, which runs every
     selected test once (~7 minutes here), is paid once."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
@@ -28,16 +37,17 @@ def main(modules: list[str]) -> int:
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     # one torch thread per forked child: with OpenMP's pool started in the parent a forked child stalls
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([mutmut, "run", "--max-children", str(min(2, os.cpu_count() or 1)), *(p + "*" for p in prefixes)],
-                   cwd=ROOT, env=env, check=False)
-    listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=ROOT, env=env, capture_output=True,
-                             text=True, check=True).stdout
+    chosen = [p + "*" for p in prefixes]
+    if survivors:  # mutmut runs again the mutants it is named; a kept verdict stands
+        chosen = [n for n, state in _status(mutmut, env).items() if state != "killed" and n.startswith(tuple(prefixes))]
+        if not chosen:
+            print("no survivors to run again")
+    if chosen:
+        subprocess.run([mutmut, "run", "--max-children", str(min(2, os.cpu_count() or 1)), *chosen], cwd=ROOT, env=env,
+                       check=False)
+    everything = _status(mutmut, env)
     for module, prefix in zip(modules, prefixes, strict=True):
-        status = {}
-        for line in listing.splitlines():
-            name, _, state = line.strip().rpartition(": ")
-            if name.startswith(prefix):
-                status[name] = state
+        status = {name: state for name, state in everything.items() if name.startswith(prefix)}
         counts = collections.Counter(status.values())
         print(f"| `{module}` | {len(status)} | {counts['killed']} | {counts['survived']} | "
               f"{sum(n for s, n in counts.items() if s not in ('killed', 'survived'))} |")
@@ -48,4 +58,5 @@ def main(modules: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(" ".join(sys.argv[1:]).split()))
+    args = " ".join(sys.argv[1:]).split()
+    sys.exit(main([a for a in args if a != "--survivors"], "--survivors" in args))

@@ -255,3 +255,154 @@ def test_a_full_disk_during_a_write_is_reported_by_the_next_wait_with_the_free_s
                                          r"[\d,]+ MiB free in"):
         checkpoints.wait()
     assert [e["step"] for e in checkpoints.entries()] == [1] and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+# --- train/runtime.py (issue 39): the command line's one-line convention, DDP set-up, random streams --------------
+
+def _cli(monkeypatch, body, argv=("cmd",)):
+    import typer
+
+    from train.runtime import run_cli
+
+    app = typer.Typer()
+    app.command()(body)
+    monkeypatch.setattr("sys.argv", list(argv))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(app)
+    return exit_.value.code
+
+
+def test_run_cli_turns_every_user_error_into_one_line_and_its_exit_code(monkeypatch, capsys):
+    import signal
+
+    import click
+
+    from train.preempt import Interrupted
+
+    def fails():
+        raise TrainError("bad --out https://user:pw@host/x")
+
+    assert _cli(monkeypatch, fails) == 1
+    assert capsys.readouterr().err == "error: bad --out https://***@host/x\n"  # no password shown
+
+    def usage():
+        raise click.UsageError("no such option: --nope")
+
+    assert _cli(monkeypatch, usage) == 1 and capsys.readouterr().err == "error: no such option: --nope\n"
+
+    def aborts():
+        raise click.exceptions.Abort()
+
+    assert _cli(monkeypatch, aborts) == 1 and capsys.readouterr().err == "error: aborted\n"
+
+    def signalled():
+        raise Interrupted(signal.SIGTERM)
+
+    assert _cli(monkeypatch, signalled) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "stopped by SIGTERM before the first training step: nothing to keep\n"
+
+    def fine():
+        return None
+
+    def three():
+        return 3
+
+    assert _cli(monkeypatch, fine) == 0 and _cli(monkeypatch, three) == 3
+
+
+def test_an_error_a_loader_worker_raised_is_its_own_line():
+    from train.runtime import _own_line
+
+    worker = ("Caught TrainError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+              "  File \"x.py\", line 1\ntrain.runtime.TrainError: shard-0.tar is not in the manifest\n")
+    assert _own_line(worker) == "shard-0.tar is not in the manifest"
+    assert _own_line("plain message") == "plain message"
+    assert _own_line("Original Traceback\nValueError: x") == "Original Traceback\nValueError: x"
+
+
+def test_a_crop_scale_is_two_fractions_in_order():
+    import typer
+
+    from train.runtime import parse_float_pair
+
+    assert parse_float_pair("0.08,1") == (0.08, 1.0) and parse_float_pair("1,1") == (1.0, 1.0)
+    for text, says in (("a,b", "is not two comma-separated numbers like 0.08,1"),
+                       ("0.1,0.2,0.3", "is not two comma-separated"),
+                       ("0,1", "crop area fractions need 0 < min <= max <= 1"),
+                       ("0.5,0.4", "need 0 < min <= max"), ("0.5,1.01", "need 0 < min <= max <= 1")):
+        with pytest.raises(typer.BadParameter) as refused:
+            parse_float_pair(text)
+        assert str(refused.value) == f"{text!r}" + (": " if "need" in says else " ") + (
+            "crop area fractions need 0 < min <= max <= 1" if "need" in says else
+            "is not two comma-separated numbers like 0.08,1")
+
+
+def test_seeding_and_saved_streams_give_the_same_draws_again():
+    import random
+
+    import numpy as np
+
+    from train.runtime import rng_states, seed_everything, set_rng_states
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    seed_everything(2**32 + 5)
+    big = draws()
+    seed_everything(5)
+    assert draws()[1:2] == big[1:2]  # numpy's seed is the seed mod 2**32
+    seed_everything(7)
+    first = draws()
+    seed_everything(7)
+    states = rng_states()
+    assert set(states) == {"python", "torch", "numpy"} and states["numpy"]["keys"].dtype == torch.int64
+    assert draws() == first
+    set_rng_states(states)
+    assert draws() == first
+    saved = states["numpy"]  # checkpoints before the dict form held numpy's own tuple
+    legacy = dict(states, numpy=(saved["name"], saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                                 saved["has_gauss"], saved["cached_gaussian"]))
+    seed_everything(8)
+    set_rng_states(legacy)
+    assert draws() == first
+
+
+def _two_ranks_set_up(rank: int, port: int, attempt: str | None, results) -> None:
+    import torch.distributed as dist
+
+    from train.runtime import setup_distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    if attempt is not None:
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = attempt
+    try:
+        rank_, local, world, device = setup_distributed()
+        total = torch.tensor([rank + 1])
+        dist.all_reduce(total)
+        results.put((rank, (rank_, local, world, str(device), dist.get_backend(), int(total))))
+        dist.destroy_process_group()
+    except BaseException as e:  # the parent waits on the queue: say what went wrong
+        results.put((rank, repr(e)))
+
+
+@pytest.mark.parametrize("attempt", [None, "1"])
+def test_torchruns_environment_sets_up_two_gloo_ranks_on_the_cpu(attempt):
+    import multiprocessing
+    import socket
+
+    from train.runtime import setup_distributed
+
+    assert "WORLD_SIZE" not in os.environ and setup_distributed() == (0, 0, 1, torch.device("cpu"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("fork")  # forked: a mutation pass's code goes with them
+    results = context.Queue()
+    ranks = [context.Process(target=_two_ranks_set_up, args=(r, port, attempt, results)) for r in (0, 1)]
+    for r in ranks:
+        r.start()
+    seen = dict(results.get(timeout=60) for _ in ranks)
+    for r in ranks:
+        r.join(timeout=30)
+    assert seen == {r: (r, r, 2, "cpu", "gloo", 3) for r in (0, 1)}

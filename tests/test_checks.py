@@ -125,7 +125,9 @@ def test_a_runs_pretext_accuracy_equals_an_independent_count(run):
 
 
 @pytest.mark.parametrize(("classes", "accuracy", "fires"), [
-    (1000, 0.1, True), (1000, 0.49, True), (1000, 0.5, False), (1000, 7.0, False), (8, 70.0, False), (8, 60.0, True),
+    (1000, 0.1, True), (1000, 0.49, True), (1000, 0.5, False), (1000, 7.0, False), (8, 70.0, False), (8, 56.0, True),
+    # few classes: 5x chance is out of reach (2 classes: 250%), so halfway from chance to 100% (issue 39)
+    (8, 56.25, False), (2, 100.0, False), (2, 75.0, False), (2, 74.9, True), (5, 60.0, False), (5, 59.9, True), (20, 25.0, False),
 ])
 def test_the_near_chance_warning_fires_below_five_times_chance_only(classes, accuracy, fires):
     assert NEAR_CHANCE == 5
@@ -339,3 +341,52 @@ def test_an_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, content,
     assert "\n" not in str(refused.value)
     with pytest.raises(TrainError, match=f"^{re.escape(str(tmp_path / 'named.pt'))} is not"):  # a stream, named
         load_checkpoint(io.BytesIO(content), name=tmp_path / "named.pt")
+
+
+# train/evaluate.py against values worked out by hand (issue 39): logits known, batches of uneven size
+
+class Fixed(torch.nn.Module):
+    """Logits are the input itself (the images are already 'logits'); records its mode at each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return x.to(torch.float16)  # the result is made float32 before the loss
+
+
+def test_pretext_accuracy_and_loss_are_exact_over_uneven_batches_in_eval_mode():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    labels = torch.tensor([0, 1, 0, 2, 2])  # rows 0, 1 and 4 right
+    batches = [(logits[:2], labels[:2]), (logits[2:], labels[2:])]
+    scaled = []
+
+    def clean(x):
+        scaled.append(x.dtype)
+        return x / 1.0
+
+    model = Fixed().train()
+    result = pretext_accuracy(model, batches, clean, "cpu")
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item() / 5
+    assert result["pretext_acc"] == pytest.approx(60.0)
+    assert result["eval_samples"] == 5
+    assert result["pretext_loss"] == pytest.approx(expected_loss, rel=1e-3)
+    assert set(result) == {"pretext_acc", "pretext_loss", "eval_samples"}
+    assert model.modes == [False, False] and model.training  # evaluated in eval mode, handed back training
+    assert len(scaled) == 2  # every batch through `clean`
+
+
+def test_pretext_accuracy_runs_without_gradients_and_inside_the_given_autocast():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+            return x
+
+    batches = [(torch.eye(2), torch.tensor([0, 1]))]
+    assert pretext_accuracy(Probe(), batches, lambda x: x, "cpu")["pretext_acc"] == 100.0
+    pretext_accuracy(Probe(), batches, lambda x: x, "cpu", autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert seen == [(False, False), (False, True)]

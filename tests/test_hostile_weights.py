@@ -413,3 +413,124 @@ def test_score_is_bounded_in_memory_and_prints_names_as_text(shards, tmp_path, m
     result = CliRunner().invoke(fracgen_app, ["score", str(named), "--at", "16"])
     assert result.exit_code == 0, result.output
     assert "[red]x[/red]" in result.output and "\x1b[31m" not in result.output
+
+
+# --- train/model.py in this process, each bound and message exact (issue 39) -------------------------------------
+
+def test_model_arguments_are_checked_one_by_one_at_their_bounds():
+    from train.model import MODEL_ARGS, architecture_args, check_arg, check_args
+
+    assert architecture_args(32, None, 2, {"embed_dim": 64}) == {"embed_dim": 64, "img_size": 32, "depth": 2}
+    assert architecture_args() == {} and architecture_args(patch_size=4) == {"patch_size": 4}
+    assert check_arg("img_size", 8) == 8 and check_arg("img_size", 4096) == 4096
+    assert check_arg("mlp_ratio", 4) == 4.0 and isinstance(check_arg("mlp_ratio", 4), float)
+    assert check_arg("mlp_ratio", 0.25) == 0.25 and check_arg("drop_rate", 1.0) == 1.0
+    assert check_arg("class_token", False) is False and check_arg("global_pool", "") == ""
+    for key, value, says in (
+            ("img_size", 7, "model argument img_size=7 must be in 8..4096"),
+            ("img_size", 4097, "model argument img_size=4097 must be in 8..4096"),
+            ("depth", True, "model argument depth=True must be an integer"),
+            ("depth", 2.0, "model argument depth=2.0 must be an integer"),
+            ("mlp_ratio", True, "model argument mlp_ratio=True must be a number"),
+            ("mlp_ratio", float("nan"), "model argument mlp_ratio=nan must be in 0.25..16.0"),
+            ("mlp_ratio", 16.5, "model argument mlp_ratio=16.5 must be in 0.25..16.0"),
+            ("qkv_bias", 1, "model argument qkv_bias=1 must be true or false"),
+            ("global_pool", "mean", "model argument global_pool='mean' must be one of 'token', 'avg', 'max', "
+                                    "'avgmax', 'map', ''"),
+            ("global_pool", 3, "model argument global_pool=3 must be a string"),
+            ("img_size", "x" * 50, "model argument img_size='" + "x" * 36 + "... must be an integer"),
+            ("pretrained", True, "model argument 'pretrained' is not one fracgen accepts (only "
+                                 + ", ".join(MODEL_ARGS) + "): refused, nothing was built or fetched")):
+        with pytest.raises(TrainError) as refused:
+            check_arg(key, value)
+        assert str(refused.value) == says
+    with pytest.raises(TrainError, match=r"^config\.json: model argument depth=0 must be in 1\.\.96$"):
+        check_args({"depth": 0}, "config.json: model argument")
+    with pytest.raises(TrainError, match=r"^config\.json: model arguments are not a JSON object$"):
+        check_args([1], "config.json: model argument")
+    assert check_args({"depth": 2, "mlp_ratio": 2}) == {"depth": 2, "mlp_ratio": 2.0}
+
+
+def test_a_model_is_a_registered_name_a_bounded_class_count_and_at_most_a_billion_parameters():
+    from fracgen.limits import MAX_CLASSES
+    from train.model import MAX_PARAMS, create, skeleton
+
+    assert MAX_PARAMS == 1_000_000_000
+    model = create("vit_tiny_patch16_224", 7, {"img_size": 32, "patch_size": 8, "depth": 2}, drop_path_rate=0.1)
+    assert model.head.out_features == 7 and len(model.blocks) == 2
+    assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert next(skeleton("vit_tiny_patch16_224", 7, {"depth": 1}).parameters()).device.type == "meta"
+    assert skeleton("vit_tiny_patch16_224", MAX_CLASSES, {"depth": 1}).head.out_features == MAX_CLASSES
+    for name, classes, args, where, says in (
+            ("no_such_net", 3, {}, "f.json", "f.json: unknown timm model 'no_such_net' (a registered name, see "
+                                             "timm.list_models())"),
+            ("hf-hub:x/y", 3, {}, "", "unknown timm model 'hf-hub:x/y' (a registered name"),
+            (7, 3, {}, "", "unknown timm model 7 (a registered name"),
+            ("vit_tiny_patch16_224", 0, {}, "w", f"w: num_classes 0 must be in 1..{MAX_CLASSES:,}"),
+            ("vit_tiny_patch16_224", MAX_CLASSES + 1, {}, "", f"num_classes {MAX_CLASSES + 1} must be in 1.."),
+            ("vit_tiny_patch16_224", True, {}, "", "num_classes True must be in 1.."),
+            ("vit_tiny_patch16_224", 3, {"depth": 0}, "w", "w: model argument depth=0 must be in 1..96"),
+            ("vit_tiny_patch16_224", 3, {"embed_dim": 100, "num_heads": 3}, "w",
+             "w: timm model 'vit_tiny_patch16_224' cannot be built with {'embed_dim': 100, 'num_heads': 3}: "),
+            ("vit_giant_patch14_224", 3, {"depth": 96, "embed_dim": 4096}, "w",
+             "w: vit_giant_patch14_224 {'depth': 96, 'embed_dim': 4096} with 3 classes has 20,507M parameters, "
+             "more than the 1,000M fracgen builds")):
+        with pytest.raises(TrainError) as refused:
+            create(name, classes, args, where=where)
+        assert str(refused.value).startswith(says), str(refused.value)
+
+
+def test_weights_must_fit_the_network_exactly_and_be_finite_floats():
+    from train.model import check_weights, skeleton
+
+    net = skeleton("vit_tiny_patch16_224", 3, {"img_size": 32, "patch_size": 8, "depth": 1})
+    good = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in net.state_dict().items()}
+    check_weights(net, good, "w")
+    check_weights(net, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in good.items()}, "w")
+    check_weights(net, {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in good.items()}, "w")
+    keys = sorted(good)
+    cases = [
+        ({k: v for k, v in good.items() if k not in keys[:4]},
+         f"w: the weights do not fit the network they name: it lacks 4 ({', '.join(keys[:3])}...) tensors"),
+        ({k: v for k, v in good.items() if k != keys[0]},
+         f"w: the weights do not fit the network they name: it lacks 1 ({keys[0]}) tensors"),
+        ({**good, "extra.a": torch.zeros(1)}, "w: the weights do not fit the network they name: it has 1 unknown "
+                                              "(extra.a) tensors"),
+        ({**{k: v for k, v in good.items() if k != keys[0]}, "x": torch.zeros(1), "y": torch.zeros(1),
+          "z": torch.zeros(1), "zz": torch.zeros(1)},
+         f"w: the weights do not fit the network they name: it lacks 1 ({keys[0]}); has 4 unknown (x, y, z...) "
+         "tensors"),
+        ({**good, "head.bias": torch.zeros(4)}, "w: weight head.bias has shape (4,), the network needs (3,)"),
+        ({**good, "head.bias": [0.0, 0.0, 0.0]}, "w: weight head.bias has shape list, the network needs (3,)"),
+        ({**good, "head.bias": torch.zeros(3, dtype=torch.float64)},
+         "w: weight head.bias is float64, not float32, float16 or bfloat16: not trained weights of this network"),
+        ({**good, "head.bias": torch.tensor([0.0, float("inf"), 0.0])},
+         "w: weight head.bias holds non-finite values (NaN or infinite): a diverged or damaged run"),
+        ({**good, "head.bias": torch.tensor([0.0, float("nan"), 0.0])}, "w: weight head.bias holds non-finite"),
+    ]
+    for state, says in cases:
+        with pytest.raises(TrainError) as refused:
+            check_weights(net, state, "w")
+        assert str(refused.value).startswith(says), str(refused.value)
+
+
+def test_loading_is_strict_and_wrappers_prefixes_are_taken_off():
+    from train.model import clean_state_dict, load_weights, unwrap
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(TrainError, match=r"^w: the weights do not fit the network \(Error\(s\) in loading "):
+        load_weights(net, {"0.weight": torch.zeros(2, 2)}, "w")  # the bias is missing: never a partial load
+    state = {"0.weight": torch.ones(2, 2), "0.bias": torch.ones(2)}
+    load_weights(net, state, "w")
+    assert torch.equal(net[0].weight, torch.ones(2, 2))
+
+    class Wrapper(torch.nn.Module):  # DDP's `module`, torch.compile's `_orig_mod`
+        def __init__(self, inner, attr):
+            super().__init__()
+            setattr(self, attr, inner)
+
+    wrapped = Wrapper(Wrapper(Wrapper(net, "module"), "_orig_mod"), "module")
+    assert unwrap(wrapped) is net and unwrap(net) is net
+    assert set(clean_state_dict(wrapped)) == {"0.weight", "0.bias"}
+    compiled_ddp = Wrapper(Wrapper(net, "module"), "_orig_mod")  # torch.compile(DDP(model)): _orig_mod.module.
+    assert set(clean_state_dict(compiled_ddp)) == {"0.weight", "0.bias"}

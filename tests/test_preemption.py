@@ -311,3 +311,89 @@ def test_without_hard_links_ckpt_pt_is_a_whole_copy(tmp_path, monkeypatch):
     assert not os.path.samefile(tmp_path / LATEST, tmp_path / file_name(1))
     assert (tmp_path / LATEST).read_bytes() == (tmp_path / file_name(1)).read_bytes()
     assert not (tmp_path / (LATEST + ".tmp")).exists()
+
+
+# --- train/preempt.py in this process (issue 39): the subprocess tests above are invisible to a mutation pass ---
+
+from train.preempt import Agreement, Interrupted, Preemption  # noqa: E402
+
+
+def test_a_signal_before_the_loop_raises_its_own_name_at_once_and_again_at_defer():
+    previous = signal.getsignal(signal.SIGUSR1)
+    with Preemption() as p:
+        assert signal.getsignal(signal.SIGUSR1) == p._handle
+        with pytest.raises(Interrupted) as caught:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+        assert (caught.value.signum, caught.value.name, str(caught.value)) == (signal.SIGUSR1, "SIGUSR1", "SIGUSR1")
+        assert (p.received, p.name) == (signal.SIGUSR1, "SIGUSR1")
+        with pytest.raises(Interrupted) as again:  # the loop begins after a signal it was not there to see
+            p.defer()
+        assert again.value.signum == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) == previous  # close() put the old handler back
+
+
+def test_after_defer_the_first_signal_is_recorded_and_nothing_raises():
+    with Preemption() as p:
+        assert p.name == "" and p.received is None
+        p.defer()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second signal while the checkpoint is written changes nothing
+        assert (p.received, p.name) == (signal.SIGTERM, "SIGTERM")
+    assert p._previous == {}
+
+
+def test_a_forked_loader_worker_records_a_signal_and_leaves_the_decision_to_the_main_process():
+    with Preemption() as p:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: Ctrl-C reaches the whole process group
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.write(write, str(p.received).encode())
+            except BaseException:
+                os.write(write, b"raised")
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        assert os.read(read, 64).decode() == str(int(signal.SIGINT))
+        os.close(read)
+        assert p.received is None
+
+
+def _two_ranks(rank: int, store: str, results) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        a = Agreement(2, poll=3)
+        seen = {"group": a.group is dist.group.WORLD,
+                "asks": [a.asks(step) for step in range(8)],
+                # a signal reached rank 1 only; a checkpoint is due by rank 0's clock only
+                "decide": [a.decide(stop=rank == 1, save=False), a.decide(stop=False, save=rank == 0),
+                           a.decide(stop=False, save=False), a.decide(stop=True, save=True)]}
+        results.put((rank, seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_agree_to_stop_or_save_when_only_one_of_them_sees_the_reason(tmp_path):
+    import multiprocessing
+    context = multiprocessing.get_context("fork")  # forked: a mutation pass's code goes with them
+    results = context.Queue()
+    ranks = [context.Process(target=_two_ranks, args=(r, str(tmp_path / "store"), results)) for r in (0, 1)]
+    for r in ranks:
+        r.start()
+    seen = dict(results.get(timeout=60) for _ in ranks)
+    for r in ranks:
+        r.join(timeout=30)
+    expected = {"group": True,  # on a gloo world the agreement needs no group of its own
+                "asks": [True, False, False, True, False, False, True, False],
+                "decide": [(True, False), (False, True), (False, False), (True, True)]}
+    assert seen == {0: expected, 1: expected}
+
+
+def test_one_process_asks_every_step_without_a_collective():
+    a = Agreement(1, poll=3)
+    assert a.group is None and all(a.asks(step) for step in range(7))
+    assert [a.decide(s, v) for s in (False, True) for v in (False, True)] == [(False, False), (False, True),
+                                                                               (True, False), (True, True)]

@@ -147,3 +147,128 @@ def test_an_unreachable_endpoint_is_one_line_in_time(aws, tmp_path, monkeypatch)
     result = _fracgen("pull", f"s3://{BUCKET}/sets/a/", tmp_path / "p", "--deadline", "3")
     _one_line(result, "Connection refused")
     assert not Path(tmp_path / "p").exists()
+
+
+# --- fracgen/s3.py in this process, each value and message exact (issue 39) ---------------------------------------
+
+def test_an_s3_spec_is_a_bucket_and_a_folder_prefix():
+    from fracgen.errors import FracgenError
+    from fracgen.s3 import parse
+
+    assert parse("s3://bucket") == ("bucket", "")
+    assert parse("s3://my.bucket-1/a") == ("my.bucket-1", "a/")
+    assert parse("s3://bucket/a/b/") == ("bucket", "a/b/")
+    with pytest.raises(FracgenError) as refused:
+        parse("s3://Bad_Name/x")
+    assert str(refused.value) == ("'s3://Bad_Name/x' is not s3://BUCKET/PREFIX/ (a bucket name: 3-63 lower-case "
+                                  "letters, digits, '.' and '-')")
+
+
+def test_without_boto3_s3_is_one_line_naming_the_extra(monkeypatch):
+    import sys
+
+    from fracgen.errors import FracgenError
+    from fracgen.s3 import _boto3
+
+    monkeypatch.setitem(sys.modules, "boto3", None)  # a capability faked absent: import fails
+    with pytest.raises(FracgenError) as refused:
+        _boto3()
+    assert str(refused.value) == "s3:// needs boto3: pip install 'fracgen[s3]' (or boto3)"
+
+
+@pytest.mark.parametrize(("endpoint", "fine"), [
+    ("http://127.0.0.1:9000", True), ("https://s3.example.org", True), ("http://h:1", True), ("http://h:0", False),
+    ("HTTPS://h", True), ("ftp://h", False), ("http://", False), ("http://[::1", False), ("http://h:99999", False),
+    ("http://h/ x", False), ("http://h/\x1b", False),
+])
+def test_an_endpoint_is_an_http_url_of_a_host_or_one_line_naming_its_variable(endpoint, fine):
+    from fracgen.errors import FracgenError
+    from fracgen.s3 import _check_endpoint
+
+    if fine:
+        _check_endpoint("AWS_ENDPOINT_URL", endpoint)
+        return
+    with pytest.raises(FracgenError) as refused:
+        _check_endpoint("AWS_ENDPOINT_URL_S3", endpoint)
+    assert str(refused.value).startswith("AWS_ENDPOINT_URL_S3 '")
+    assert str(refused.value).endswith("' is not the http(s) URL of an S3 endpoint (like http://127.0.0.1:9000): "
+                                       "correct it, or unset it for AWS itself")
+
+
+def test_an_s3_error_document_is_said_in_a_few_words_from_its_first_4096_bytes():
+    from fracgen.s3 import error_hint
+
+    assert error_hint(b"<Error><Code>NoSuchKey</Code></Error>") == "no such object"
+    assert error_hint(b"<Error><Code>SlowDown</Code></Error>") == "SlowDown"  # one we do not know: its code
+    assert error_hint(b"<html>bad gateway</html>") == ""
+    tag = b"<Code>NoSuchKey</Code>"
+    assert error_hint(b" " * (4096 - len(tag)) + tag) == "no such object"
+    assert error_hint(b" " * (4097 - len(tag)) + tag) == ""  # one byte past the bound: not read
+
+
+def test_a_signed_url_lasts_an_hour_and_names_no_secret(aws):
+    from fracgen import s3
+
+    url = s3.presign(BUCKET, "sets/a/manifest.json")
+    assert f"/{BUCKET}/sets/a/manifest.json?" in url and "X-Amz-Expires=3600" in url
+    assert SECRET not in url
+
+
+def test_a_signing_refusal_names_the_object_in_at_most_200_characters(aws, monkeypatch):
+    import botocore.exceptions
+
+    from fracgen import s3
+    from fracgen.errors import FracgenError
+
+    error = botocore.exceptions.ParamValidationError(report="no " * 200)
+
+    def refuse(*a, **kw):
+        raise error
+
+    monkeypatch.setattr(type(s3.client()), "generate_presigned_url", refuse)
+    with pytest.raises(FracgenError) as refused:
+        s3.presign(BUCKET, "k")
+    from fracgen.untrusted import printable
+
+    assert len(printable(error)) > 200
+    assert str(refused.value) == f"s3://{BUCKET}/k: " + printable(error)[:200]
+
+
+def test_upload_puts_the_files_in_order_says_each_and_returns_the_folder(aws, tmp_path):
+    for name in ("a.tar", "manifest.json"):
+        (tmp_path / name).write_text(name)
+    notes = []
+    from fracgen import s3
+
+    assert s3.upload(tmp_path, ["a.tar", "manifest.json"], f"s3://{BUCKET}/up/x", note=notes.append) == \
+        f"s3://{BUCKET}/up/x/"
+    assert notes == [f"uploaded s3://{BUCKET}/up/x/a.tar", f"uploaded s3://{BUCKET}/up/x/manifest.json"]
+    assert aws.get_object(Bucket=BUCKET, Key="up/x/manifest.json")["Body"].read() == b"manifest.json"
+
+
+def test_an_upload_refused_is_one_line_with_the_stores_reason_or_the_errors_first_200_characters(aws, tmp_path,
+                                                                                                 monkeypatch):
+    from fracgen import s3
+    from fracgen.errors import FracgenError
+
+    (tmp_path / "a.tar").write_text("a")
+    with pytest.raises(FracgenError) as refused:
+        s3.upload(tmp_path, ["a.tar"], "s3://no-such-bucket-here/p/")
+    assert str(refused.value) == "upload of s3://no-such-bucket-here/p/a.tar failed: no such bucket"
+    missing = "m" * 240
+    with pytest.raises(FracgenError) as refused:
+        s3.upload(tmp_path, [missing], f"s3://{BUCKET}/p/")
+    reason = str(refused.value).removeprefix(f"upload of s3://{BUCKET}/p/{missing} failed: ")
+    assert len(reason) == 200 and "No such file or directory" in reason
+
+    def fails(*a, **kw):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(type(s3.client()), "upload_file", fails)
+    with pytest.raises(FracgenError) as refused:
+        s3.upload(tmp_path, ["a.tar"], f"s3://{BUCKET}/p/")
+    assert str(refused.value) == f"upload of s3://{BUCKET}/p/a.tar failed: RuntimeError"
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(FracgenError, match=rf"^s3://{BUCKET}/q/: no AWS credentials found"):
+        s3.upload(tmp_path, ["a.tar"], f"s3://{BUCKET}/q/")

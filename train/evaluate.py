@@ -29,12 +29,19 @@ def pretext_accuracy(model: torch.nn.Module, eval_batches, clean, device, autoca
 NEAR_CHANCE = 5  # a pretext top-1 under 5x chance: the network has not learned its task
 
 
+def near_chance(num_classes: int) -> float:
+    """The pretext top-1 (%) under which a run has not learned its task: 5x chance or, where lower, halfway from
+    chance to 100% (with few classes 5x chance is out of reach: 2 classes, 250%, where every run was warned)."""
+    chance = 100 / num_classes
+    return min(NEAR_CHANCE * chance, (chance + 100) / 2)
+
+
 def chance_warning(pretext_acc: float, num_classes: int, shards: str = "", at: int = 32, seed: int | None = None
                    ) -> str | None:
     """The warning a run ends with when its pretext accuracy is near chance (docs/design.md section 9: such a
     pre-training can transfer worse than none), else None. It names the likeliest cause on 1p-frac data, the base
     fractal drawn (docs/results.md, "Which base will learn?"), and the commands that check it."""
-    if pretext_acc >= NEAR_CHANCE * 100 / num_classes:
+    if pretext_acc >= near_chance(num_classes):
         return None
     folder = shards if shards and "://" not in shards else "SHARDS"
     other = f"--seed {seed + 1}" if seed is not None else "another --seed"

@@ -147,9 +147,9 @@ def clean_state_dict(model: torch.nn.Module) -> dict:
     state = model.state_dict()
     clean = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+        # in any order and depth: torch.compile(DDP(model)) gives `_orig_mod.module.`, DDP(compile) the reverse
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.partition(".")[2]
         clean[key] = value
     return clean
 
