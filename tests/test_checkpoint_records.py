@@ -391,12 +391,26 @@ def test_torchruns_environment_sets_up_two_gloo_ranks_on_the_cpu(attempt):
     import multiprocessing
     import socket
 
-    from train.runtime import setup_distributed
+    import torch.distributed as dist
+
+    from train.runtime import _init_process_group, setup_distributed
 
     assert "WORLD_SIZE" not in os.environ and setup_distributed() == (0, 0, 1, torch.device("cpu"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # a group of one in this process first: a mutation pass runs this test for _init_process_group only if it sees
+    # the call here (it sees none a forked child makes)
+    one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in (*one, "TORCHELASTIC_RESTART_COUNT")}
+    os.environ.update(one, **({"TORCHELASTIC_RESTART_COUNT": attempt} if attempt is not None else {}))
+    try:
+        _init_process_group("gloo")
+        assert dist.get_world_size() == 1
+        dist.destroy_process_group()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     context = multiprocessing.get_context("fork")  # forked: a mutation pass's code goes with them
     results = context.Queue()
     ranks = [context.Process(target=_two_ranks_set_up, args=(r, port, attempt, results)) for r in (0, 1)]

@@ -179,3 +179,211 @@ def test_png_decode_reads_fracgen_pngs_and_any_other_grayscale_png():
         buf = io.BytesIO()
         Image.fromarray(image).convert(mode).save(buf, format="PNG")
         assert np.array_equal(png.decode(buf.getvalue()), image)
+
+
+# --- fracgen/shards.py in this process (issue 39): every byte a shard is made of, every refusal's words -------------
+
+def _sample(label=1, instance=0, size=8, meta=None):
+    from fracgen import png
+    from fracgen.shards import Sample
+
+    image = (np.arange(size * size) % 251).astype(np.uint8).reshape(size, size)
+    return Sample(f"c{label:06d}-i{instance:06d}", png.encode(image), label, meta or {"a": 1})
+
+
+def test_a_shard_entry_is_its_name_count_size_and_sha256_padded_to_whole_records(tmp_path):
+    from fracgen.shards import RECORD, shard_in_memory, write_shard_unfinished
+
+    samples = [_sample(1, 0), _sample(2, 0)]
+    data, entry = shard_in_memory("s.tar", samples)
+    assert entry == {"file": "s.tar", "samples": 2, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert len(data) % RECORD == 0 and RECORD == 10240
+    tmp, on_disk = write_shard_unfinished(tmp_path / "s.tar", samples)
+    assert on_disk == entry and tmp.read_bytes() == data
+    assert tmp.parent == tmp_path and tmp.name.startswith(".s.tar.") and tmp.name.endswith(".tmp")
+    assert not (tmp_path / "s.tar").exists()  # the caller renames it once recorded
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == ["c000001-i000000.cls", "c000001-i000000.json", "c000001-i000000.png",
+                                         "c000002-i000000.cls", "c000002-i000000.json", "c000002-i000000.png"]
+    assert all((m.mode, m.uid, m.gid, m.mtime, m.uname) == (0o644, 0, 0, 0, "") for m in members)
+    empty, entry = shard_in_memory("e.tar", [])
+    assert entry["samples"] == 0 and len(empty) == RECORD and empty == bytes(RECORD)
+
+
+def test_a_tar_member_name_is_at_most_100_bytes():
+    from fracgen.shards import ustar_header
+
+    assert ustar_header("n" * 100, 5)[:100] == b"n" * 100
+    with pytest.raises(FracgenError) as refused:
+        ustar_header("n" * 101, 5)
+    assert str(refused.value) == "tar member name longer than 100 bytes: " + "n" * 101
+
+
+def test_shard_bytes_from_a_worker_are_kept_only_as_recorded(tmp_path):
+    from fracgen.shards import shard_in_memory, write_bytes_unfinished
+
+    data, entry = shard_in_memory("s.tar", [_sample()])
+    tmp = write_bytes_unfinished(tmp_path / "s.tar", data, entry)
+    assert tmp.read_bytes() == data and oct(tmp.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    for other in (data[:-1], data[:-1] + b"\x01"):
+        with pytest.raises(FracgenError) as refused:
+            write_bytes_unfinished(tmp_path / "t.tar", other, entry)
+        assert str(refused.value) == "shard s.tar arrived from a worker with other bytes than the worker recorded"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name]
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
+    import errno
+
+    from fracgen.shards import atomic_write
+
+    with pytest.raises(FracgenError) as refused:
+        atomic_write(tmp_path / "missing" / "f", lambda f: f.write(b"x"))
+    assert str(refused.value) == f"cannot write {tmp_path / 'missing' / 'f'}: No such file or directory"
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(FracgenError) as refused:
+        atomic_write(tmp_path / "f", full)
+    assert str(refused.value).startswith(f"cannot write {tmp_path / 'f'}: No space left on device (the disk is "
+                                         "full: ")
+    assert str(refused.value).endswith(f" MiB free in {tmp_path}): make room, then run the same command again")
+
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "f", interrupted)
+    (tmp_path / "d").mkdir()  # the rename fails: a folder has the name
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "d", lambda f: f.write(b"x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert atomic_write(tmp_path / "g", lambda f: f.write(b"abc")) == 3 and (tmp_path / "g").read_bytes() == b"abc"
+
+
+def test_why_not_written_says_a_full_disk_with_its_free_space_and_other_errors_as_they_are(tmp_path):
+    import errno
+    import shutil
+
+    from fracgen.shards import why_not_written
+
+    free = f"{shutil.disk_usage(tmp_path).free / 2**20:,.0f} MiB free"
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        assert why_not_written(OSError(code, "Disk quota exceeded"), tmp_path) == (
+            f"Disk quota exceeded (the disk is full: {free} in {tmp_path}): make room, then run the same command "
+            "again")
+    assert why_not_written(OSError(errno.ENOSPC, ""), tmp_path / "gone").startswith(
+        f"no space left (the disk is full: free space unknown in {tmp_path / 'gone'})")
+    assert why_not_written(OSError(errno.EACCES, "Permission denied"), tmp_path) == "Permission denied"
+    assert why_not_written(OSError("plain"), tmp_path) == "plain"
+
+
+def test_a_file_matches_a_record_only_at_its_size_and_sha256(tmp_path):
+    from fracgen.shards import file_sha256, matches
+
+    big = tmp_path / "big"
+    data = bytes(range(256)) * (3 * 4096 + 1)  # past the 1 MiB read size
+    big.write_bytes(data)
+    assert file_sha256(big) == (hashlib.sha256(data).hexdigest(), len(data))
+    entry = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert matches(big, entry)
+    assert not matches(big, {**entry, "bytes": len(data) + 1}) and not matches(big, {**entry, "sha256": "0" * 64})
+    assert not matches(tmp_path / "none", entry)
+
+
+def _tar(members) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda p: p.pop("cls"), "sample {k} lacks .cls"),
+    (lambda p: (p.pop("cls"), p.pop("json")), "sample {k} lacks .cls, .json"),
+    (lambda p: p.update(cls=b"one"), "sample {k} has a non-integer .cls"),
+    (lambda p: p.update(cls=b"5"), "sample {k} has class 5 outside 0..4"),
+    (lambda p: p.update(cls=b"-1"), "sample {k} has class -1 outside 0..4"),
+    (lambda p: p.update(cls=b"2"), "sample {k} has class 2 in its .cls"),
+    (lambda p: p.update(json=b"{"), "sample {k}: sample {k}'s .json"),
+    (lambda p: p.update(png=b"\x89PNG"), "sample {k}: "),
+])
+def test_each_way_a_sample_is_broken_has_its_own_words(change, says):
+    from fracgen.shards import check_sample
+
+    s = _sample(label=4)
+    parts = {"cls": b"4", "json": b"{}", "png": s.png}
+    assert check_sample(s.key, dict(parts), 5) is None and check_sample(s.key, dict(parts), 5, size=8) is None
+    change(parts)
+    problem = check_sample(s.key, parts, 5)
+    assert problem is not None and problem.startswith(says.format(k=s.key)), problem
+
+
+def test_a_sample_of_another_size_is_refused_when_the_size_is_known():
+    from fracgen.shards import check_sample
+
+    s = _sample(label=0, size=8)
+    parts = {"cls": b"0", "json": b"{}", "png": s.png}
+    assert check_sample(s.key, parts, 1, size=16).startswith(f"sample {s.key}: ")
+
+
+def test_a_shard_is_checked_against_its_entry_in_order(tmp_path):
+    from fracgen.shards import check_shard_contents, iter_samples, shard_in_memory, verify_shard
+
+    samples = [_sample(0, 0), _sample(1, 0), _sample(0, 1)]
+    data, entry = shard_in_memory("s.tar", samples)
+    path = tmp_path / "s.tar"
+    path.write_bytes(data)
+    assert verify_shard(path, entry, 2, size=8, first=0) is None
+    assert [k for k, _ in iter_samples(path)] == [s.key for s in samples]
+    assert verify_shard(tmp_path / "none.tar", entry, 2) == "missing"
+    assert verify_shard(path, {**entry, "bytes": entry["bytes"] + 1}, 2) == \
+        f"size {entry['bytes']} bytes, manifest says {entry['bytes'] + 1}"
+    other = "f" * 64
+    assert verify_shard(path, {**entry, "sha256": other}, 2) == \
+        f"sha256 {entry['sha256'][:12]}... does not match the manifest's ffffffffffff..."
+    assert check_shard_contents(path, entry, 2, first=2) == \
+        "sample 0 is 'c000000-i000000', not the sample the manifest puts there"
+    assert check_shard_contents(path, {**entry, "samples": 2}, 2) == "at least 3 samples, manifest says 2"
+    assert check_shard_contents(path, {**entry, "samples": 4}, 2) == "3 samples, manifest says 4"
+    assert check_shard_contents(path, entry, 1) == f"sample {samples[1].key} has class 1 outside 0..0"
+    path.write_bytes(b"not a tar" * 100)
+    assert check_shard_contents(path, entry, 2).startswith("not a readable tar: ")
+    path.write_bytes(_tar([("c000000-i000000", None), ("c000000-i000000.cls", b"0"),
+                           ("c000000-i000000.json", b"{}"), ("c000000-i000000.png", samples[0].png)]))
+    assert [k for k, _ in iter_samples(path)] == ["c000000-i000000"]  # a folder member is not a sample's part
+    assert check_shard_contents(path, {**entry, "samples": 1}, 2, size=8, first=0) is None
+
+
+def test_the_largest_sample_and_shard_bound_what_pull_writes():
+    from fracgen import png
+    from fracgen.shards import BLOCK, RECORD, Sample, max_sample_bytes, max_shard_bytes, shard_in_memory
+
+    raw = 64 * 65
+    assert max_sample_bytes(64, 2) == 6 * BLOCK + 24 + 1024 + 2 * 512 + raw + 5 * 1 + 6 + 57
+    assert max_sample_bytes(300, 0) - max_sample_bytes(300, 1) == -512
+    big = 300 * 301  # more than one 64 KiB stored block
+    assert max_sample_bytes(300, 0) == 6 * BLOCK + 24 + 1024 + big + 5 * (big // 65535 + 1) + 63
+    assert max_shard_bytes(3, 64, 2) == 3 * max_sample_bytes(64, 2) + 2 * BLOCK + RECORD
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)  # incompressible
+    worst = Sample("c000000-i000000", png.encode(noise, level=0), 9, {"k": "v" * 900})
+    data, _ = shard_in_memory("w.tar", [worst])
+    assert len(data) <= max_shard_bytes(1, 64, 0)

@@ -439,6 +439,8 @@ def test_model_arguments_are_checked_one_by_one_at_their_bounds():
                                     "'avgmax', 'map', ''"),
             ("global_pool", 3, "model argument global_pool=3 must be a string"),
             ("img_size", "x" * 50, "model argument img_size='" + "x" * 36 + "... must be an integer"),
+            ("img_size", "x" * 38, "model argument img_size='" + "x" * 38 + "' must be an integer"),  # 40: whole
+            ("img_size", "x" * 39, "model argument img_size='" + "x" * 36 + "... must be an integer"),
             ("pretrained", True, "model argument 'pretrained' is not one fracgen accepts (only "
                                  + ", ".join(MODEL_ARGS) + "): refused, nothing was built or fetched")):
         with pytest.raises(TrainError) as refused:
@@ -496,6 +498,10 @@ def test_weights_must_fit_the_network_exactly_and_be_finite_floats():
          f"w: the weights do not fit the network they name: it lacks 1 ({keys[0]}) tensors"),
         ({**good, "extra.a": torch.zeros(1)}, "w: the weights do not fit the network they name: it has 1 unknown "
                                               "(extra.a) tensors"),
+        ({k: v for k, v in good.items() if k not in keys[:3]},  # three named: no "..."
+         f"w: the weights do not fit the network they name: it lacks 3 ({', '.join(keys[:3])}) tensors"),
+        ({**good, "x": torch.zeros(1), "y": torch.zeros(1), "z": torch.zeros(1)},
+         "w: the weights do not fit the network they name: it has 3 unknown (x, y, z) tensors"),
         ({**{k: v for k, v in good.items() if k != keys[0]}, "x": torch.zeros(1), "y": torch.zeros(1),
           "z": torch.zeros(1), "zz": torch.zeros(1)},
          f"w: the weights do not fit the network they name: it lacks 1 ({keys[0]}); has 4 unknown (x, y, z...) "
@@ -511,7 +517,14 @@ def test_weights_must_fit_the_network_exactly_and_be_finite_floats():
     for state, says in cases:
         with pytest.raises(TrainError) as refused:
             check_weights(net, state, "w")
-        assert str(refused.value).startswith(says), str(refused.value)
+        got = str(refused.value)
+        assert got == says if says.endswith("tensors") else got.startswith(says), got  # the counts: whole
+    norm = torch.nn.BatchNorm1d(2)  # an integer buffer: num_batches_tracked
+    state = {k: v.clone() for k, v in norm.state_dict().items()}
+    check_weights(norm, state, "w")
+    with pytest.raises(TrainError) as refused:
+        check_weights(norm, {**state, "num_batches_tracked": torch.tensor(0.0)}, "w")
+    assert str(refused.value) == "w: weight num_batches_tracked is torch.float32, the network needs torch.int64"
 
 
 def test_loading_is_strict_and_wrappers_prefixes_are_taken_off():
@@ -520,6 +533,10 @@ def test_loading_is_strict_and_wrappers_prefixes_are_taken_off():
     net = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(TrainError, match=r"^w: the weights do not fit the network \(Error\(s\) in loading "):
         load_weights(net, {"0.weight": torch.zeros(2, 2)}, "w")  # the bias is missing: never a partial load
+    with pytest.raises(TrainError) as refused:  # torch's long report: its first 200 characters, on one line
+        load_weights(net, {f"extra_{i}": torch.zeros(1) for i in range(40)}, "w")
+    assert len(str(refused.value)) == len("w: the weights do not fit the network ()") + 200
+    assert "\n" not in str(refused.value)
     state = {"0.weight": torch.ones(2, 2), "0.bias": torch.ones(2)}
     load_weights(net, state, "w")
     assert torch.equal(net[0].weight, torch.ones(2, 2))

@@ -378,6 +378,13 @@ def _two_ranks(rank: int, store: str, results) -> None:
 
 def test_two_ranks_agree_to_stop_or_save_when_only_one_of_them_sees_the_reason(tmp_path):
     import multiprocessing
+
+    # One process asks every step, with no collective. (Called here, in the test's own process, these methods are
+    # also what tells a mutation pass to run this test for them: it sees no call a forked child makes.)
+    one = Agreement(1, poll=3)
+    assert one.group is None and all(one.asks(step) for step in range(7))
+    assert [one.decide(s, v) for s in (False, True) for v in (False, True)] == [(False, False), (False, True),
+                                                                                 (True, False), (True, True)]
     context = multiprocessing.get_context("fork")  # forked: a mutation pass's code goes with them
     results = context.Queue()
     ranks = [context.Process(target=_two_ranks, args=(r, str(tmp_path / "store"), results)) for r in (0, 1)]
@@ -391,9 +398,3 @@ def test_two_ranks_agree_to_stop_or_save_when_only_one_of_them_sees_the_reason(t
                 "decide": [(True, False), (False, True), (False, False), (True, True)]}
     assert seen == {0: expected, 1: expected}
 
-
-def test_one_process_asks_every_step_without_a_collective():
-    a = Agreement(1, poll=3)
-    assert a.group is None and all(a.asks(step) for step in range(7))
-    assert [a.decide(s, v) for s in (False, True) for v in (False, True)] == [(False, False), (False, True),
-                                                                               (True, False), (True, True)]

@@ -272,3 +272,20 @@ def test_an_upload_refused_is_one_line_with_the_stores_reason_or_the_errors_firs
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(FracgenError, match=rf"^s3://{BUCKET}/q/: no AWS credentials found"):
         s3.upload(tmp_path, ["a.tar"], f"s3://{BUCKET}/q/")
+
+
+def test_missing_or_unknown_credentials_are_one_line_naming_what_was_asked_for(aws, monkeypatch):
+    from fracgen import s3
+    from fracgen.errors import FracgenError
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(FracgenError) as refused:
+        s3.presign(BUCKET, "sets/a/manifest.json")
+    assert str(refused.value) == (f"s3://{BUCKET}/sets/a/manifest.json: no AWS credentials found (set "
+                                  "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or write "
+                                  "~/.aws/credentials)")
+    monkeypatch.setenv("AWS_PROFILE", "nobody")
+    with pytest.raises(FracgenError) as refused:
+        s3.check_credentials("s3://b/k")
+    assert str(refused.value) == "s3://b/k: The config profile (nobody) could not be found"

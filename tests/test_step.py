@@ -484,3 +484,54 @@ def test_the_batch_maker_is_compiled_whole_and_a_failure_is_one_note(monkeypatch
     assert compile_batches(maker, (torch.tensor(7), None), log=notes.append) == (maker, False)
     assert notes == ["note: compiling the augmentation failed on this machine (RuntimeError: graph break); it runs "
                      "eagerly"]
+
+
+def test_an_older_torch_without_the_cpu_probes_means_no_bf16_units(monkeypatch):
+    from train.step import bf16_units
+
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert bf16_units() == "AVX512-BF16"  # the probe torch lacks counts as "no"
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert bf16_units() is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert bf16_units() == "AMX"
+    monkeypatch.delattr(torch, "cpu")
+    assert bf16_units() is None
+
+
+def test_cuda_runs_are_bf16_autocast_and_their_peak_is_the_cards(monkeypatch):
+    import warnings
+
+    from train.step import autocast_for, peak_flops, resolve_precision
+
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda) == ("bf16", "auto: CUDA")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch warns that it disables the context
+        assert autocast_for(cuda).fast_dtype == torch.bfloat16  # CUDA's autocast default would be float16
+    names = []
+
+    def card(device):
+        names.append(device)
+        return card.name
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", card)  # a card faked present
+    card.name = "NVIDIA H200"
+    assert peak_flops(cuda) == 989e12 and names == [cuda]
+    card.name = "NVIDIA A100-SXM4-80GB"
+    assert peak_flops(cuda) == 312e12
+    card.name = "Tesla T4"
+    assert peak_flops(cuda) is None
+
+
+def test_counting_flops_leaves_no_gradient_and_the_models_mode_as_it_was():
+    from train.step import flops_per_sample
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, depth=1)
+    model.eval()
+    state = torch.get_rng_state()
+    flops = flops_per_sample(model, 32, torch.device("cpu"))
+    assert flops > 0 and not model.training and all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), state)
+    assert flops_per_sample(model, 32, torch.device("cpu")) == flops

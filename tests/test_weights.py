@@ -236,3 +236,223 @@ def test_publish_uploads_to_a_hub_model_repo_without_showing_the_token(run_dir, 
         publish.publish(run_dir, tmp_path / "out", to="hf://fracgen-org/tiny")
     assert SECRET not in str(refused.value) and "***" in str(refused.value)
     assert SECRET not in capsys.readouterr().out
+
+
+# --- train/weights.py in this process (issue 39): a tiny run folder written by write_run, read back ----------------
+
+NET = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1})
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    from train.model import create
+
+    torch.manual_seed(0)
+    net = create(NET[0], 5, NET[1])
+    weights.write_run(tmp_path, net, NET[0], NET[1], 5, step=7, recipe={"lr": 1.0}, data={"source": "x"},
+                      mean=(0.5,), std=(0.25,))
+    (tmp_path / "summary.json").write_text("{}")
+    return tmp_path
+
+
+def test_write_run_records_the_weights_bytes_and_timm_config(folder):
+    config = json.loads((folder / "config.json").read_text())
+    raw = (folder / "model.safetensors").read_bytes()
+    assert config["fracgen"] == {"weights": {"file": "model.safetensors", "bytes": len(raw),
+                                             "sha256": hashlib.sha256(raw).hexdigest()},
+                                 "step": 7, "data": {"source": "x"}, "recipe": {"lr": 1.0}}
+    assert (config["architecture"], config["num_classes"], config["num_features"], config["model_args"]) == \
+        (NET[0], 5, 192, NET[1])
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 32, 32] and cfg["mean"] == [0.5] and cfg["std"] == [0.25]
+    assert (cfg["num_classes"], cfg["interpolation"], cfg["crop_pct"], cfg["crop_mode"]) == (5, "bicubic", 1.0,
+                                                                                           "center")
+    assert (cfg["first_conv"], cfg["classifier"], cfg["fixed_input_size"]) == ("patch_embed.proj", "head", True)
+    assert config["global_pool"] == "token"
+    meta = safetensors.safe_open(folder / "model.safetensors", "pt").metadata()
+    assert meta == {"format": "pt", "architecture": NET[0], "num_classes": "5",
+                    "model_args": json.dumps(NET[1], sort_keys=True)}
+    state = torch.load(folder / "model.pth", weights_only=True)
+    assert state.keys() == safetensors.torch.load(raw).keys()
+    assert weights.finished_problem(folder) is None
+
+
+def test_a_model_without_an_image_size_argument_records_its_default_size(tmp_path):
+    from train.model import create
+
+    net = create(NET[0], 2, {"depth": 1})
+    config = weights.timm_config(net, NET[0], {"depth": 1}, 2, (0.5,), (0.5,))
+    assert config["pretrained_cfg"]["input_size"] == [3, 224, 224]
+    assert weights.timm_config(net, NET[0], {"img_size": (16, 24)}, 2, (0.5,), (0.5,))["pretrained_cfg"][
+        "input_size"] == [3, 16, 24]
+
+
+def test_non_finite_weights_are_refused_and_nothing_is_written(tmp_path):
+    from train.model import create
+
+    net = create(NET[0], 2, NET[1])
+    with torch.no_grad():
+        net.head.bias[0] = float("nan")
+    with pytest.raises(TrainError) as refused:
+        weights.write_run(tmp_path, net, NET[0], NET[1], 2, 1, {}, {}, (0.5,), (0.5,))
+    assert str(refused.value) == (f"the weights hold non-finite values (head.bias): not written to {tmp_path} "
+                                  "(lower --lr, or check the run's metrics.jsonl for where the loss diverged)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_metadata_is_written_in_sorted_order_with_the_tensors_untouched():
+    state = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}
+    raw = weights.safetensors_bytes(state, {"z": "1", "a": "2", "m": "3"})
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    assert list(header["__metadata__"]) == ["a", "m", "z"]
+    assert raw[8 + n:] == safetensors.torch.save(state, {"z": "1", "a": "2", "m": "3"})[8 + n:]
+    assert weights.safetensors_bytes(state, {"a": "2", "m": "3", "z": "1"}) == raw
+    assert len(raw) == len(safetensors.torch.save(state, {"z": "1"})) + len(',"a":"2","m":"3"')
+    loaded = safetensors.torch.load(raw)
+    assert torch.equal(loaded["b"], state["b"]) and torch.equal(loaded["a"], state["a"])
+    odd = {"k": "\u2028 \x1f \"é\" /"}  # characters the two JSON writers might escape differently
+    escaped = weights.safetensors_bytes(state, odd)
+    assert len(escaped) == len(safetensors.torch.save(state, odd)) and safetensors.torch.load(escaped).keys() == \
+        state.keys()
+
+
+def test_read_config_names_each_way_a_config_is_wrong(folder, tmp_path):
+    good = json.loads((folder / "config.json").read_text())
+    path = tmp_path / "c.json"
+    with pytest.raises(TrainError, match=r": not a train\.pretrain config\.json$"):
+        weights.read_config(tmp_path / "none.json")
+    for config in ({**good, "architecture": 1}, {**good, "num_classes": "5"}, {**good, "model_args": []}, [1]):
+        path.write_text(json.dumps(config))
+        with pytest.raises(TrainError) as refused:
+            weights.read_config(path)
+        assert str(refused.value) == (f"{path} is not a train.pretrain config.json (needs architecture, num_classes, "
+                                      "model_args; a run finished before model.safetensors existed has only "
+                                      "ckpt.pt: give that)")
+    record = good["fracgen"]["weights"]
+    for fracgen in ([], {}, {"weights": {**record, "bytes": "1"}}, {"weights": {**record, "sha256": 1}},
+                    {"weights": {**record, "file": "other.safetensors"}}, {"weights": []}):
+        path.write_text(json.dumps({**good, "fracgen": fracgen}))
+        with pytest.raises(TrainError) as refused:
+            weights.read_config(path)
+        assert str(refused.value) == f"{path} records no size and sha256 for model.safetensors: not written by " \
+                                     "train.pretrain"
+    path.write_text(json.dumps(good))
+    assert weights.read_config(path) == good
+
+
+def test_weights_are_trusted_only_at_their_recorded_size_and_sha256(folder):
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    assert weights._checked_bytes(path, len(raw), digest, "R") == raw
+    for size in (0, -1, weights.MAX_WEIGHTS_BYTES + 1):
+        with pytest.raises(TrainError) as refused:
+            weights._checked_bytes(path, size, digest, "R")
+        assert str(refused.value) == (f"R says {path} has {size:,} bytes; fracgen reads weights of 1 to "
+                                      f"{weights.MAX_WEIGHTS_BYTES:,} bytes (the largest network it builds)")
+    with pytest.raises(TrainError) as refused:
+        weights._checked_bytes(path, len(raw) - 1, digest, "R")
+    assert str(refused.value) == f"{path} has {len(raw):,} bytes, R says {len(raw) - 1:,}: damaged or replaced"
+    with pytest.raises(TrainError) as refused:
+        weights._checked_bytes(path, len(raw), "0" * 64, "R")
+    assert str(refused.value) == f"{path} does not match the sha256 R records: damaged or replaced"
+    with pytest.raises(TrainError) as refused:
+        weights._checked_bytes(folder / "gone", len(raw), digest, "R")
+    assert str(refused.value) == f"{folder / 'gone'} is missing (R records it)"
+    (folder / "link").symlink_to(path)
+    with pytest.raises(TrainError, match="link"):
+        weights._checked_bytes(folder / "link", len(raw), digest, "R")
+    assert weights.MAX_WEIGHTS_BYTES == 4 * 10**9 + 2**24
+
+
+def test_a_run_is_finished_only_with_matching_weights_and_a_summary(folder):
+    (folder / "summary.json").unlink()
+    assert weights.finished_problem(folder) == "its summary.json is missing"
+    (folder / "summary.json").symlink_to(folder / "config.json")
+    assert weights.finished_problem(folder) == "its summary.json is missing"
+    (folder / "summary.json").unlink()
+    (folder / "summary.json").write_text("{}")
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    assert weights.finished_problem(folder) == ("its weights (model.safetensors, config.json) are missing or do not "
+                                                "match their record")
+
+
+def test_a_lone_safetensors_file_says_its_network_in_its_metadata(folder, tmp_path):
+    state = safetensors.torch.load((folder / "model.safetensors").read_bytes())
+    lone = tmp_path / "lone" / "w.safetensors"
+    lone.parent.mkdir()
+    meta = {"architecture": NET[0], "num_classes": "5", "model_args": json.dumps(NET[1])}
+    safetensors.torch.save_file(state, lone, meta)
+    got = weights.load(str(lone))
+    assert (got.name, got.model_args, got.num_classes) == (NET[0], NET[1], 5) and got.state.keys() == state.keys()
+    assert weights.from_safetensors(folder / "model.safetensors").num_classes == 5  # its config.json decides
+    for bad in ({k: v for k, v in meta.items() if k != "architecture"}, {**meta, "num_classes": "five"},
+                {**meta, "model_args": "{"}):
+        safetensors.torch.save_file(state, lone, bad)
+        with pytest.raises(TrainError) as refused:
+            weights.from_safetensors(lone)
+        assert str(refused.value) == (f"{lone} does not say its architecture (safetensors metadata architecture, "
+                                      "num_classes, model_args), and there is no config.json beside it")
+    safetensors.torch.save_file(state, lone, {**meta, "model_args": "[1]"})
+    with pytest.raises(TrainError, match=r"its metadata's model_args is not a JSON object$"):
+        weights.from_safetensors(lone)
+    lone.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(TrainError, match=r"does not say its architecture"):
+        weights.from_safetensors(lone)
+    assert weights._metadata(b"\xff" * 8 + b"{}") == {} and weights._metadata(b"\x02\x00\x00\x00\x00\x00\x00\x00[]") \
+        == {}
+    with pytest.raises(TrainError, match=r"^x is not a safetensors file \("):
+        weights._tensors(b"\x02\x00\x00\x00\x00\x00\x00\x00[]", Path("x"))
+
+
+def test_a_checkpoint_spec_is_a_folder_a_file_or_a_url_and_anything_else_one_line(folder, tmp_path):
+    got = weights.load(str(folder))
+    assert (got.name, got.num_classes) == (NET[0], 5)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TrainError) as refused:
+        weights.load(str(empty))
+    assert str(refused.value) == (f"--checkpoint {empty}: no model.safetensors or ckpt.pt in that folder (a "
+                                  "train.pretrain --out folder)")
+    with pytest.raises(TrainError, match=r"^--checkpoint .*/nothing: no such file \(give RUN_DIR, a \.safetensors"):
+        weights.load(str(tmp_path / "nothing"))
+    with pytest.raises(TrainError, match="is not a train.pretrain checkpoint"):
+        weights.load(str(folder / "config.json"))  # neither .safetensors nor a checkpoint
+
+
+@pytest.mark.parametrize(("spec", "parsed"), [
+    ("hf://org/name", ("org/name", None)), ("hf://org/name@v1.0", ("org/name", "v1.0")),
+    ("hf://org/name/", ("org/name", None)), ("hf://a.b/c_d-e", ("a.b/c_d-e", None)),
+    ("hf://datasets/org/name", None), ("hf://spaces/org/name", None), ("hf://org", None), ("hf://org/na--me", None),
+    ("hf://-org/name", None), ("hf://org/name@a@b", None),
+])
+def test_hub_specs_name_a_model_repository_and_maybe_a_revision(spec, parsed):
+    if parsed is not None:
+        assert weights.parse_hub(spec) == parsed
+        return
+    with pytest.raises(TrainError) as refused:
+        weights.parse_hub(spec)
+    assert str(refused.value) == (f"{spec!r} is not hf://ORG/NAME[@REVISION] (a model repository; ORG and NAME: "
+                                  "letters, digits, '-', '_', '.', no '--' or '..', not starting or ending with '-' "
+                                  "or '.')")
+
+
+def test_sha256sums_must_be_well_formed_and_name_the_config_and_the_weights():
+    a, b = "a" * 64, "b" * 64
+    assert weights.parse_sums(f"{a}  config.json\n\n{b} *model.safetensors\n".encode(), "S") == \
+        {"config.json": a, "model.safetensors": b}
+    for text in (b"\xff\xfe", f"{a[:-1]}  config.json".encode(), f"{a}   config.json".encode(),
+                 f"{a.upper()}  config.json".encode()):
+        with pytest.raises(TrainError) as refused:
+            weights.parse_sums(text, "S")
+        assert str(refused.value) == "S is not a SHA256SUMS file (lines of sha256, two spaces, file name)"
+    with pytest.raises(TrainError) as refused:
+        weights.parse_sums(f"{a}  README.md\n".encode(), "S")
+    assert str(refused.value) == "S lists no config.json or model.safetensors: not a folder written by train.publish"
+    with pytest.raises(TrainError, match=r"^S lists no model\.safetensors: not a folder"):
+        weights.parse_sums(f"{a}  config.json\n".encode(), "S")
+    assert weights._is_commit("0" * 40) and not weights._is_commit("0" * 39) and not weights._is_commit(None)
+    assert not weights._is_commit("main") and not weights._is_commit("G" * 40)
