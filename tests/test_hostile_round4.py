@@ -389,3 +389,128 @@ def test_a_long_score_says_its_estimate_before_the_work(tmp_path, monkeypatch):
     assert re.fullmatch(r"note: scoring 8 classes renders 16 images of 256 px: about [0-9.]+ s", first), result.output
     monkeypatch.setattr(score, "MAX_SECONDS", 0.0)
     one_line_error(fracgen("info", folder, "--score-at", "32"), "past the 0 s bound")
+
+
+# --- fracgen/manifest.py's card, _info.json and renderer checks in this process, each word exact (issue 39) -------
+
+MANIFEST = {"complete": True, "settings": {"name": "onep"}, "renderer": 2,
+            "shards": [{"file": "onep-000000.tar", "samples": 3}, {"file": "onep-000001.tar", "samples": 2}]}
+
+
+def test_timm_info_is_derived_from_the_manifest_and_checked_against_it(tmp_path):
+    from fracgen.manifest import TIMM_INFO, check_timm_info, timm_info, write_timm_info
+
+    assert timm_info(MANIFEST) == {"name": "onep", "source": "fracgen manifest.json", "splits": {"train": {
+        "name": "train", "num_samples": 5, "filenames": ["onep-000000.tar", "onep-000001.tar"],
+        "shard_lengths": [3, 2]}}}
+    assert check_timm_info(tmp_path, MANIFEST) is None  # none there: nothing to check
+    write_timm_info(tmp_path, {**MANIFEST, "complete": False})
+    assert not (tmp_path / TIMM_INFO).exists()  # an unfinished folder gets none
+    write_timm_info(tmp_path, MANIFEST)
+    assert json.loads((tmp_path / TIMM_INFO).read_text()) == timm_info(MANIFEST)
+    assert (tmp_path / TIMM_INFO).read_text().endswith("}\n") and '\n "name"' in (tmp_path / TIMM_INFO).read_text()
+    assert check_timm_info(tmp_path, MANIFEST) is None
+    other = {**MANIFEST, "shards": MANIFEST["shards"][:1]}
+    assert check_timm_info(tmp_path, other) == ("_info.json does not match the manifest (`fracgen render --resume` "
+                                                "or `fracgen publish` write it again)")
+    assert check_timm_info(tmp_path, {**other, "complete": False}) is None
+    (tmp_path / TIMM_INFO).unlink()
+    (tmp_path / TIMM_INFO).mkdir()  # unreadable: not the manifest's
+    assert check_timm_info(tmp_path, MANIFEST).startswith("_info.json does not match")
+
+
+def _card(folder: Path, front: str) -> None:
+    (folder / "README.md").write_text(f"---\n{front}\n---\n# a card\n")
+
+
+@pytest.mark.parametrize(("front", "says"), [
+    ("configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: onep-*.tar", None),
+    ("configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: '*.tar'",
+     "its data_files path '*.tar' is not the shards' 'onep-*.tar'"),
+    ("configs:\n- config_name: default\n  data_files: ../other/*.tar", "its data_files path '../other/*.tar' is "
+                                                                       "outside the folder"),
+    ("configs:\n- data_dir: /etc", "its data_dir '/etc' is outside the folder"),
+    ("configs:\n- data_files: {train: ['hf://x/y']}", "its data_files path 'hf://x/y' is outside the folder"),
+    ("configs:\n- data_files: [{split: train, path: ['~/x']}]", "its data_files path '~/x' is outside the folder"),
+    ("configs:\n- data_files: 'C:x'", "its data_files path 'C:x' is outside the folder"),
+    ("configs:\n- data_files: '\\server'", "its data_files path '\\server' is outside the folder"),
+    ("configs: [1, {data_files: 7}]", "its configs are not the ones `fracgen publish` writes (data_files "
+                                      "'onep-*.tar')"),
+    ("title: no configs", "its configs are not the ones `fracgen publish` writes"),
+    ("configs: [: bad", "its front matter is not YAML ("),
+])
+def test_a_cards_configs_are_held_to_the_ones_publish_writes(tmp_path, front, says):
+    from fracgen.manifest import check_card
+
+    _card(tmp_path, front)
+    problem = check_card(tmp_path, MANIFEST)
+    if says is None:
+        assert problem is None
+        return
+    assert problem.startswith(f"README.md (dataset card): {says}"), problem
+    assert problem.endswith(": `fracgen publish` writes it again")
+
+
+def test_a_card_that_is_missing_too_large_not_text_or_overridden(tmp_path):
+    from fracgen.manifest import MAX_CARD_BYTES, check_card
+
+    assert check_card(tmp_path, MANIFEST) is None
+    (tmp_path / "README.md").write_bytes(b"\xff\xfe---")
+    assert check_card(tmp_path, MANIFEST) == ("README.md (dataset card): not UTF-8 text: `fracgen publish` writes it "
+                                              "again")
+    (tmp_path / "README.md").write_bytes(b"x" * MAX_CARD_BYTES)
+    assert check_card(tmp_path, MANIFEST).startswith("README.md (dataset card): its configs are not")  # exactly 1 MiB
+    (tmp_path / "README.md").write_bytes(b"x" * (MAX_CARD_BYTES + 1))
+    assert check_card(tmp_path, MANIFEST) == ("README.md (dataset card): larger than the 1,048,576 bytes fracgen reads "
+                                              "of it: `fracgen publish` writes it again")
+    (tmp_path / ".huggingface.yaml").write_text("configs: []")
+    assert check_card(tmp_path, MANIFEST) == (".huggingface.yaml: `datasets` reads its configs over the card's, and "
+                                              "fracgen writes none (remove it)")
+    (tmp_path / ".huggingface.yaml").unlink()
+    (tmp_path / "README.md").unlink()
+    (tmp_path / "README.md").mkdir()
+    assert check_card(tmp_path, MANIFEST).startswith("README.md (dataset card): unreadable (")
+
+
+def test_only_the_first_hundred_paths_of_a_list_are_read():
+    from fracgen.manifest import _card_paths
+
+    many = [{"data_files": [f"p{i}" for i in range(150)]}] * 150
+    paths = list(_card_paths(many))
+    assert len(paths) == 100 * 100 and paths[0] == ("data_files path", "p0") and paths[99] == ("data_files path",
+                                                                                                "p99")
+    assert list(_card_paths({"not": "a list"})) == [] and list(_card_paths(["x", {"data_dir": 3}])) == []
+    by_split = [{"data_files": {f"s{j}": [f"q{i}" for i in range(120)] for j in range(120)}}]
+    assert len(list(_card_paths(by_split))) == 100 * 100
+
+
+def test_a_data_set_of_another_renderer_says_so_in_one_wording():
+    from fracgen.manifest import other_renderer, renderer_of
+    from fracgen.render import RENDERER
+
+    assert renderer_of({}) == 1 and renderer_of({"renderer": 5}) == 5
+    assert other_renderer({"renderer": RENDERER}) is None
+    assert other_renderer({}) == f"drawn by renderer 1; this fracgen draws renderer {RENDERER}, whose images differ"
+
+
+def test_a_folder_without_a_readable_manifest_is_one_line_naming_it(tmp_path):
+    from fracgen.manifest import load_manifest, read_manifest
+
+    with pytest.raises(FracgenError) as refused:
+        read_manifest(tmp_path / "none")
+    assert str(refused.value) == f"{tmp_path / 'none'} is not a directory"
+    with pytest.raises(FracgenError) as refused:
+        read_manifest(tmp_path)
+    assert str(refused.value) == f"no manifest.json in {tmp_path}: not a fracgen dataset"
+    with pytest.raises(FracgenError) as refused:
+        load_manifest(tmp_path / "manifest.json")
+    assert str(refused.value) == f"no manifest.json at {tmp_path}: not a fracgen dataset"
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(FracgenError) as refused:
+        read_manifest(tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path / 'manifest.json'} is unreadable: ")
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(FracgenError) as refused:
+        read_manifest(tmp_path)
+    assert str(refused.value) == (f"{tmp_path / 'manifest.json'} is not a usable fracgen manifest: its 'format' is "
+                                  "not fracgen-shards")
