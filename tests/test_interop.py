@@ -131,3 +131,86 @@ def test_a_damaged_shard_through_fracgen_torch_is_one_line_naming_it_and_verify(
         ShardDataset(folder)
     with pytest.raises(FracgenError, match="does not match its manifest"):
         list(ShardStream(folder))
+
+
+# --- fracgen/torch.py's decisions in this process (issue 39): labels at their bounds, the deal over ranks and
+# workers, equal lengths, shuffling by seed and epoch, what a shard read through its sha256 reports ----------------
+
+def test_a_cls_is_a_class_below_the_count_in_at_most_32_bytes(tmp_path):
+    from fracgen.torch import MAX_CLS_BYTES, _label
+
+    assert MAX_CLS_BYTES == 32
+    assert _label(b"7", 8, tmp_path, "s.tar", "k") == 7 and _label(b"0" * 31 + b"7", 8, tmp_path, "s.tar", "k") == 7
+    for payload, shown in ((b"8", "b'8'"), (b"-1", "b'-1'"), (b"x", "b'x'"), (b"0" * 32 + b"1", "b'" + "0" * 20 + "'")):
+        with pytest.raises(FracgenError) as refused:
+            _label(payload, 8, tmp_path, "s.tar", "k" * 50)
+        assert str(refused.value) == (f"shard {tmp_path / 's.tar'} does not match its manifest (sample "
+                                      f"'{'k' * 40}' has class {shown}, not one of 8): check the folder with "
+                                      f"`fracgen verify {tmp_path}`")
+
+
+def _slots(stream, ranks: int, workers: int) -> list[list[int]]:
+    """Each (rank, worker)'s labels, the placement faked as torch.distributed and DataLoader would report it."""
+    out = []
+    for slot in range(ranks * workers):
+        stream._place = lambda s=slot: (s // workers, ranks, s % workers, workers)
+        out.append([label for _, label in stream])
+    return out
+
+
+def test_shards_deal_out_over_ranks_and_workers_evenly_or_say_the_counts(published):
+    from fracgen.torch import ShardStream
+
+    manifest = json.loads((published / "manifest.json").read_text())
+    labels = _labels(manifest)  # shards of 5, 5, 5 and 1 samples
+    single = _slots(ShardStream(published), 1, 2)  # one process: workers may differ, nothing waits
+    assert single == [labels[0:5] + labels[10:15], labels[5:10] + labels[15:16]]
+    with pytest.raises(FracgenError) as refused:
+        _slots(ShardStream(published), 2, 1)
+    assert str(refused.value) == (f"{published}: 4 shards (16 samples) do not deal out evenly over 2 ranks x 1 "
+                                  "DataLoader workers: the ranks would get 10, 6 samples (each worker 6 to 10), and "
+                                  "a DDP loop waits forever for the rank that ends first: pass equal=True (every "
+                                  "worker then reads ceil(16 / 2) = 8 samples, going round the shards again)")
+    with pytest.raises(FracgenError, match=r"over 9 ranks x 1 DataLoader workers: the ranks would get 5, 5, 5, 1, 0, "
+                                           r"0, 0, 0, \.\.\. samples \(each worker 0 to 5\)"):
+        _slots(ShardStream(published), 9, 1)
+    equal = _slots(ShardStream(published, equal=True), 3, 1)
+    assert [len(s) for s in equal] == [6, 6, 6]  # ceil(16 / 3)
+    assert equal[0] == labels[0:5] + labels[15:16] and equal[1] == labels[5:10] + labels[0:1]
+    assert equal[2] == labels[10:15] + labels[5:6]
+
+
+def test_shuffling_follows_the_seed_and_the_epoch_and_keeps_every_sample(published):
+    from fracgen.torch import ShardStream
+
+    def order(seed, epoch, buffer=4):
+        stream = ShardStream(published, shuffle=True, buffer=buffer, seed=seed)
+        stream.set_epoch(epoch)
+        return [label for _, label in stream]
+
+    labels = _labels(json.loads((published / "manifest.json").read_text()))
+    first = order(1, 0)
+    assert first == order(1, 0) and sorted(first) == sorted(labels) and first != labels
+    assert order(1, 1) != first and order(2, 0) != first
+    assert order(1, 0, buffer=100) != first  # the whole epoch in the buffer: shuffled at the end all the same
+    assert [label for _, label in ShardStream(published, seed=1)] == labels  # no shuffle: the manifest's order
+
+
+def test_a_shard_read_through_its_sha256_reports_its_size_or_its_hash(tmp_path):
+    import hashlib
+    import io
+
+    from fracgen.torch import _Hashing
+
+    data = bytes(range(256)) * 8192  # 2 MiB: the rest is read in 1 MiB steps
+    entry = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    reader = _Hashing(io.BytesIO(data), hashlib.sha256())
+    assert reader.readable() and reader.read(10) == data[:10]
+    buffer = bytearray(6)
+    assert reader.readinto(buffer) == 6 and bytes(buffer) == data[10:16]
+    assert reader.finish(entry) is None
+    assert _Hashing(io.BytesIO(data), hashlib.sha256()).finish({**entry, "sha256": "0" * 64}) == "sha256"
+    short = _Hashing(io.BytesIO(data[:-1]), hashlib.sha256())
+    assert short.finish(entry) == f"size: {len(data) - 1:,} bytes read, the manifest says {len(data):,}"
+    long = _Hashing(io.BytesIO(data + bytes(3 << 20)), hashlib.sha256())
+    assert long.finish(entry).startswith("size: ") and long.size <= len(data) + (1 << 20)  # reads no further
