@@ -66,3 +66,64 @@ def test_an_unknown_preset_is_a_user_error():
     r = CliRunner().invoke(F.app, ["--checkpoint", "none", "--preset", "deit"])
     assert isinstance(r.exception, F.TrainError) and str(r.exception) == "unknown --preset 'deit'; choose from " \
         "default, paper"
+
+
+# --- train/finetune.py's decisions in this process, values worked out by hand (issue 39) --------------------------
+
+def test_learning_rates_scale_with_the_batch_used_per_512_images():
+    cfg = F.Config(blr=0.01, warmup_blr=1e-6, min_blr=1e-5)
+    assert F.learning_rates(cfg, 768) == pytest.approx((0.015, 1.5e-6, 1.5e-5))
+    assert F.learning_rates(F.Config(blr=0.008), 64) == pytest.approx((0.001, 0.00001, 0.0))  # lr / 100, floor 0
+
+
+def test_the_schedule_warms_up_linearly_reaches_the_peak_and_ends_at_the_floor():
+    cfg = F.Config(blr=0.512, warmup_blr=0.0512, min_blr=0.00512, warmup_steps=10, steps=110)
+    lr, warm, floor = F.learning_rates(cfg, 512)
+    got = _lrs(cfg, 512, [0, 5, 10, 60, 110])
+    assert got[0] == pytest.approx(warm) and got[1] == pytest.approx(warm + (lr - warm) / 2)
+    assert got[2] == pytest.approx(lr) and got[3] == pytest.approx((lr + floor) / 2) and got[4] == pytest.approx(floor)
+    short = F.Config(blr=0.512, warmup_steps=30, steps=10)  # warm-up capped at half the run: a cosine phase remains
+    assert _lrs(short, 512, [5])[0] == pytest.approx(0.512)
+
+
+def test_the_batch_is_every_training_image_when_fewer_and_even_under_mixing():
+    assert F.batch_used(F.Config(batch=64), 100) == 64
+    assert F.batch_used(F.Config(batch=768), 101) == 101
+    assert F.batch_used(F.Config(batch=768, mixup=0.8), 101) == 100
+    assert F.batch_used(F.Config(batch=768, cutmix=1.0), 101) == 100
+    assert F.batch_used(F.Config(batch=63, mixup=0.8), 100) == 62
+
+
+def test_the_optimizers_are_adamw_or_the_papers_nesterov_sgd_at_the_scaled_lr():
+    model = torch.nn.Linear(2, 2)
+    adamw = F.build_optimizer(F.Config(blr=0.008, weight_decay=0.05), model, 128)
+    assert type(adamw).__name__ == "AdamW" and adamw.param_groups[0]["lr"] == pytest.approx(0.002)
+    sgd = F.build_optimizer(F.Config(opt="sgd", blr=0.01, weight_decay=1e-4), model, 512)
+    group = sgd.param_groups[0]
+    assert type(sgd).__name__ == "SGD" and group["momentum"] == 0.9 and group["nesterov"]
+    assert group["lr"] == pytest.approx(0.01) and max(g["weight_decay"] for g in sgd.param_groups) == 1e-4
+
+
+def test_fine_tuning_starts_from_the_checkpoints_body_with_a_new_head():
+    from train.model import create
+
+    args = {"img_size": 32, "patch_size": 8, "depth": 1}
+    torch.manual_seed(0)
+    source = create("vit_tiny_patch16_224", 7, args)
+    pretrained = ("vit_tiny_patch16_224", args, 7, source.state_dict())
+    model = F.init_model(F.Config(drop_path=0.1), pretrained, 10)
+    assert model.head.out_features == 10
+    assert torch.equal(model.patch_embed.proj.weight, source.patch_embed.proj.weight)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    scratch = F.init_model(F.Config(img_size=32, patch_size=8, depth=2), None, 10)
+    assert scratch.head.out_features == 10 and len(scratch.blocks) == 2 and scratch.patch_embed.img_size == (32, 32)
+
+
+def test_evaluation_resizes_whole_or_crops_the_centre_as_timm_does():
+    from PIL import Image
+
+    image = Image.new("L", (64, 48), 0).convert("RGB")
+    whole = F.test_transform(F.Config(crop_pct=1.0), 32)(image)
+    cropped = F.test_transform(F.Config(crop_pct=224 / 256), 224)
+    assert whole.shape == (3, 32, 32) and cropped(image).shape == (3, 224, 224)
+    assert cropped.transforms[0].size == 256  # resize to img_size / crop_pct, then the centre img_size
