@@ -456,3 +456,88 @@ def test_sha256sums_must_be_well_formed_and_name_the_config_and_the_weights():
         weights.parse_sums(f"{a}  config.json\n".encode(), "S")
     assert weights._is_commit("0" * 40) and not weights._is_commit("0" * 39) and not weights._is_commit(None)
     assert not weights._is_commit("main") and not weights._is_commit("G" * 40)
+
+
+def test_a_file_named_otherwise_beside_a_config_says_its_own_network_and_a_run_folders_is_checked(folder):
+    state = safetensors.torch.load((folder / "model.safetensors").read_bytes())
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    meta = {"architecture": NET[0], "num_classes": "5", "model_args": json.dumps(NET[1])}
+    safetensors.torch.save_file(zeros, folder / "other.safetensors", meta)
+    got = weights.from_safetensors(folder / "other.safetensors")  # its own bytes, not the run's weights
+    assert all(torch.equal(got.state[k], zeros[k]) for k in state)
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    raw[-1] ^= 1  # the run's own file, changed: checked against config.json's record
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(TrainError, match="does not match the sha256"):
+        weights.from_safetensors(folder / "model.safetensors")
+
+
+def test_a_lone_file_is_bounded_in_size_and_its_model_args_in_bytes(folder, tmp_path, monkeypatch):
+    state = {"w": torch.zeros(2)}
+    lone = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(state, lone, {"architecture": NET[0], "num_classes": "5",
+                                              "model_args": json.dumps({"pad": "x" * 70_000})})
+    with pytest.raises(TrainError, match="does not say its architecture"):  # model_args past 64 KiB
+        weights.from_safetensors(lone)
+    safetensors.torch.save_file(state, lone, {"architecture": NET[0], "num_classes": "5", "model_args": "{}"})
+    size = lone.stat().st_size
+    monkeypatch.setattr(weights, "MAX_WEIGHTS_BYTES", size)
+    assert weights.from_safetensors(lone).state.keys() == {"w"}  # exactly the bound: read
+    monkeypatch.setattr(weights, "MAX_WEIGHTS_BYTES", size - 1)
+    with pytest.raises(TrainError) as refused:
+        weights.from_safetensors(lone)
+    assert str(refused.value) == (f"{lone} has {size:,} bytes, more than the {size - 1:,} of the largest network "
+                                  "fracgen builds")
+    broken = lone.read_bytes()[:-4]  # the header whole, the tensor data short
+    lone.write_bytes(broken)
+    monkeypatch.setattr(weights, "MAX_WEIGHTS_BYTES", size)
+    with pytest.raises(TrainError, match=rf"^{lone} is not a safetensors file \("):
+        weights.from_safetensors(lone)
+
+
+def test_a_header_that_ends_the_file_still_gives_its_metadata():
+    raw = safetensors.torch.save({}, {"architecture": "a"})  # no tensors: the header is the whole file
+    assert weights._metadata(raw) == {"architecture": "a"}
+    assert weights._metadata(raw[:-1]) == {}
+
+
+def test_hub_names_of_data_sets_and_spaces_and_upper_case_commits_are_refused():
+    for spec in ("hf://datasets/name", "hf://spaces/name"):
+        with pytest.raises(TrainError, match="is not hf://ORG/NAME"):
+            weights.parse_hub(spec)
+    assert weights._is_commit("a" * 40) and not weights._is_commit("A" * 40)
+
+
+def test_a_published_folder_is_opened_from_its_url_or_its_sums_url_and_refusals_name_it():
+    source = weights.open_source("http://host/run/SHA256SUMS#part")
+    assert source.url("config.json") == "http://host/run/config.json"
+    assert weights.open_source("http://host/run/").url("model.safetensors") == "http://host/run/model.safetensors"
+    hub = weights.open_source("hf://org/name")
+    assert (hub.spec, hub.kind, hub.base, hub.revision) == ("hf://org/name", "hf", "org/name", "main")
+    assert "/org/name/resolve/main/config.json" in hub.url("config.json")
+    assert weights.open_source("hf://org/name@v2").revision == "v2"
+    with pytest.raises(TrainError, match=r"^--checkpoint ftp://host/x: "):
+        weights.open_source("ftp://host/x")
+
+
+def test_a_published_folder_is_fetched_once_checked_and_said(folder, tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, served / name)
+    sums = "".join(f"{hashlib.sha256((served / n).read_bytes()).hexdigest()}  {n}\n"
+                   for n in ("config.json", "model.safetensors"))
+    (served / "SHA256SUMS").write_text(sums)
+    logs = []
+    with Server(served) as server:
+        got = weights.fetch(server.url, tmp_path / "cache", log=logs.append)
+        again = weights.fetch(server.url, tmp_path / "cache", log=logs.append)
+        assert server.requests.count("/model.safetensors") == 1
+    assert got == again == tmp_path / "cache" / "models" / hashlib.sha256(sums.encode()).hexdigest()
+    assert logs == [f"checkpoint: fetched config.json, model.safetensors ({got}; checked against {server.url}'s "
+                    "SHA256SUMS)", f"checkpoint: found in cache ({got}; checked against {server.url}'s SHA256SUMS)"]
+    (served / "SHA256SUMS").write_text(sums + "#" * 70_000)
+    with Server(served) as server, pytest.raises(TrainError) as refused:
+        weights.fetch(server.url, tmp_path / "cache", log=logs.append)
+    assert str(refused.value).startswith(f"--checkpoint {server.url}: {server.url}SHA256SUMS: more than the 65,536 "
+                                         "bytes fracgen reads")
