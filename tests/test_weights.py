@@ -541,3 +541,81 @@ def test_a_published_folder_is_fetched_once_checked_and_said(folder, tmp_path):
         weights.fetch(server.url, tmp_path / "cache", log=logs.append)
     assert str(refused.value).startswith(f"--checkpoint {server.url}: {server.url}SHA256SUMS: more than the 65,536 "
                                          "bytes fracgen reads")
+
+
+def _served(folder: Path, root: Path, config: dict | None = None) -> tuple[Path, str]:
+    """A published folder (config.json, model.safetensors, SHA256SUMS) made from `folder`; `config` replaces its
+    config.json (the sums follow it)."""
+    served = root / "served"
+    served.mkdir(parents=True, exist_ok=True)
+    shutil.copy(folder / "model.safetensors", served / "model.safetensors")
+    if config is None:
+        shutil.copy(folder / "config.json", served / "config.json")
+    else:
+        (served / "config.json").write_text(json.dumps(config))
+    sums = "".join(f"{hashlib.sha256((served / n).read_bytes()).hexdigest()}  {n}\n"
+                   for n in ("config.json", "model.safetensors"))
+    (served / "SHA256SUMS").write_text(sums)
+    return served, sums
+
+
+def test_a_hub_folder_is_read_from_the_commit_that_served_its_sums_or_a_note_says_the_branch(folder, tmp_path,
+                                                                                            monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    served, _ = _served(folder, tmp_path)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for header, spec, note in ((None, "hf://org/tiny", True), (None, f"hf://org/tiny@{'a' * 40}", False),
+                               (commit, "hf://org/tiny", False)):
+        asked, logs = [], []
+        with Server(served, commit=header) as server:
+            def hf_hub_url(repo_id, filename, *, repo_type=None, revision=None, asked=asked, server=server, **kw):
+                asked.append((filename, revision))  # the hub, on loopback
+                return f"{server.url}{filename}"
+
+            monkeypatch.setattr(huggingface_hub, "hf_hub_url", hf_hub_url)
+            weights.fetch(spec, tmp_path / f"cache-{len(spec)}-{header}", log=logs.append)
+        said = [line for line in logs if line.startswith("note:")]
+        assert said == ([f"note: {server.url}SHA256SUMS named no commit (X-Repo-Commit): its other files are read "
+                         "from the branch main as it is now"] if note else []), logs
+        revisions = {revision for name, revision in asked if name != "SHA256SUMS"}
+        assert revisions == ({commit} if header else {"main"} if note else {"a" * 40})
+
+
+def test_a_published_folder_whose_records_disagree_or_claim_too_much_is_one_line(folder, tmp_path, monkeypatch):
+    config = json.loads((folder / "config.json").read_text())
+    record = config["fracgen"]["weights"]
+    size = record["bytes"]
+    cases = (({**record, "sha256": "0" * 64}, "{url}config.json and {url}SHA256SUMS record different sha256s for "
+                                              "model.safetensors"),
+             ({**record, "bytes": 0}, "{url}config.json says model.safetensors has 0 bytes; fracgen reads weights of "
+                                      "1 to"))
+    for i, (weights_record, says) in enumerate(cases):
+        changed = {**config, "fracgen": {**config["fracgen"], "weights": weights_record}}
+        served, _ = _served(folder, tmp_path / str(i), changed)  # SHA256SUMS lists the files as served
+        with Server(served) as server, pytest.raises(TrainError) as refused:
+            weights.fetch(server.url, tmp_path / "cache", log=lambda line: None)
+        assert str(refused.value).startswith(says.format(url=server.url)), str(refused.value)
+    monkeypatch.setattr(weights, "MAX_WEIGHTS_BYTES", size)  # exactly the bound: fetched
+    served, _ = _served(folder, tmp_path / "exact")
+    with Server(served) as server:
+        assert (weights.fetch(server.url, tmp_path / "cache", log=lambda line: None) / "model.safetensors").exists()
+    (tmp_path / "file").write_text("")
+    with Server(served) as server, pytest.raises(TrainError) as refused:
+        weights.fetch(server.url, tmp_path / "file" / "cache", log=lambda line: None)
+    assert str(refused.value) == f"--checkpoint {server.url}: cannot write the cache: Not a directory"
+
+
+def test_a_run_folders_weights_are_named_in_each_refusal(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]")
+    raw = (folder / "model.safetensors").read_bytes()
+    config["fracgen"]["weights"].update(bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TrainError, match=rf"^{folder / 'model.safetensors'} is not a safetensors file \("):
+        weights.from_folder(folder)
+    config["fracgen"]["weights"]["sha256"] = "0" * 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TrainError) as refused:
+        weights.from_folder(folder)
+    assert str(refused.value) == (f"{folder / 'model.safetensors'} does not match the sha256 {folder / 'config.json'} "
+                                  "records: damaged or replaced")
