@@ -387,7 +387,7 @@ def _two_ranks_set_up(rank: int, port: int, attempt: str | None, results) -> Non
 
 
 @pytest.mark.parametrize("attempt", [None, "1"])
-def test_torchruns_environment_sets_up_two_gloo_ranks_on_the_cpu(attempt):
+def test_torchruns_environment_sets_up_gloo_ranks_on_the_cpu(attempt):
     import multiprocessing
     import socket
 

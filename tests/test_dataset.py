@@ -387,3 +387,22 @@ def test_the_largest_sample_and_shard_bound_what_pull_writes():
     worst = Sample("c000000-i000000", png.encode(noise, level=0), 9, {"k": "v" * 900})
     data, _ = shard_in_memory("w.tar", [worst])
     assert len(data) <= max_shard_bytes(1, 64, 0)
+
+
+def test_a_compressed_shard_a_long_key_and_a_large_json_are_read_as_fracgen_writes_them(tmp_path):
+    import gzip
+
+    from fracgen.shards import check_sample, check_shard_contents, shard_in_memory
+
+    data, entry = shard_in_memory("s.tar", [_sample(0, 0)])
+    path = tmp_path / "s.tar"
+    path.write_bytes(gzip.compress(data))  # fracgen writes plain tar: a compressed one is not its shard
+    assert check_shard_contents(path, entry, 1).startswith("not a readable tar: ")
+    long = _sample(0, 0)
+    long = dataclasses.replace(long, key=long.key + "-" + "x" * 60)
+    path.write_bytes(shard_in_memory("s.tar", [long])[0])
+    assert check_shard_contents(path, entry, 1, first=0) == (f"sample 0 is {long.key[:40]!r}, not the sample the "
+                                                            "manifest puts there")
+    s = _sample(0, 0)
+    maps = json.dumps({"maps": [[0.123456789] * 6] * 40}).encode()  # 40 maps' worth: within 1024 + 512 per map
+    assert len(maps) > 2000 and check_sample(s.key, {"cls": b"0", "json": maps, "png": s.png}, 1) is None

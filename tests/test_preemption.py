@@ -376,7 +376,7 @@ def _two_ranks(rank: int, store: str, results) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_agree_to_stop_or_save_when_only_one_of_them_sees_the_reason(tmp_path):
+def test_ranks_agree_to_stop_or_save_when_only_one_of_them_sees_the_reason(tmp_path):
     import multiprocessing
 
     # One process asks every step, with no collective. (Called here, in the test's own process, these methods are
