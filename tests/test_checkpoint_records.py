@@ -420,3 +420,23 @@ def test_torchruns_environment_sets_up_gloo_ranks_on_the_cpu(attempt):
     for r in ranks:
         r.join(timeout=30)
     assert seen == {r: (r, r, 2, "cpu", "gloo", 3) for r in (0, 1)}
+
+
+def test_a_pickle_with_an_opcode_weights_only_refuses_names_it_and_runs_nothing(tmp_path):
+    from train.runtime import load_checkpoint
+
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"\x80\x02(iabc\ndef\n.")  # INST: builds an object by name
+    with pytest.raises(TrainError) as refused:
+        load_checkpoint(path)
+    assert str(refused.value) == (f"{path} is not a train.pretrain checkpoint (unreadable: not tensors and plain "
+                                  "values: Unsupported operand 105; nothing of it was run)")
+
+
+def test_a_gpu_runs_random_states_continue_on_a_cpu():
+    from train.runtime import rng_states, set_rng_states
+
+    states = rng_states()
+    first = torch.rand(3)
+    set_rng_states({**states, "cuda": [torch.zeros(16, dtype=torch.uint8)]})  # saved on a GPU; none here
+    assert torch.equal(torch.rand(3), first)
