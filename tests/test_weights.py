@@ -619,3 +619,86 @@ def test_a_run_folders_weights_are_named_in_each_refusal(folder):
         weights.from_folder(folder)
     assert str(refused.value) == (f"{folder / 'model.safetensors'} does not match the sha256 {folder / 'config.json'} "
                                   "records: damaged or replaced")
+
+
+def test_config_records_the_models_own_input_size_and_the_data_it_was_trained_on():
+    from train.model import create
+
+    net = create("vit_tiny_patch16_384", 2, {"depth": 1})
+    config = weights.timm_config(net, "vit_tiny_patch16_384", {"depth": 1}, 2, (0.5,), (0.5,))
+    assert config["pretrained_cfg"]["input_size"] == [3, 384, 384]
+    manifest = {"num_classes": 3, "num_samples": 30, "fracgen_version": "0.5.0",
+                "settings": {"system": "1p-frac", "seed": 1}}
+    record = weights.data_record(manifest, "ab" * 32, "shards/x")
+    command = record.pop("command")
+    assert record == {"manifest_sha256": "ab" * 32, "source": "shards/x", "num_classes": 3, "num_samples": 30,
+                      "system": "1p-frac", "fracgen_version": "0.5.0", "settings": {"system": "1p-frac", "seed": 1}}
+    assert command.startswith("fracgen render")
+    older = weights.data_record({"num_classes": 3, "settings": {"seed": 1}}, "cd" * 32, "s")  # before 0.3: 1p-frac
+    assert (older["system"], older["num_samples"], older["fracgen_version"]) == ("1p-frac", None, None)
+
+
+def test_weights_of_one_byte_and_of_exactly_the_bound_are_read(tmp_path, monkeypatch):
+    one = tmp_path / "one"
+    one.write_bytes(b"x")
+    assert weights._checked_bytes(one, 1, hashlib.sha256(b"x").hexdigest(), "R") == b"x"
+    monkeypatch.setattr(weights, "MAX_WEIGHTS_BYTES", 1)
+    assert weights._checked_bytes(one, 1, hashlib.sha256(b"x").hexdigest(), "R") == b"x"
+
+
+def test_a_safetensors_error_is_its_first_line_in_120_characters_or_its_type(monkeypatch):
+    class Odd(Exception):
+        pass
+
+    def fails(text):
+        def load(raw):
+            raise Odd(text)
+        return load
+
+    monkeypatch.setattr(safetensors.torch, "load", fails("x" * 200 + "\nsecond"))
+    with pytest.raises(TrainError) as refused:
+        weights._tensors(b"", Path("w"))
+    assert str(refused.value) == f"w is not a safetensors file ({'x' * 120})"
+    monkeypatch.setattr(safetensors.torch, "load", fails("  "))
+    with pytest.raises(TrainError) as refused:
+        weights._tensors(b"", Path("w"))
+    assert str(refused.value) == "w is not a safetensors file (Odd)"
+
+
+def test_each_check_of_loaded_weights_names_where_they_came_from(folder, tmp_path):
+    good = weights.from_folder(folder)
+    for bad, says in ((good._replace(model_args={"depth": 0}), "W: model argument depth=0 must be in 1..96"),
+                      (good._replace(name="no_such_net"), "W: unknown timm model 'no_such_net'"),
+                      (good._replace(state={}), "W: the weights do not fit the network they name")):
+        with pytest.raises(TrainError) as refused:
+            weights.checked(bad, "W")
+        assert str(refused.value).startswith(says), str(refused.value)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model_name": good.name, "model_args": good.model_args, "num_classes": good.num_classes,
+                "model": good.state, "step": 3, "config": {}}, run / "ckpt.pt")
+    assert weights.load(str(run)).state.keys() == good.state.keys()  # an unfinished run: its last checkpoint
+    torch.save({"model_name": good.name, "model_args": good.model_args, "num_classes": good.num_classes + 1,
+                "model": good.state, "step": 3, "config": {}}, run / "ckpt.pt")
+    with pytest.raises(TrainError, match=rf"^{run / 'ckpt.pt'}: weight head\.weight has shape"):
+        weights.load(str(run))
+    (folder / "model.safetensors").write_bytes(b"changed")
+    with pytest.raises(TrainError, match=rf"^{folder / 'model.safetensors'} has 7 bytes, {folder / 'config.json'} "):
+        weights.load(str(folder))
+
+
+def test_metadata_is_sorted_with_non_ascii_values_and_a_header_that_needs_no_padding():
+    state = {"t": torch.zeros(1)}
+    raw = weights.safetensors_bytes(state, {"z": "é", "a": "ü"})
+    n = int.from_bytes(raw[:8], "little")
+    assert list(json.loads(raw[8:8 + n])["__metadata__"]) == ["a", "z"]
+    unpadded = 0
+    for pad in range(16):  # some value length makes the header a multiple of 8 with no padding
+        meta = {"z": "v" * pad, "a": "1"}
+        plain = safetensors.torch.save(state, meta)
+        n = int.from_bytes(plain[:8], "little")
+        if not plain[8:8 + n].endswith(b" "):
+            unpadded += 1
+            raw = weights.safetensors_bytes(state, meta)
+            assert list(json.loads(raw[8:8 + n])["__metadata__"]) == ["a", "z"]
+    assert unpadded
