@@ -35,11 +35,23 @@ def row_buffer(size: int) -> np.ndarray:
     return np.zeros((size, size + 1), dtype=np.uint8)
 
 
+def stored_bytes(raw: int) -> int:
+    """zlib's stored (uncompressed) stream of `raw` bytes: its 2-byte header, 5 bytes a 65535-byte block, the
+    adler32: the most a PNG's IDAT of fracgen takes (`fracgen.shards.max_sample_bytes` bounds samples by it)."""
+    return raw + 5 * (raw // 65535 + 1) + 6
+
+
 def encode_rows(rows: np.ndarray, level: int = 1) -> bytes:
     """PNG bytes of an 8-bit grayscale image given as a row buffer (see `row_buffer`)."""
     height, width = rows.shape[0], rows.shape[1] - 1
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8 bit, grayscale, deflate, no interlace
-    idat = isal_zlib.compress(memoryview(np.ascontiguousarray(rows)), level)
+    data = memoryview(np.ascontiguousarray(rows))
+    idat = isal_zlib.compress(data, level)
+    if len(idat) > stored_bytes(data.nbytes):
+        # Incompressible rows (noise): ISA-L's Huffman-only level 0 makes them 1.23x larger and level 1 a few
+        # hundred bytes larger than stored deflate, past the bound every reader holds a shard to. Store them.
+        # Compressible images (every render) never get here: their bytes are unchanged.
+        idat = zlib.compress(data, 0)
     return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 

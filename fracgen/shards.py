@@ -266,8 +266,7 @@ META_BYTES_PER_MAP = 512
 def max_sample_bytes(size: int, maps: int) -> int:
     """The most one sample can take in a shard: three tar headers padded to blocks, a class number, the .json, and
     a PNG of `size` rows that deflate stored uncompressed (5 bytes per 64 KiB block) plus its 57 bytes of chunks."""
-    raw = size * (size + 1)
-    png_bytes = raw + 5 * (raw // 65535 + 1) + 6 + 57
+    png_bytes = png.stored_bytes(size * (size + 1)) + 57
     return 3 * 2 * BLOCK + 24 + MAX_META_BYTES + META_BYTES_PER_MAP * maps + png_bytes
 
 

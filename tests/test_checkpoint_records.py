@@ -352,6 +352,8 @@ def test_seeding_and_saved_streams_give_the_same_draws_again():
     seed_everything(5)
     assert draws()[1:2] == big[1:2]  # numpy's seed is the seed mod 2**32
     seed_everything(7)
+    assert draws()[1] != big[1]
+    seed_everything(7)
     first = draws()
     seed_everything(7)
     states = rng_states()
@@ -440,3 +442,10 @@ def test_a_gpu_runs_random_states_continue_on_a_cpu():
     first = torch.rand(3)
     set_rng_states({**states, "cuda": [torch.zeros(16, dtype=torch.uint8)]})  # saved on a GPU; none here
     assert torch.equal(torch.rand(3), first)
+
+
+def test_json_records_are_written_indented_with_a_final_newline(tmp_path):
+    from train.runtime import atomic_write_json
+
+    atomic_write_json({"b": [1], "a": 2}, tmp_path / "r.json")
+    assert (tmp_path / "r.json").read_text() == '{\n  "b": [\n    1\n  ],\n  "a": 2\n}\n'

@@ -406,3 +406,34 @@ def test_a_compressed_shard_a_long_key_and_a_large_json_are_read_as_fracgen_writ
     s = _sample(0, 0)
     maps = json.dumps({"maps": [[0.123456789] * 6] * 40}).encode()  # 40 maps' worth: within 1024 + 512 per map
     assert len(maps) > 2000 and check_sample(s.key, {"cls": b"0", "json": maps, "png": s.png}, 1) is None
+
+
+def test_sample_json_bytes_are_sorted_and_compact_and_the_archive_ends_as_tarfile_ends_it():
+    from fracgen.shards import encode_json, shard_in_memory
+
+    assert encode_json({"b": 1, "a": [1, 2]}) == b'{"a":[1,2],"b":1}'
+    for n in range(1, 14):  # 3 small samples fill a record to its last two blocks: the end blocks fit exactly
+        samples = [_sample(i % 3, i // 3) for i in range(n)]
+        data, _ = shard_in_memory("s.tar", samples)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for s in samples:
+                for ext, payload in (("cls", str(s.label).encode()), ("json", encode_json(s.meta)), ("png", s.png)):
+                    info = tarfile.TarInfo(f"{s.key}.{ext}")
+                    info.size, info.mode, info.uname, info.gname = len(payload), 0o644, "", ""
+                    tar.addfile(info, io.BytesIO(payload))
+        assert data == buf.getvalue(), n
+
+
+def test_the_sample_bound_holds_an_incompressible_image_at_every_level():
+    from fracgen import png
+    from fracgen.shards import BLOCK, MAX_META_BYTES, max_sample_bytes
+
+    # Noise does not compress: ISA-L's level 0 made it 1.23x larger and level 1 a few hundred bytes larger than
+    # stored deflate, past this bound (pull and check_manifest would have refused such a shard); png stores it.
+    for size, levels in ((512, (0, 1, 2, 3)), (3848, (0,))):  # 3848 x 3849 bytes of rows: 227 stored blocks
+        noise = np.random.default_rng(1).integers(0, 256, (size, size), dtype=np.uint8)
+        for level in levels:
+            encoded = png.encode(noise, level=level)
+            assert len(encoded) <= max_sample_bytes(size, 0) - 6 * BLOCK - 24 - MAX_META_BYTES, (size, level)
+            assert np.array_equal(png.decode(encoded, size), noise)
