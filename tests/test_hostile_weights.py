@@ -473,13 +473,17 @@ def test_a_model_is_a_registered_name_a_bounded_class_count_and_at_most_a_billio
             ("vit_tiny_patch16_224", True, {}, "", "num_classes True must be in 1.."),
             ("vit_tiny_patch16_224", 3, {"depth": 0}, "w", "w: model argument depth=0 must be in 1..96"),
             ("vit_tiny_patch16_224", 3, {"embed_dim": 100, "num_heads": 3}, "w",
-             "w: timm model 'vit_tiny_patch16_224' cannot be built with {'embed_dim': 100, 'num_heads': 3}: "),
+             "w: timm model 'vit_tiny_patch16_224' cannot be built with {'embed_dim': 100, 'num_heads': 3}: dim "
+             "should be divisible by num_heads"),
             ("vit_giant_patch14_224", 3, {"depth": 96, "embed_dim": 4096}, "w",
              "w: vit_giant_patch14_224 {'depth': 96, 'embed_dim': 4096} with 3 classes has 20,507M parameters, "
              "more than the 1,000M fracgen builds")):
         with pytest.raises(TrainError) as refused:
             create(name, classes, args, where=where)
         assert str(refused.value).startswith(says), str(refused.value)
+    with pytest.raises(TrainError, match=r"^unknown timm model 'no_such_net'"):  # no `where`: no prefix
+        create("no_such_net", 3, {})
+    assert create("vit_tiny_patch16_224", 1, {"depth": 1}).head.out_features == 1  # one class is a class count
 
 
 def test_weights_must_fit_the_network_exactly_and_be_finite_floats():
