@@ -77,7 +77,9 @@ if "MUTANT_UNDER_TEST" in os.environ:  # under mutmut (pyproject.toml [tool.mutm
             return
         items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
         if "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", ""):
-            dropped = [item for item in items if durations.get(item.nodeid, 0.0) > MUTANT_BUDGET_S]
+            kept, dropped = [], []
+            for item in items:
+                (dropped if durations.get(item.nodeid, 0.0) > MUTANT_BUDGET_S else kept).append(item)
             if dropped:
-                items[:] = [item for item in items if item not in dropped]
+                items[:] = kept
                 config.hook.pytest_deselected(items=dropped)

@@ -389,7 +389,7 @@ def _two_ranks_set_up(rank: int, port: int, attempt: str | None, results) -> Non
 
 
 @pytest.mark.parametrize("attempt", [None, "1"])
-def test_torchruns_environment_sets_up_gloo_ranks_on_the_cpu(attempt):
+def test_torchruns_environment_sets_up_gloo_ranks_on_the_cpu(attempt, monkeypatch):
     import multiprocessing
     import socket
 
@@ -403,16 +403,16 @@ def test_torchruns_environment_sets_up_gloo_ranks_on_the_cpu(attempt):
         port = sock.getsockname()[1]
     # a group of one in this process first: a mutation pass runs this test for _init_process_group only if it sees
     # the call here (it sees none a forked child makes)
-    one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in (*one, "TORCHELASTIC_RESTART_COUNT")}
-    os.environ.update(one, **({"TORCHELASTIC_RESTART_COUNT": attempt} if attempt is not None else {}))
-    try:
+    with monkeypatch.context() as env:
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": attempt}.items():
+            if value is None:
+                env.delenv(key, raising=False)
+            else:
+                env.setenv(key, value)
         _init_process_group("gloo")
         assert dist.get_world_size() == 1
         dist.destroy_process_group()
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     context = multiprocessing.get_context("fork")  # forked: a mutation pass's code goes with them
     results = context.Queue()
     ranks = [context.Process(target=_two_ranks_set_up, args=(r, port, attempt, results)) for r in (0, 1)]

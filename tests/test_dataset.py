@@ -221,7 +221,7 @@ def test_a_tar_member_name_is_at_most_100_bytes():
 
 
 def test_shard_bytes_from_a_worker_are_kept_only_as_recorded(tmp_path):
-    from fracgen.shards import shard_in_memory, write_bytes_unfinished
+    from fracgen.shards import _umask, shard_in_memory, write_bytes_unfinished
 
     data, entry = shard_in_memory("s.tar", [_sample()])
     tmp = write_bytes_unfinished(tmp_path / "s.tar", data, entry)
@@ -231,14 +231,6 @@ def test_shard_bytes_from_a_worker_are_kept_only_as_recorded(tmp_path):
             write_bytes_unfinished(tmp_path / "t.tar", other, entry)
         assert str(refused.value) == "shard s.tar arrived from a worker with other bytes than the worker recorded"
     assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name]
-
-
-def _umask():
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
