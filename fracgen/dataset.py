@@ -20,7 +20,7 @@ from pathlib import Path
 import isal
 import numpy as np
 
-from fracgen import png
+from fracgen import interrupt, png
 from fracgen.errors import FracgenError
 from fracgen.lock import writing_folder
 from fracgen.manifest import (  # noqa: F401 (API)
@@ -233,7 +233,8 @@ def render_dataset(
     out = Path(out)
     stats = {} if stats is None else stats
     stats.update(rendered=0, repaired=[])
-    with contextlib.closing(pool), writing_folder(out, command or "fracgen render", note, name=f"--out {out}"):
+    with interrupt.recorded(), contextlib.closing(pool), writing_folder(out, command or "fracgen render", note,
+                                                                        name=f"--out {out}"):
         try:
             return _render_locked(out, s, pool, overwrite, resume, command, progress, note, stats)
         finally:
@@ -326,6 +327,7 @@ def _render_shards(out: Path, s: Settings, header: dict, classes: list[dict], pn
     with contextlib.closing(pool.map_unordered(_write_shard, jobs)) as results:
         for result in results:
             index, tmp, entry = _unfinished(out, result)
+            interrupt.check()  # a Ctrl-C that a finalizer swallowed still stops the render before this rename
             os.replace(tmp, out / entry["file"])
             yield index, entry
 
@@ -354,6 +356,7 @@ def _repair_finished(out: Path, s: Settings, manifest: dict, pool, progress, not
                 tmp.unlink(missing_ok=True)
                 raise FracgenError(f"re-rendering {entry['file']} gave other bytes than {out / MANIFEST} records: "
                                    "the folder was written by another fracgen or edited; use --overwrite")
+            interrupt.check()
             os.replace(tmp, out / entry["file"])
             stats["repaired"].append(entry["file"])
     _remove_temporaries(out, s)

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -239,6 +240,54 @@ def test_workers_stop_when_the_render_is_killed(tmp_path, how):
     resumed = run(*_render_cmd(out, seed=0, classes=3000, workers=2), "--resume", timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert fracgen("verify", out).exit_code == 0
+
+
+def test_a_ctrl_c_something_swallowed_still_stops_the_render(tmp_path):
+    """Python drops a KeyboardInterrupt raised inside a finalizer ("Exception ignored in ..."), and joblib's run in
+    the render's main thread: a Ctrl-C once went unheeded and the render renamed ~100 more shards into place. Here a
+    progress callback swallows it the same way; the render still stops before the next rename."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    out, swallowed = tmp_path / "ds", []
+
+    def progress(stage, done, total):
+        if stage == "shards" and done == 1 and not swallowed:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(10)  # the handler raises here
+            except KeyboardInterrupt:
+                swallowed.append(done)
+
+    with pytest.raises(KeyboardInterrupt):
+        render_dataset(out, Settings(classes=4, size=32, points=2000, shard_size=2), workers=1, progress=progress)
+    assert swallowed == [1]
+    assert len(list(out.glob("*.tar"))) == 1  # the one finished before the Ctrl-C; none after it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    render_dataset(out, Settings(classes=4, size=32, points=2000, shard_size=2), workers=1, resume=True)
+    assert fracgen("verify", out).exit_code == 0
+
+
+def test_the_ctrl_c_record_is_only_taken_where_python_handles_sigint():
+    from fracgen import interrupt
+
+    with interrupt.recorded():
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        interrupt.check()  # nothing pending
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a program that ignores Ctrl-C keeps doing so
+    try:
+        with interrupt.recorded():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    seen = []
+
+    def elsewhere():  # signal.signal() may only be called from the main thread: a render in a thread still runs
+        with interrupt.recorded():
+            seen.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert seen == [True]
 
 
 # 5. tracebacks where a line is due
