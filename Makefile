@@ -46,16 +46,16 @@ bench: install
 # a second `make pretrain` resumes the run from its last checkpoint instead of starting over.
 pretrain: install
 	$(BIN)/fracgen render --classes 1000 --size 128 --points 50000 --seed $(SEED) --out $(CPU_SHARDS) --resume
-	$(BIN)/python -m train.pretrain --shards $(CPU_SHARDS) --out $(RUN) --precision $(PRECISION)
+	$(BIN)/fracgen-train pretrain --shards $(CPU_SHARDS) --out $(RUN) --precision $(PRECISION)
 
 # Fine-tunes the pre-trained checkpoint and, as the baseline, the same network from scratch (digits, 3 seeds).
 finetune: install
-	$(BIN)/python -m train.finetune --checkpoint $(RUN) --out $(RUN)/digits --precision $(PRECISION)
-	$(BIN)/python -m train.finetune --checkpoint none --out runs/scratch-digits --precision $(PRECISION)
+	$(BIN)/fracgen-train finetune --checkpoint $(RUN) --out $(RUN)/digits --precision $(PRECISION)
+	$(BIN)/fracgen-train finetune --checkpoint none --out runs/scratch-digits --precision $(PRECISION)
 
 # Model card (with both fine-tuning results) and SHA256SUMS in the run folder; `--to hf://ORG/NAME` to upload.
 publish: install
-	$(BIN)/python -m train.publish $(RUN) $(if $(wildcard runs/scratch-digits/results.json),--results runs/scratch-digits/results.json)
+	$(BIN)/fracgen-train publish $(RUN) $(if $(wildcard runs/scratch-digits/results.json),--results runs/scratch-digits/results.json)
 
 # The paper's comparisons at CPU scale (train/experiments.py; docs/results.md): each writes docs/results/NAME.csv,
 # .md and .png and prints its time. Runs are kept under runs/experiments and reused by the other targets.
@@ -67,7 +67,7 @@ publish: install
 # `make which-base`: make pretrain's recipe on the bases drawn by seed 0-11 and scratch, then measures of each base's
 # data against pretext and fine-tuned top-1 (about 2 hours on 2 cores at bf16); `make which-base-held-out`: seeds 12-15.
 compare sweep-delta sweep-sigma sweep-bases control sweep-resolution score-bases which-base which-base-held-out: install
-	$(BIN)/python -m train.experiments $@ --precision $(PRECISION)
+	$(BIN)/fracgen-train experiments $@ --precision $(PRECISION)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """`fracgen-train`: the trainer's commands, from any folder (a project's own `train.py` does not shadow them).
 
-    fracgen-train pretrain --shards shards/ --out runs/x        (= python -m train.pretrain from the repository)
+    fracgen-train pretrain --shards shards/ --out runs/x        (torchrun: -m fracgen_train.pretrain)
     fracgen-train finetune --checkpoint runs/x --out runs/x/digits
     fracgen-train probe --checkpoint runs/x
     fracgen-train publish runs/x --to hf://ORG/NAME

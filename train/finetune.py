@@ -2,15 +2,15 @@
 
 Runbook
   pre-trained vs scratch on 10 digits per class (CPU default, docs/design.md section 9), 3 seeds each:
-    python -m train.finetune --checkpoint runs/cpu --out runs/cpu-digits
-    python -m train.finetune --checkpoint none --out runs/scratch-digits
+    fracgen-train finetune --checkpoint runs/cpu --out runs/cpu-digits
+    fracgen-train finetune --checkpoint none --out runs/scratch-digits
   from published weights (train.publish; fetched once, checked against the folder's SHA256SUMS):
-    python -m train.finetune --checkpoint https://HOST/PATH/ --out runs/cpu-digits     (or hf://ORG/NAME[@REVISION])
+    fracgen-train finetune --checkpoint https://HOST/PATH/ --out runs/cpu-digits     (or hf://ORG/NAME[@REVISION])
   CIFAR-100 from a local copy (download=False), the paper's recipe (the official finetuning.sh, docs/design.md 7):
-    python -m train.finetune --preset paper --checkpoint runs/paper/ckpt.pt --dataset cifar100 --data-root data \
+    fracgen-train finetune --preset paper --checkpoint runs/paper/ckpt.pt --dataset cifar100 --data-root data \
         --out runs/c100
   the same recipe for fewer steps (the schedule keeps its shape: warm-up, then cosine to the end):
-    python -m train.finetune --preset paper --checkpoint runs/cpu/ckpt.pt --steps 300 --warmup-steps 3
+    fracgen-train finetune --preset paper --checkpoint runs/cpu/ckpt.pt --steps 300 --warmup-steps 3
 
 The default recipe is AdamW, lr = blr x batch / 512 = 1e-3 at batch 64, weight decay 0.05, the best for both
 scratch and pre-trained networks on the grid we swept on digits (docs/results.md). The paper's (docs/design.md 7)

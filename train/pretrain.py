@@ -2,17 +2,17 @@
 
 Runbook
   one process (CPU default, minutes on 2 cores):
-    python -m train.pretrain --shards /tmp/cpu-shards --out runs/cpu
+    fracgen-train pretrain --shards /tmp/cpu-shards --out runs/cpu
   the paper's recipe (ViT-Tiny, 224 px, ~240k steps) on one node with 8 GPUs:
-    torchrun --standalone --nproc_per_node=8 -m train.pretrain --preset paper --shards shards/ --out runs/paper
+    torchrun --standalone --nproc_per_node=8 -m fracgen_train.pretrain --preset paper --shards shards/ --out runs/paper
   the same command continues a run OUT holds (after a kill, a preemption, a torchrun restart or --stop-after);
   SIGTERM / SIGUSR1 / SIGINT stop it with a checkpoint; --ckpt-minutes M, --keep-ckpts K (docs/training.md):
-    torchrun --standalone --nproc_per_node=8 --max-restarts=3 -m train.pretrain --preset paper --shards shards/ \
-        --out runs/paper --ckpt-minutes 20
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 -m fracgen_train.pretrain --preset paper \
+        --shards shards/ --out runs/paper --ckpt-minutes 20
   from a published folder (pulled once into --cache-dir, checked by sha256, then read locally):
-    python -m train.pretrain --shards https://HOST/PATH/ --out runs/cpu      (or hf://datasets/ORG/NAME, s3://B/P/)
+    fracgen-train pretrain --shards https://HOST/PATH/ --out runs/cpu      (or hf://datasets/ORG/NAME, s3://B/P/)
   no shards: render the samples on the fly from a manifest (the same images; --instances 0: fresh ones forever):
-    python -m train.pretrain --render /tmp/cpu-shards/manifest.json --out runs/cpu-fly --instances 0
+    fracgen-train pretrain --render /tmp/cpu-shards/manifest.json --out runs/cpu-fly --instances 0
 
 Data: a set whose decoded pixels fit the cache budget (1p-frac: 1000 images) is decoded once into device memory
 and batches are drawn by index on the device; a larger one is streamed from the shards by loader workers that only
@@ -285,7 +285,7 @@ def pretrain(cfg: Config) -> dict:
             return _pretrain(cfg, rank, local_rank, world_size, device, preemption)
     try:  # a run that fails before writing anything leaves no folder behind
         note = lambda text: print(f"note: {printable(text)}", flush=True)  # noqa: E731
-        with writing_folder(out, "train.pretrain", note, f"--out {out}"), Preemption() as preemption:
+        with writing_folder(out, "fracgen-train pretrain", note, f"--out {out}"), Preemption() as preemption:
             return _pretrain(cfg, rank, local_rank, world_size, device, preemption)
     except FracgenError as e:
         raise TrainError(str(e)) from None

@@ -4,8 +4,8 @@ The network (a pre-trained checkpoint, or the same architecture freshly initiali
 image becomes its class token and its mean patch token, concatenated; a logistic regression (scikit-learn,
 standardised features) is trained on the few-shot split and tested on the rest, for each split seed.
 
-    python -m train.probe --checkpoint runs/cpu-seed4/ckpt.pt
-    python -m train.probe --checkpoint none            # the same architecture, randomly initialised
+    fracgen-train probe --checkpoint runs/cpu-seed4/ckpt.pt
+    fracgen-train probe --checkpoint none            # the same architecture, randomly initialised
 """
 
 from __future__ import annotations

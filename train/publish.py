@@ -1,8 +1,8 @@
 """Share a finished pre-training run as the ecosystem expects: a model card, SHA256SUMS, and the hub.
 
-    python -m train.publish runs/cpu-seed4                          # README.md + SHA256SUMS beside the weights
-    python -m train.publish runs/cpu-seed4 --out /srv/www/cpu-seed4  # or a folder of just the published files
-    python -m train.publish runs/cpu-seed4 --to hf://ORG/NAME        # and upload them (HF_TOKEN or `hf auth login`)
+    fracgen-train publish runs/cpu-seed4                          # README.md + SHA256SUMS beside the weights
+    fracgen-train publish runs/cpu-seed4 --out /srv/www/cpu-seed4  # or a folder of just the published files
+    fracgen-train publish runs/cpu-seed4 --to hf://ORG/NAME        # and upload them (HF_TOKEN or `hf auth login`)
 
 The published files are README.md (the model card: YAML front matter a hub reads, then the data the weights were
 pre-trained on with its manifest's sha256 and the command that renders it again, the recipe, the LPCE curve, the
@@ -74,7 +74,7 @@ def finished_run(run: Path) -> tuple[dict, dict, bytes]:
         raise TrainError(f"{run} is not a folder (give a train.pretrain --out folder)")
     missing = [name for name in (weights.CONFIG, weights.WEIGHTS, "summary.json") if not (run / name).is_file()]
     if missing:
-        hint = (f": finish it with `python -m train.pretrain --out {run} --resume`" if (run / "ckpt.pt").is_file()
+        hint = (f": finish it with `fracgen-train pretrain --out {run} --resume`" if (run / "ckpt.pt").is_file()
                 else "")
         raise TrainError(f"{run} is not a finished train.pretrain run (no {', '.join(missing)}){hint}")
     config = weights.read_config(run / weights.CONFIG)
@@ -180,7 +180,7 @@ def model_card(config: dict, summary: dict, curve: list, results: list[dict], *,
             'model = timm.create_model("local-dir:FOLDER", pretrained=True, num_classes=10)  # FOLDER: these files'
         ) + "\n# num_classes: a new head for your classes (the pre-training head is dropped)", "python"),
         "",
-        code_block(f"python -m train.finetune --checkpoint {shlex.quote(source)} --out runs/digits   # fetched once, "
+        code_block(f"fracgen-train finetune --checkpoint {shlex.quote(source)} --out runs/digits   # fetched once, "
                    "checked against SHA256SUMS", "bash"),
         "",
         "## Pre-training data",
@@ -240,7 +240,8 @@ def _upload(folder: Path, files: list[str], to: str) -> str:
     try:
         if to.startswith("s3://"):  # SHA256SUMS last: a reader that finds it finds the files it lists
             return s3.upload(folder, [weights.WEIGHTS, weights.CONFIG, CARD, weights.SUMS], to)
-        return share.hub_upload(folder, files, to, *weights.parse_hub(to), repo_type="model", tool="train.publish")
+        return share.hub_upload(folder, files, to, *weights.parse_hub(to), repo_type="model",
+                                tool="fracgen-train publish")
     except FracgenError as e:
         raise TrainError(str(e)) from None
 
@@ -296,7 +297,7 @@ def publish(run: str | Path, out: str | Path | None = None, to: str | None = Non
     if to is not None:
         _check_destination(to)  # a bad destination, or no token or credentials, fails before any work
     try:
-        with FolderLock(run, "train.publish"):
+        with FolderLock(run, "fracgen-train publish"):
             config, summary, raw = finished_run(run)
             curve = lpce_curve(run / "metrics.jsonl")
             found = fine_tuning_results(run, [Path(p) for p in results])
@@ -306,7 +307,8 @@ def publish(run: str | Path, out: str | Path | None = None, to: str | None = Non
                               source=url or to or "https://YOUR-SERVER/PATH/")
             config_raw = (run / weights.CONFIG).read_bytes()
             same = out.exists() and out.resolve() == run.resolve()
-            with contextlib.nullcontext() if same else writing_folder(out, "train.publish", name=f"--out {out}"):
+            claimed = writing_folder(out, "fracgen-train publish", name=f"--out {out}")
+            with contextlib.nullcontext() if same else claimed:
                 _claim(out, config_raw, overwrite)
                 if not same:
                     atomic_write(out / weights.CONFIG, lambda f: f.write(config_raw))

@@ -1,6 +1,6 @@
 """The paper's comparisons, rerunnable: `make compare`, `make sweep-delta`, `make sweep-sigma`, `make sweep-bases`,
 `make control`, `make which-base` (and `make which-base-held-out`), and on one GPU `make sweep-resolution` and
-`make score-bases` (`python -m train.experiments NAME`).
+`make score-bases` (`fracgen-train experiments NAME`).
 
 Every run is the same pipeline at the same budget: render its data with fracgen (the CPU default's 1000 images
 at 128 px, 50k points, unless the run says otherwise), pre-train the CPU preset for `--steps` steps, fine-tune on

@@ -1,4 +1,4 @@
-"""`python -m train.experiments NAME`: run one experiment and write its tables and plots (train/experiments/)."""
+"""`fracgen-train experiments NAME`: run one experiment and write its tables and plots (train/experiments/)."""
 
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ EXPERIMENTS: dict[str, Experiment] = {}
 
 
 def experiment(name: str, budget: dict | None = None, runner: dict | None = None, after: Callable | None = None):
-    """Register an experiment's `runs()` under `name` (the word `make NAME` and `python -m train.experiments NAME`
+    """Register an experiment's `runs()` under `name` (the word `make NAME` and `fracgen-train experiments NAME`
     take)."""
     def register(runs: Callable[[], list[Run]]):
         EXPERIMENTS[name] = Experiment(name, runs, budget or {}, runner or {}, after)
@@ -492,6 +492,6 @@ def _command(name: str, budget: Budget, jobs: int, time_box: float) -> str:
     recipe = "" if (budget.finetune_preset, budget.finetune_steps) == (default.finetune_preset,
                                                                        default.finetune_steps) else (
         f" --finetune-preset {budget.finetune_preset} --finetune-steps {budget.finetune_steps}")
-    return (f"python -m train.experiments {name} --steps {budget.steps}" + (f" --jobs {jobs}" if jobs > 1 else "")
+    return (f"fracgen-train experiments {name} --steps {budget.steps}" + (f" --jobs {jobs}" if jobs > 1 else "")
             + (f" --time-box {time_box:g}" if time_box else "") + recipe + arithmetic)
 
