@@ -251,6 +251,15 @@ def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
                                          "full: ")
     assert str(refused.value).endswith(f" MiB free in {tmp_path}): make room, then run the same command again")
 
+    def no_file_left(*args, **kwargs):  # a full disk (or inode table) refuses even the temporary's creation
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr("fracgen.shards.tempfile.mkstemp", no_file_left)
+        with pytest.raises(FracgenError) as refused:
+            atomic_write(tmp_path / "f", lambda f: f.write(b"x"))
+    assert str(refused.value).endswith(f" MiB free in {tmp_path}): make room, then run the same command again")
+
     def interrupted(f):
         f.write(b"half")
         raise KeyboardInterrupt

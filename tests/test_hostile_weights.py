@@ -476,14 +476,59 @@ def test_a_model_is_a_registered_name_a_bounded_class_count_and_at_most_a_billio
              "w: timm model 'vit_tiny_patch16_224' cannot be built with {'embed_dim': 100, 'num_heads': 3}: dim "
              "should be divisible by num_heads"),
             ("vit_giant_patch14_224", 3, {"depth": 96, "embed_dim": 4096}, "w",
-             "w: vit_giant_patch14_224 {'depth': 96, 'embed_dim': 4096} with 3 classes has 20,507M parameters, "
-             "more than the 1,000M fracgen builds")):
+             "w: vit_giant_patch14_224 {'depth': 96, 'embed_dim': 4096} with 3 classes has 20,507,")):
         with pytest.raises(TrainError) as refused:
             create(name, classes, args, where=where)
         assert str(refused.value).startswith(says), str(refused.value)
     with pytest.raises(TrainError, match=r"^unknown timm model 'no_such_net'"):  # no `where`: no prefix
         create("no_such_net", 3, {})
     assert create("vit_tiny_patch16_224", 1, {"depth": 1}).head.out_features == 1  # one class is a class count
+
+
+def test_the_parameter_bound_is_exact_and_its_message_whole(monkeypatch):
+    import train.model
+    from train.model import skeleton
+
+    args = {"img_size": 32, "patch_size": 8, "depth": 1}
+    n = sum(p.numel() for p in skeleton("vit_tiny_patch16_224", 3, args).parameters())
+    monkeypatch.setattr(train.model, "MAX_PARAMS", n)
+    assert sum(p.numel() for p in skeleton("vit_tiny_patch16_224", 3, args).parameters()) == n  # exactly: built
+    monkeypatch.setattr(train.model, "MAX_PARAMS", n - 1)
+    with pytest.raises(TrainError) as refused:
+        skeleton("vit_tiny_patch16_224", 3, args)
+    assert str(refused.value) == (f"vit_tiny_patch16_224 {args} with 3 classes has {n:,} parameters, more than the "
+                                  f"{n - 1:,} fracgen builds")  # no `where`: nothing before the name
+    with pytest.raises(TrainError, match=rf"^x\.json: vit_tiny_patch16_224 .* has {n:,} parameters"):
+        skeleton("vit_tiny_patch16_224", 3, args, "x.json")
+
+
+def test_a_network_timm_cannot_build_is_named_by_the_first_line_of_why(monkeypatch):
+    import train.model
+    from train.model import check_args, create
+
+    def fails(error):
+        def create_model(*args, **kwargs):
+            raise error
+        return create_model
+
+    for error, reason in ((AssertionError(), "AssertionError"), (ValueError("  \n"), "ValueError"),
+                          (ValueError("first\nsecond"), "first"), (TypeError("y" * 300), "y" * 160)):
+        monkeypatch.setattr(train.model.timm, "create_model", fails(error))
+        with pytest.raises(TrainError) as refused:
+            create("vit_tiny_patch16_224", 3, {"depth": 1}, where="c.json")
+        assert str(refused.value) == f"c.json: timm model 'vit_tiny_patch16_224' cannot be built with " \
+                                     f"{{'depth': 1}}: {reason}"
+    with pytest.raises(TrainError, match=r"^model arguments are not a JSON object$"):  # the default `where`
+        check_args("depth=1")
+
+
+def test_a_model_is_built_without_drop_path_unless_asked():
+    from timm.layers import DropPath
+
+    from train.model import create
+
+    model = create("vit_tiny_patch16_224", 3, {"img_size": 32, "patch_size": 8, "depth": 2})
+    assert not [m for m in model.modules() if isinstance(m, DropPath)]
 
 
 def test_weights_must_fit_the_network_exactly_and_be_finite_floats():

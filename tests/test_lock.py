@@ -5,8 +5,11 @@ pass cannot follow."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -24,6 +27,14 @@ def _dead_pid() -> int:
     return dead.pid
 
 
+def _default_signals() -> None:
+    """In a child before exec: every signal back to its default action, so that one sent to it ends it even where
+    the tests run under nohup (SIGHUP ignored, and an ignored signal stays ignored across exec)."""
+    for number in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(number, signal.SIG_DFL)
+
+
 def test_the_holder_record_names_this_process_and_is_emptied_at_the_end(tmp_path):
     before = time.time()
     with FolderLock(tmp_path, "fracgen render --out https://user:secret@host/x") as lock:
@@ -36,6 +47,8 @@ def test_the_holder_record_names_this_process_and_is_emptied_at_the_end(tmp_path
         assert (tmp_path / LOCK_NAME).read_bytes().endswith(b"}\n")
         assert lock.fd is not None
     assert lock.fd is None
+    with FolderLock(tmp_path):  # no command given: an empty one, not a made-up one
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["command"] == ""
     assert (tmp_path / LOCK_NAME).read_bytes() == b""  # nobody holds it; the file stays for the next opener
     with FolderLock(tmp_path):  # and the next one takes it without a note
         pass
@@ -93,7 +106,7 @@ def test_a_record_left_by_a_dead_run_on_this_host_is_taken_over_with_a_note(tmp_
     assert notes == [f"taking over the lock of {tmp_path} left by pid {pid} (no longer running)"]
     # a live process that does not hold the lock (its pid was reused): the same, said so, and the process is only
     # asked whether it lives (signal 0), never signalled
-    alive = subprocess.Popen(["sleep", "30"])
+    alive = subprocess.Popen(["sleep", "30"], preexec_fn=_default_signals)
     try:
         (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname()}))
         with FolderLock(tmp_path, note=notes.append):
@@ -224,3 +237,58 @@ def test_a_writer_refused_by_the_lock_leaves_the_folder_it_found_missing_to_the_
         with pytest.raises(FolderBusy), writing_folder(out, "second"):
             pass
         assert out.is_dir() and (out / LOCK_NAME).exists()
+
+
+def test_the_lock_file_is_readable_by_all_and_writable_by_its_owner(tmp_path):
+    mask = os.umask(0)  # the mode asked for, as it is: 0644 (a waiting writer of another user reads the record)
+    try:
+        with FolderLock(tmp_path):
+            assert (tmp_path / LOCK_NAME).stat().st_mode & 0o7777 == 0o644
+    finally:
+        os.umask(mask)
+
+
+def test_a_symbolic_link_is_refused_with_the_whole_reason(tmp_path):
+    (tmp_path / LOCK_NAME).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FracgenError) as refused:
+        FolderLock(tmp_path).__enter__()
+    assert str(refused.value) == (f"{tmp_path / LOCK_NAME} is a symbolic link, not a lock fracgen made: remove it "
+                                  "(fracgen writes into its lock file and will not write through a link)")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_full_disk_while_writing_the_record_is_one_line_and_leaves_the_lock_free(tmp_path, monkeypatch):
+    import fracgen.lock
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = len(os.listdir("/proc/self/fd"))
+    with monkeypatch.context() as patched:
+        patched.setattr(fracgen.lock.os, "pwrite", full)
+        with pytest.raises(FracgenError) as refused:
+            FolderLock(tmp_path).__enter__()
+    assert str(refused.value) == f"cannot write the lock {tmp_path / LOCK_NAME}: No space left on device"
+    assert len(os.listdir("/proc/self/fd")) == before  # its descriptor closed
+    with FolderLock(tmp_path):  # and the lock released: the next writer takes it at once
+        pass
+
+
+def test_a_record_is_read_up_to_64_kib_only(tmp_path):
+    """A lock file is not trusted to be small: a record past 64 KiB is not read whole (so it cannot be parsed) and
+    its holder is named as unknown."""
+    import fcntl
+
+    record = json.dumps({"pid": 12, "host": "h", "command": "x" * (1 << 16)}).encode()
+    (tmp_path / LOCK_NAME).write_bytes(record)
+    fd = os.open(tmp_path / LOCK_NAME, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(FolderBusy, match=r"by pid \? on host \?: one writer"):
+            FolderLock(tmp_path).__enter__()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": 12, "host": "h", "command": "x" * ((1 << 16) - 100)}).encode(), 0)
+        with pytest.raises(FolderBusy, match=r"by pid 12 on host h \(x+\): one writer"):
+            FolderLock(tmp_path).__enter__()
+    finally:
+        os.close(fd)

@@ -94,8 +94,8 @@ def skeleton(name: str, num_classes: int, model_args: dict, where: str = "") -> 
     n = sum(p.numel() for p in model.parameters())
     if n > MAX_PARAMS:
         at = f"{where}: " if where else ""
-        raise TrainError(f"{at}{name} {model_args} with {num_classes:,} classes has {n / 1e6:,.0f}M parameters, "
-                         f"more than the {MAX_PARAMS / 1e6:,.0f}M fracgen builds")
+        raise TrainError(f"{at}{name} {model_args} with {num_classes:,} classes has {n:,} parameters, more than "
+                         f"the {MAX_PARAMS:,} fracgen builds")
     return model
 
 
