@@ -6,6 +6,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import the slow reference implementations
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core: one torch thread each, set before
+    os.environ["OMP_NUM_THREADS"] = "1"   # torch is imported (two threads per worker on 2 cores spin, 2-10x slower)
+
 from fracgen.dataset import Settings  # noqa: E402
 
 # Small but real: 12 classes of 64 px images in 3 shards, fast enough for every test to render.
