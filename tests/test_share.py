@@ -9,6 +9,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from typer.testing import CliRunner
 from fracgen import share
 from fracgen.cli import app
 from fracgen.dataset import Settings, render_dataset
+from train.runtime import TrainError
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = Settings(classes=16, size=64, points=3000, shard_size=2)  # 8 shards of 2 samples
@@ -368,6 +370,48 @@ def test_pretrain_from_a_bad_url_is_one_line(published, tmp_path):
                      "--steps", "2", *TINY, "--cache-dir", tmp_path / "cache")
     one_line_error(result.stderr, result.returncode, "nothing/manifest.json: HTTP 404")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_starts_from_its_cached_copy_when_the_source_is_down_and_only_if_every_byte_checks(published,
+                                                                                                  tmp_path,
+                                                                                                  monkeypatch):
+    """A requeued job or a restarted pod whose server is down: the copy a finished pull left in --cache-dir is used
+    (its manifest's sha256 is its folder's name, every shard its recorded size and sha256), with a note; a damaged
+    copy or another source's is not."""
+    from train.source import resolve_shards
+
+    monkeypatch.setattr(share, "BACKOFF", 0.01)  # the refused connections' retries, quickly
+    cache, said = tmp_path / "cache", []
+    with Server(published) as server:
+        url = server.url
+        pulled = resolve_shards(url, cache, log=said.append)
+    assert said[-1].startswith("shards: pulled 8 shards")
+    said.clear()
+    assert resolve_shards(url, cache, log=said.append) == pulled  # the server is gone
+    assert all("Connection refused; trying again" in line for line in said[:-1]) and len(said) == share.TRIES
+    assert said[-1].startswith(f"note: {url} cannot be read now ({url}manifest.json: ")
+    assert said[-1].endswith(f"training from its copy in {pulled}, pulled "
+                            f"{json.loads((pulled / 'source.json').read_text())['finished']}: its manifest and all 8 "
+                            "shards checked by sha256")
+    result = run("-m", "train.pretrain", "--shards", url, "--out", tmp_path / "run", "--steps", "2", *TINY,
+                 "--cache-dir", cache)
+    assert result.returncode == 0 and "training from its copy in" in result.stdout, result.stdout + result.stderr
+
+    with pytest.raises(TrainError, match=rf"^--shards {re.escape(url)}other/: {re.escape(url)}other/manifest"):
+        resolve_shards(url + "other/", cache, log=said.append)  # a copy of another source is not this one
+    shard = pulled / sorted(data_files(published))[0]
+    assert shard.name.endswith(".tar")
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-1] + b"x")
+    with pytest.raises(TrainError, match=rf"^--shards {re.escape(url)}: {re.escape(url)}manifest.json: "):
+        resolve_shards(url, cache, log=said.append)  # one byte differs: not used
+    shard.write_bytes(whole)
+    manifest = (pulled / "manifest.json").read_bytes()
+    (pulled / "manifest.json").write_bytes(manifest + b" ")  # still valid JSON, but not the manifest pulled
+    with pytest.raises(TrainError):
+        resolve_shards(url, cache, log=said.append)
+    (pulled / "manifest.json").write_bytes(manifest)
+    assert resolve_shards(url, cache, log=said.append) == pulled
 
 
 @pytest.mark.slow  # ~13 s: a 2-rank torchrun; one rank from a URL is in the fast suite

@@ -17,9 +17,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from fracgen import share
+from fracgen.dataset import MANIFEST
 from fracgen.errors import FracgenError
 from fracgen.lock import FolderBusy
-from fracgen.untrusted import printable, redact
+from fracgen.manifest import read_manifest
+from fracgen.shards import file_sha256, matches
+from fracgen.untrusted import printable, read_json, redact
 
 from .runtime import TrainError
 
@@ -58,13 +61,22 @@ def _pull_into_cache(spec: str, cache: Path, log) -> tuple[str, str, str]:
     shown = redact(spec)  # what the log and the lock show: no password or signed query of the URL
     try:
         source = share.open_source(spec)
-        remote = share.fetch_manifest(source, note=lambda text: log(f"note: {printable(text)}"))
+        try:
+            remote = share.fetch_manifest(source, note=lambda text: log(f"note: {printable(text)}"))
+        except FracgenError as e:
+            copy = cached_copy(cache, redact(source.spec))
+            if copy is None:
+                raise
+            folder, pulled, count = copy
+            log(f"note: {shown} cannot be read now ({printable(e)}); training from its copy in {folder}, pulled "
+                f"{pulled}: its manifest and all {count} shards checked by sha256")
+            return "ok", folder.name, socket.gethostname()
         folder = cache / remote.sha256
         waited = False
         while True:
             try:
                 result = share.pull(source, folder, remote=remote, note=lambda text: log(f"note: {printable(text)}"),
-                                    command=f"train.pretrain --shards {shown}")
+                                    command=f"fracgen-train pretrain --shards {shown}")
                 break
             except FolderBusy as e:  # another job on this node is pulling the same data set: let it finish
                 if time.time() - t0 > LOCK_WAIT:
@@ -82,3 +94,30 @@ def _pull_into_cache(spec: str, cache: Path, log) -> tuple[str, str, str]:
         log(f"shards: found in cache {folder} (all {result.kept} shards checked by sha256 against {shown}'s manifest; "
             "nothing fetched)")
     return "ok", remote.sha256, socket.gethostname()
+
+
+def cached_copy(cache: Path, source: str) -> tuple[Path, str, int] | None:
+    """The newest finished pull of `source` (as its source.json records it, secrets left out) in `cache` whose
+    manifest still has the sha256 that names its folder and whose shards all have their recorded size and sha256:
+    (folder, when it was pulled, shard count). For a run that starts again (a requeued job, a restarted pod) while
+    the server is down: the bytes are the ones it trained on, or it is not used."""
+    found = []
+    for record_path in cache.glob(f"*/{share.SOURCE_FILE}"):
+        try:
+            record = read_json(record_path, max_bytes=1 << 16)
+        except (OSError, FracgenError):
+            continue
+        folder = record_path.parent
+        if (isinstance(record, dict) and record.get("source") == source and isinstance(record.get("finished"), str)
+                and record.get("manifest_sha256") == folder.name):
+            found.append((record["finished"], folder))
+    for finished, folder in sorted(found, reverse=True):
+        try:
+            if file_sha256(folder / MANIFEST)[0] != folder.name:
+                continue
+            manifest = read_manifest(folder)
+        except (OSError, FracgenError):
+            continue
+        if manifest.get("complete") and all(matches(folder / e["file"], e) for e in manifest["shards"]):
+            return folder, finished, len(manifest["shards"])
+    return None
