@@ -288,7 +288,12 @@ def test_run_cli_turns_every_user_error_into_one_line_and_its_exit_code(monkeypa
     def usage():
         raise click.UsageError("no such option: --nope")
 
-    assert _cli(monkeypatch, usage) == 1 and capsys.readouterr().err == "error: no such option: --nope\n"
+    assert _cli(monkeypatch, usage) == 2 and capsys.readouterr().err == "error: no such option: --nope\n"
+
+    def not_usage():
+        raise click.ClickException("a file click could not open")
+
+    assert _cli(monkeypatch, not_usage) == 1 and capsys.readouterr().err == "error: a file click could not open\n"
 
     def aborts():
         raise click.exceptions.Abort()

@@ -17,7 +17,9 @@ import pytest
 import timm
 import torch
 from helpers import python_m
+from typer.testing import CliRunner
 
+from fracgen.cli import app as fracgen_app
 from fracgen.dataset import render_dataset
 from train import data
 from train.finetune import Config as FinetuneConfig
@@ -260,14 +262,36 @@ def test_an_undecodable_image_in_an_image_folder_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad} is not an image this can read"), result.stderr
 
 
+def test_usage_errors_exit_2_in_both_tools_and_each_tool_says_its_version(tmp_path, capsys):
+    """An unknown option, a value of the wrong type, no command or an unknown one: one line and exit 2, as click
+    (and so `fracgen`) exits for usage errors; other errors stay 1."""
+    from fracgen.version import __version__
+    from train import cli
+
+    for args, says in ((["--shards", "x", "--out", "y", "--bogus"], "No such option: --bogus"),
+                       (["--shards", "x", "--out", "y", "--steps", "many"], "Invalid value for '--steps'"),
+                       (["--shards", "x", "--out", "y", "--crop-scale", "2,1"],
+                        "crop area fractions need 0 < min <= max <= 1")):
+        result = run("train.pretrain", *args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()] and says in result.stderr
+    for argv, code in (([], 2), (["train"], 2), (["--help"], 0), (["--version"], 0)):
+        with pytest.raises(SystemExit) as ended:
+            cli.main(argv)
+        assert ended.value.code == code, argv
+    out, err = capsys.readouterr()
+    assert "error: unknown command 'train'; usage: fracgen-train {pretrain," in err
+    assert out.strip().endswith(f"fracgen-train {__version__}")
+    fracgen_usage = CliRunner().invoke(fracgen_app, ["render", "--classes", "many"])
+    assert fracgen_usage.exit_code == 2
+
+
 @pytest.mark.parametrize(
     ("module", "args", "message"),
     [
         ("train.pretrain", ["--shards", "/nonexistent", "--out", "OUT"], "does not exist"),
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT"], "manifest.json is missing"),
-        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--bogus"], "No such option"),
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--preset", "gpu"], "unknown --preset"),
-        ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--crop-scale", "2,1"], "crop"),
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--resume"], "no checkpoint"),
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--ink-gain", "0"], "--ink-gain must be positive"),
         ("train.pretrain", ["--shards", "EMPTY", "--out", "OUT", "--mixup", "-1"], "--mixup must not be negative"),

@@ -30,12 +30,17 @@ def missing() -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     usage = f"usage: fracgen-train {{{','.join(COMMANDS)}}} [OPTIONS]   (fracgen-train COMMAND --help)"
+    if argv and argv[0] == "--version":
+        from fracgen.version import __version__
+
+        print(f"fracgen-train {__version__}")
+        sys.exit(0)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[0] + "\n\n" + usage)
-        sys.exit(0 if argv else 1)
+        sys.exit(0 if argv else 2)  # no command: a usage error, as click's
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}; {usage}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     lacking = missing()
     if lacking:
         print(f"error: the trainer needs {', '.join(lacking)}: pip install 'fracgen[train]'", file=sys.stderr)

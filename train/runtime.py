@@ -29,10 +29,9 @@ class TrainError(Exception):
 
 
 def run_cli(app) -> None:
-    """Run a typer app so that every user error is one red line on stderr and exit code 1.
-
-    Click's own usage errors would exit 2 with a multi-line box; we want one convention for the whole tool.
-    """
+    """Run a typer app so that every user error is one line on stderr: exit code 2 for a usage error (an unknown
+    option, a value of the wrong type), as click and `fracgen` exit, 1 for the rest. Click itself would print a
+    multi-line box."""
     try:
         rc = app(standalone_mode=False)
     except (click.exceptions.Abort, typer.Abort):
@@ -42,7 +41,7 @@ def run_cli(app) -> None:
     except (click.ClickException, typer.TyperException, TrainError) as e:
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         print(f"error: {printable(_own_line(message))}", file=sys.stderr)  # one line, no secret of a URL
-        sys.exit(1)
+        sys.exit(getattr(e, "exit_code", 1))  # click's UsageError: 2
     except Interrupted as stop:  # a signal before a run's first step (train.preempt), where no command said more
         print(f"stopped by {stop.name} before the first training step: nothing to keep", file=sys.stderr)
         sys.exit(128 + stop.signum)
