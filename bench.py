@@ -201,6 +201,54 @@ def bench_trainer(args) -> None:
     bench_onthefly(args)
 
 
+def bench_pull(shards: int = 100, jobs: tuple[int, ...] = (1, 2, 4, 8), latencies: tuple[float, ...] = (0.0, 0.05),
+               images_per_shard: int = 10) -> list[tuple]:
+    """`fracgen pull` of a `shards`-shard folder from an HTTP server on loopback, `jobs` files at a time. Each
+    latency is added before a shard's first byte, as a server far away adds it (0: loopback as it is)."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from fracgen import share
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "source")
+        render_dataset(source, Settings(classes=shards * images_per_shard, shard_size=images_per_shard),
+                       workers=os.cpu_count() or 1)
+        megabytes = sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source)
+                        if f.endswith(".tar")) / 1e6
+        for latency in latencies:
+            class Far(SimpleHTTPRequestHandler):
+                first_byte_after = latency
+
+                def do_GET(self):
+                    if self.path.endswith(".tar"):
+                        time.sleep(self.first_byte_after)
+                    super().do_GET()
+
+                def log_message(self, *args):
+                    pass
+
+            server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Far, directory=source))
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            try:
+                first = None
+                for n in jobs:
+                    dest = os.path.join(tmp, f"pulled-{latency}-{n}")
+                    t0 = time.perf_counter()
+                    share.pull(f"http://127.0.0.1:{server.server_address[1]}/", dest, jobs=n)
+                    seconds = time.perf_counter() - t0
+                    first = first or seconds
+                    rows.append((f"{latency * 1000:.0f} ms", str(n), f"{seconds:.3f}", f"{megabytes / seconds:.1f}",
+                                 f"{first / seconds:.2f}x"))
+            finally:
+                server.shutdown()
+                server.server_close()
+    return rows
+
+
 def bench_onthefly(args) -> None:
     """uint8 samples/s of one loader process: rendered on the fly against read and decoded from shards."""
     from train import bench as tb
@@ -246,8 +294,9 @@ def main():
     ap.add_argument("--paths", help="trainer rows of these data paths only (with the model-only rows), comma-"
                                     "separated: memory, stream, pil, fly")
     ap.add_argument("--scaling", metavar="1,2,4", help="only the end-to-end scaling over these worker counts")
-    ap.add_argument("--only", choices=("renderer", "trainer", "onthefly", "checkpoint", "profile"),
-                    help="only fracgen's rows, only the trainer's, only the on-the-fly source against shards, only "
+    ap.add_argument("--only", choices=("renderer", "pull", "trainer", "onthefly", "checkpoint", "profile"),
+                    help="only fracgen's rows, only `fracgen pull` 1 vs N files at once, only the trainer's, only the "
+                         "on-the-fly source against shards, only "
                          "what a checkpoint costs the training loop, or a profile of the preset's in-memory step "
                          "(on CUDA with a check that no step waits for the device)")
     ap.add_argument("--training-only", action="store_true", help="the trainer's training rows only (not the "
@@ -268,6 +317,13 @@ def main():
     if args.only == "checkpoint":
         bench_checkpoint(args)
         return
+    if args.only in (None, "pull"):
+        print("\n| pull of 100 shards over loopback, first byte after | files at once (--jobs) | seconds | MB/s | "
+              "vs 1 |\n|---|---|---|---|---|")
+        for r in bench_pull():
+            print("| " + " | ".join(r) + " |")
+        if args.only == "pull":
+            return
     if args.only == "profile":
         from train import bench as tb
 

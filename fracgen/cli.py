@@ -29,7 +29,7 @@ from fracgen.ifs import IFS, load_base
 from fracgen.manifest import other_renderer, read_manifest, renderer_of
 from fracgen.preview import contact_sheet
 from fracgen.shards import atomic_write
-from fracgen.share import RATE_WINDOW, Limits
+from fracgen.share import JOBS, MAX_JOBS, RATE_WINDOW, Limits
 from fracgen.share import publish as publish_folder
 from fracgen.share import pull as pull_folder
 from fracgen.systems import SYSTEMS
@@ -159,9 +159,10 @@ def render(
     = D.png_level,
     workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores, but no more than one per "
                                               "2000 images: a worker takes ~1 s to start).")] = 0,
+    # help texts are rich markup: a [word] would vanish unless escaped
     backend: Annotated[str, typer.Option(help="local: processes on this machine; dask: the workers of a Dask "
-                                              "cluster (--scheduler, or DASK_SCHEDULER_ADDRESS); needs "
-                                              "fracgen[dask].")] = "",
+                                              "cluster (--scheduler, or DASK_SCHEDULER_ADDRESS), with the dask "
+                                              "extra: pip install 'fracgen\\[dask]'.")] = "",
     scheduler: Annotated[str, typer.Option(help="Address of a Dask scheduler, e.g. tcp://HOST:8786 (implies "
                                                 "--backend dask).")] = "",
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in --out.")] = False,
@@ -338,7 +339,7 @@ def preview(
 @app.command()
 def publish(
     dataset: Annotated[Path, typer.Argument(help="A finished folder (manifest.json and shards) to share.")],
-    to: Annotated[str | None, typer.Option(help="Also upload it to hf://datasets/ORG/NAME[@REVISION] (needs "
+    to: Annotated[str | None, typer.Option(help="Also upload it to hf://datasets/ORG/NAME\\[@REVISION] (needs "
                                                 "huggingface_hub and a token in HF_TOKEN) or s3://BUCKET/PREFIX/ "
                                                 "(needs boto3 and AWS credentials; AWS_ENDPOINT_URL for other "
                                                 "stores).")] = None,
@@ -364,7 +365,7 @@ def publish(
 def pull(
     source: Annotated[str, typer.Argument(help="A folder, the http(s) URL of a published folder (or of its "
                                                "manifest.json), s3://BUCKET/PREFIX/ or "
-                                               "hf://datasets/ORG/NAME[@REVISION].")],
+                                               "hf://datasets/ORG/NAME\\[@REVISION].")],
     dataset: Annotated[Path, typer.Argument(help="Folder to pull into (created if missing).")],
     overwrite: Annotated[bool, typer.Option(help="Replace another data set already in the folder.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds a server may stay silent (connecting or sending).")]
@@ -373,6 +374,8 @@ def pull(
                                                  f"{RATE_WINDOW:g} s (slower: tried again).")] = Limits.min_rate,
     deadline: Annotated[float, typer.Option(help="Seconds one file may take, its retries included.")]
     = Limits.deadline,
+    jobs: Annotated[int, typer.Option(help=f"Shards fetched at once (1..{MAX_JOBS}), each checked as when alone.")]
+    = JOBS,
 ):
     """Fetch a published folder, each shard checked by size and sha256 before it takes its name; run it again to
     resume."""
@@ -388,7 +391,7 @@ def pull(
 
             result = pull_folder(source, dataset, overwrite=overwrite, progress=report, note=_note,
                                  command=shlex.join(["fracgen", "pull", source, str(dataset)]),
-                                 limits=Limits(timeout=timeout, min_rate=min_rate, deadline=deadline))
+                                 limits=Limits(timeout=timeout, min_rate=min_rate, deadline=deadline), jobs=jobs)
         n = len(result.manifest["shards"])
         if not result.fetched:
             _say(out, f"{dataset} already holds all {n} shards of {source} (each checked by sha256): nothing fetched")

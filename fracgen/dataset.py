@@ -29,7 +29,9 @@ from fracgen.manifest import (  # noqa: F401 (API)
     check_timm_info,
     other_renderer,
     read_manifest,
+    remove_published_files,
     renderer_of,
+    write_local_card,
     write_timm_info,
 )
 from fracgen.render import RENDERER
@@ -150,6 +152,8 @@ def _prepare_out(out: Path, s: Settings, overwrite: bool, resume: bool) -> dict 
     for probe in out.glob(f"{PROBE_PREFIX}*"):  # left by a cluster render that died
         probe.unlink(missing_ok=True)
     existing = (out / MANIFEST).exists() or any(out.glob(f"{s.name}-*.tar"))
+    if existing and overwrite:
+        remove_published_files(out)  # the old data set's card, sums and preview would describe other data
     if not existing or overwrite:
         return None
     if not resume:
@@ -301,6 +305,7 @@ def _render_locked(out: Path, s: Settings, pool, overwrite: bool, resume: bool, 
     manifest["complete"] = True
     _write_manifest(out, manifest)
     write_timm_info(out, manifest)
+    write_local_card(out, manifest)
     (out / JOURNAL).unlink(missing_ok=True)
     _remove_temporaries(out, s)
     keep = {e["file"] for e in manifest["shards"]}
@@ -340,6 +345,7 @@ def _repair_finished(out: Path, s: Settings, manifest: dict, pool, progress, not
         progress("check", len(manifest["shards"]), len(manifest["shards"]))
     if not bad:
         write_timm_info(out, manifest)  # a folder from before fracgen wrote it gets it here, with nothing redrawn
+        write_local_card(out, manifest)
         return manifest
     names = ", ".join(manifest["shards"][i]["file"] for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
     if other_renderer(manifest):
@@ -361,6 +367,7 @@ def _repair_finished(out: Path, s: Settings, manifest: dict, pool, progress, not
             stats["repaired"].append(entry["file"])
     _remove_temporaries(out, s)
     write_timm_info(out, manifest)
+    write_local_card(out, manifest)
     if note:
         note(f"re-rendered {len(bad)} shard(s) that did not match the manifest: {names}")
     return manifest

@@ -68,10 +68,73 @@ def check_timm_info(folder: Path, manifest: dict) -> str | None:
 
 
 CARD = "README.md"  # the dataset card `fracgen publish` writes: Hugging Face `datasets` reads its `configs`
+SUMS, PREVIEW = "SHA256SUMS", "preview.png"  # what `publish` writes beside the shards, with the card
+# the last line of each card fracgen writes: a README.md without either is its owner's, and never touched
+LOCAL_MARK = "<!-- fracgen: local card, written again with the data; `fracgen publish` writes the full one -->"
+PUBLISH_MARK = "<!-- fracgen: dataset card written by `fracgen publish` -->"
 HF_YAML = ".huggingface.yaml"  # `datasets` reads this file's configs over the card's; fracgen writes none
 MAX_CARD_BYTES = 1 << 20  # a card publish writes takes ~3 KB (a base with 256 maps: ~30 KB)
 # huggingface_hub's REGEX_YAML_BLOCK: the front matter exactly as `datasets.load_dataset` finds it
 FRONT_MATTER = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
+
+
+MAX_NAMED_CLASSES = 10_000  # class names in a card's features: 25 bytes each; above this `cls` stays an integer
+
+
+def card_front_matter(manifest: dict) -> list[str]:
+    """The YAML a dataset card's front matter must hold for Hugging Face `datasets` to read the folder: `configs`
+    (the shards only) and `dataset_info.features`. Without the features its webdataset loader infers types from the
+    first samples, and a .json's 64-bit render seed overflows the int64 it infers; `json` as its Json feature keeps
+    every value exact. `cls` is a ClassLabel named as the sample keys name classes (c000000, ...)."""
+    n = manifest["num_classes"]
+    cls = (["    dtype:", "      class_label:", "        names:"] + [f"          '{k}': c{k:06d}" for k in range(n)]
+           if n <= MAX_NAMED_CLASSES else ["    dtype: int64"])
+    return ["configs:", "- config_name: default", "  data_files:", "  - split: train",
+            f"    path: {json.dumps(card_pattern(manifest))}",
+            "dataset_info:", "  features:", "  - name: __key__", "    dtype: string", "  - name: __url__",
+            "    dtype: string", "  - name: cls", *cls, "  - name: json", "    dtype: json", "  - name: png",
+            "    dtype: image"]
+
+
+def local_card(manifest: dict) -> str:
+    """README.md for a folder `render` or `pull` finished: the front matter `datasets.load_dataset(folder)` needs,
+    and what the folder is. `fracgen publish` replaces it with the full dataset card."""
+    s, n = manifest["settings"], manifest["num_samples"]
+    return "\n".join(["---", *card_front_matter(manifest), "---", "",
+                      f"# {s['name']}: {s.get('system', '1p-frac')}, {manifest['num_classes']} classes, "
+                      f"{manifest['image']['size']} px", "",
+                      f"{n} samples in {len(manifest['shards'])} WebDataset shards, written by fracgen "
+                      f"{manifest.get('fracgen_version')}; every setting and each shard's sha256 are in manifest.json "
+                      "(`fracgen verify .` checks them). `fracgen publish` writes the full dataset card here.", "",
+                      LOCAL_MARK, ""])
+
+
+def _card_mark(folder: Path) -> str | None:
+    """LOCAL_MARK or PUBLISH_MARK when the folder's README.md is a card fracgen wrote; None otherwise."""
+    try:
+        with open(Path(folder) / CARD, "rb") as f:
+            text = f.read(MAX_CARD_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return None
+    return next((mark for mark in (LOCAL_MARK, PUBLISH_MARK) if mark in text), None)
+
+
+def write_local_card(folder: Path, manifest: dict) -> None:
+    """local_card() into a finished folder with no README.md, or whose README.md is an earlier local card; a
+    published card or the owner's own is left as it is."""
+    path = Path(folder) / CARD
+    if manifest["complete"] and (not path.exists() or _card_mark(folder) == LOCAL_MARK):
+        text = local_card(manifest).encode()
+        atomic_write(path, lambda f: f.write(text))
+
+
+def remove_published_files(folder: Path) -> None:
+    """Before another data set is written into `folder` (--overwrite): the files publish wrote for the old one, and
+    a card fracgen wrote (the owner's own card stays)."""
+    if _card_mark(folder):
+        (Path(folder) / CARD).unlink(missing_ok=True)
+    for name in (SUMS, PREVIEW):
+        (Path(folder) / name).unlink(missing_ok=True)
 
 
 def card_pattern(manifest: dict) -> str:

@@ -28,10 +28,12 @@ import re
 import shlex
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,11 +46,16 @@ from fracgen.lock import LOCK_NAME, FolderLock, writing_folder
 from fracgen.manifest import (
     CARD,
     FORMAT_VERSION,
+    PREVIEW,
+    PUBLISH_MARK,
+    SUMS,
     TIMM_INFO,
+    card_front_matter,
     card_pattern,
     check_manifest,
     load_manifest,
     other_renderer,
+    write_local_card,
     write_timm_info,
 )
 from fracgen.preview import contact_sheet
@@ -57,7 +64,8 @@ from fracgen.untrusted import MAX_JSON_BYTES, parse_json, printable, read_json, 
 from fracgen.version import __version__
 
 SOURCE_FILE = "source.json"  # where a pulled folder came from
-SUMS, PREVIEW = "SHA256SUMS", "preview.png"  # what `publish` writes beside the shards, with the card (CARD)
+JOBS = 8  # files fetched at once by default (aws s3 sync asks 10 at a time, hf download 8)
+MAX_JOBS = 64
 TRIES = 5  # attempts per file on transient errors (connection, timeout, too slow, HTTP 429 and 5xx)
 BACKOFF = 0.5  # seconds before the second attempt, doubled for each further one
 MAX_WAIT = 10.0  # the most a server's Retry-After may make us wait (it made a file wait 4 minutes at 60 s)
@@ -385,18 +393,21 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def pull(source: str | Source, out: str | Path, *, overwrite: bool = False, remote: RemoteManifest | None = None,
          progress: Progress | None = None, note: Note | None = None, command: str | None = None,
-         limits: Limits = Limits()) -> PullResult:
+         limits: Limits = Limits(), jobs: int = JOBS) -> PullResult:
     """Fetch a published folder into `out` (see the module docstring); return what was done. Shards already in
     `out` with the manifest's size and sha256 are kept, so a killed pull run again fetches only what is missing.
-    One writer per folder: the run holds `out`'s lock (FolderLock). `remote`: its manifest, if already fetched."""
+    One writer per folder: the run holds `out`'s lock (FolderLock). `remote`: its manifest, if already fetched.
+    `jobs`: shards fetched at once, each checked as when alone."""
     src = source if isinstance(source, Source) else open_source(source)
     out = Path(out)
     if src.kind == "folder" and out.exists() and Path(src.base).resolve() == out.resolve():
         raise FracgenError(f"{out} is the source folder itself")
     limits.check()
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise FracgenError(f"--jobs must be in 1..{MAX_JOBS}, got {jobs}")
     remote = remote or fetch_manifest(src, note, limits)
     with writing_folder(out, command or f"fracgen pull {shlex.quote(src.spec)} {shlex.quote(str(out))}", note):
-        return _pull_locked(src, out, remote, overwrite, progress, note, limits)
+        return _pull_locked(src, out, remote, overwrite, progress, note, limits, jobs)
 
 
 def _claim(out: Path, remote: RemoteManifest, overwrite: bool) -> dict | None:
@@ -432,7 +443,7 @@ def _claim(out: Path, remote: RemoteManifest, overwrite: bool) -> dict | None:
 
 
 def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool, progress: Progress | None,
-                 note: Note | None, limits: Limits) -> PullResult:
+                 note: Note | None, limits: Limits, jobs: int = 1) -> PullResult:
     replaced = _claim(out, remote, overwrite)
     shards = remote.manifest["shards"]
     remove_temporaries(out, [e["file"] for e in shards])  # of a pull (or render) that died: we hold the lock
@@ -465,8 +476,7 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
     if progress and todo:
         progress("fetch", 0, total)
     index = {e["file"]: n for n, e in enumerate(shards)}
-    for entry in todo:
-        _fetch_shard(src, out, entry, on_bytes, note, remote.manifest, index[entry["file"]], limits)
+    _fetch_shards(src, out, todo, on_bytes, note, remote.manifest, index, limits, jobs)
 
     if replaced is not None:  # --overwrite: the replaced data set's shards and published files go too
         keep = {e["file"] for e in shards}
@@ -479,8 +489,46 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
                 (out / name).unlink(missing_ok=True)
     atomic_write(out / MANIFEST, lambda f: f.write(remote.data))  # last: now the folder is complete
     write_timm_info(out, remote.manifest)  # derived here from the checked manifest, never fetched
+    write_local_card(out, remote.manifest)  # so that datasets.load_dataset reads the folder (a card is not fetched)
     _write_json(out / SOURCE_FILE, {**origin, "finished": _now()})
     return PullResult(out, remote.manifest, src, [e["file"] for e in todo], total, kept)
+
+
+class _Stopped(Exception):
+    """Another shard of the same pull failed (or Ctrl-C came): this download stops at its next chunk."""
+
+
+def _fetch_shards(src: Source, out: Path, todo: list[dict], on_bytes, note: Note | None, manifest: dict,
+                  index: dict[str, int], limits: Limits, jobs: int) -> None:
+    """The shards `todo`, up to `jobs` at a time in threads (the work is waiting on sockets and hashing, both done
+    outside the GIL). The first failure stops the others at their next chunk; each removes its temporary file and
+    the failure is raised once they have: nothing is renamed after it."""
+    if jobs == 1 or len(todo) <= 1:
+        for entry in todo:
+            _fetch_shard(src, out, entry, on_bytes, note, manifest, index[entry["file"]], limits)
+        return
+    stop, lock = threading.Event(), threading.Lock()
+
+    def counted(n: int) -> None:  # called after every chunk: where a download learns that the pull has failed
+        if stop.is_set():
+            raise _Stopped
+        with lock:
+            on_bytes(n)
+
+    def fetch(entry: dict) -> None:
+        if not stop.is_set():
+            _fetch_shard(src, out, entry, counted, note, manifest, index[entry["file"]], limits)
+
+    with ThreadPoolExecutor(max_workers=min(jobs, len(todo)), thread_name_prefix="fracgen-pull") as pool:
+        futures = [pool.submit(fetch, entry) for entry in todo]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException:
+            stop.set()  # the pool's exit waits for the running ones, which stop at their next chunk
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _fetch_shard(src: Source, out: Path, entry: dict, on_bytes, note: Note | None, manifest: dict,
@@ -622,14 +670,6 @@ def _system_text(system: str, s: dict, base: dict, c: int) -> tuple[str, list[st
             [f"| system | noise ({s.get('noise')}) |"], [])
 
 
-# The card's `dataset_info.features`: how Hugging Face `datasets` reads each sample. Without them its webdataset
-# loader infers the types from the first samples and a .json's 64-bit render seed overflows the int64 it infers; as
-# `json` (its Json feature: kept as JSON text, handed back as a dict) every value stays exact.
-HF_FEATURES = ["dataset_info:", "  features:", "  - name: __key__", "    dtype: string", "  - name: __url__",
-               "    dtype: string", "  - name: cls", "    dtype: int64", "  - name: json", "    dtype: json",
-               "  - name: png", "    dtype: image"]
-
-
 def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str, shard_bytes: int) -> str:
     """README.md for a published folder: YAML front matter a dataset hub reads, then what the data are, how to make
     them again, a sample grid and how to pull and train from them."""
@@ -646,8 +686,7 @@ def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str,
         "task_categories:", "- image-classification",
         "size_categories:", f"- {_yaml(size_category(n))}",
         "tags:", "- synthetic", *(["- fractal"] if system in ("1p-frac", "fractaldb") else []), "- webdataset",
-        "configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {_yaml(pattern)}",
-        *HF_FEATURES,
+        *card_front_matter(manifest),
         "---",
         "",
         f"# {_md(pretty_name)}",
@@ -690,6 +729,8 @@ def dataset_card(manifest: dict, *, license: str, pretty_name: str, source: str,
         "```",
         "",
         "Without fracgen: `webdataset.WebDataset(urls).decode(\"pil\")` reads the shards, or Python's `tarfile`.",
+        "",
+        PUBLISH_MARK,
         "",
     ]
     return "\n".join(lines)

@@ -30,6 +30,8 @@ class Server:
         self.query, self.routes = query, routes or {}
         self.requests: list[str] = []
         self.headers: list[dict] = []
+        self.in_flight = self.most_in_flight = 0  # shard requests being answered at once, and the most seen
+        self._counting = threading.Lock()
         owner = self
 
         class Handler(SimpleHTTPRequestHandler):
@@ -48,9 +50,19 @@ class Server:
                     owner.fail_once.discard(self.path)
                     self.send_error(503, "busy")
                     return
-                if owner.delay and self.path.endswith(".tar"):
-                    time.sleep(owner.delay)
-                super().do_GET()
+                if not self.path.endswith(".tar"):
+                    super().do_GET()
+                    return
+                with owner._counting:
+                    owner.in_flight += 1
+                    owner.most_in_flight = max(owner.most_in_flight, owner.in_flight)
+                try:
+                    if owner.delay:
+                        time.sleep(owner.delay)
+                    super().do_GET()
+                finally:
+                    with owner._counting:
+                        owner.in_flight -= 1
 
             def end_headers(self):
                 if owner.commit:

@@ -120,3 +120,15 @@ def test_batch_share_rows_time_the_batch_inside_the_step():
     for _, batch_ms, step_ms, left in rows:  # the batch is part of the step; the share follows from the two
         assert 0 < _number(batch_ms) < _number(step_ms)
         assert _number(left.rstrip("%")) == pytest.approx(100 * (1 - _number(batch_ms) / _number(step_ms)), abs=0.2)
+
+
+def test_bench_pull_rows_agree_with_themselves():
+    """Every row pulled the whole folder (its MB/s is size / seconds, the same size in each row), and 'vs 1' is the
+    one-at-a-time time over the row's."""
+    rows = bench.bench_pull(shards=4, jobs=(1, 2), latencies=(0.0, 0.02), images_per_shard=2)
+    assert [(r[0], r[1]) for r in rows] == [("0 ms", "1"), ("0 ms", "2"), ("20 ms", "1"), ("20 ms", "2")]
+    sizes = {round(float(r[2]) * float(r[3]), 1) for r in rows}
+    assert max(sizes) - min(sizes) <= 0.05 * max(sizes) + 0.1
+    for first, second in (rows[0:2], rows[2:4]):
+        assert first[4] == "1.00x"
+        assert _number(second[4]) == pytest.approx(float(first[2]) / float(second[2]), rel=0.05, abs=0.02)

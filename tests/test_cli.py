@@ -104,3 +104,39 @@ def test_bad_paths_are_one_line(tmp_path):
     one_line_error(run("render", "--out", tmp_path / "ds", *SMALL, "--base", tmp_path / "nope.json"), "not found")
     one_line_error(run("verify", tmp_path), "no manifest.json")
     one_line_error(run("info", tmp_path / "missing"), "not a directory")
+
+
+def test_no_bracketed_text_of_a_help_text_is_taken_for_rich_markup():
+    """Typer renders help texts as rich markup, where `[dask]` is a style tag and `[@REVISION]` an event handler:
+    both vanished (`pip install 'fracgen'`, `hf://ORG/NAME`). Every bracket of both tools' options is escaped, and
+    then shows."""
+    import importlib
+    import re
+
+    import typer.main
+
+    apps = [("fracgen", app)] + [(f"fracgen-train {m.split('.')[0]}", importlib.import_module(f"train.{m}").app)
+                                 for m in ("pretrain", "finetune", "probe", "publish", "experiments.__main__")]
+    checked = 0
+    for tool, typer_app in apps:
+        command = typer.main.get_command(typer_app)
+        commands = command.commands.items() if hasattr(command, "commands") else [(None, command)]
+        for name, sub in commands:
+            for param in sub.params:
+                text = param.help or ""
+                assert not re.search(r"(?<!\\)\[[^\]\s]+\]", text), f"{tool} {name}: markup in {text!r}"
+                for escaped in re.findall(r"\\\[([^\]\s]+)\]", text):
+                    shown = CliRunner().invoke(typer_app, [*([name] if name else []), "--help"],
+                                               env={"COLUMNS": "1000"}).output
+                    assert f"[{escaped}]" in shown, (tool, name, escaped)
+                    checked += 1
+    assert checked >= 6  # the dask extra and the hub revisions
+
+
+def test_too_few_points_for_the_size_says_so(tmp_path):
+    """Fill is the share of the canvas the points ink: at 512 px, 300 points cannot pass --fill, whatever the
+    seed; the error names the points and the size, not only the seed and --fill."""
+    result = run("render", "--out", tmp_path / "ds", "--classes", "2", "--size", "512", "--points", "300",
+                 "--workers", "1")
+    one_line_error(result, "or draw more --points than 300 for a --size of 512 px (or a smaller --size)")
+    assert not (tmp_path / "ds").exists()

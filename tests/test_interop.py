@@ -85,6 +85,72 @@ def test_hugging_face_datasets_reads_the_published_folder(published, tmp_path):
     assert row["json"]["seed"] == json.loads(_member(published, key + ".json"))["seed"]  # 64-bit, exact
 
 
+def _read_with_datasets(folder: Path, cache: Path, manifest: dict) -> None:
+    """What a user of `datasets` does with any finished folder: load it, read the class names, stream it."""
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (pip install fracgen[datasets])")
+    ds = datasets.load_dataset(str(folder), split="train", cache_dir=str(cache))
+    names = [f"c{k:06d}" for k in range(manifest["num_classes"])]
+    assert isinstance(ds.features["cls"], datasets.ClassLabel) and ds.features["cls"].names == names
+    assert len(ds) == manifest["num_samples"] and sorted(ds["cls"]) == sorted(_labels(manifest))
+    assert ds[0]["json"]["seed"] == json.loads(_member(folder, ds[0]["__key__"] + ".json"))["seed"]
+    streamed = datasets.load_dataset(str(folder), split="train", streaming=True)
+    assert sorted(row["cls"] for row in streamed) == sorted(_labels(manifest))
+
+
+def test_every_finished_folder_is_a_hugging_face_dataset_with_named_classes(published, tmp_path):
+    """A render, a resumed render, a pull and a publish each leave a folder `datasets.load_dataset` reads; render
+    and pull write a local card (its configs and features), which publish replaces and which never replaces a
+    card that is not fracgen's."""
+    from fracgen import share
+    from fracgen.manifest import CARD, LOCAL_MARK, PUBLISH_MARK
+
+    manifest = json.loads((published / "manifest.json").read_text())
+    rendered = tmp_path / "rendered"
+    render_dataset(rendered, classes=CLASSES, per_class=PER_CLASS, size=32, points=2000, shard_size=5, seed=0,
+                   workers=1)
+    assert LOCAL_MARK in (rendered / CARD).read_text() and verify_dataset(rendered) == []
+    _read_with_datasets(rendered, tmp_path / "hf1", manifest)
+
+    (rendered / CARD).unlink()
+    next(rendered.glob("*.tar")).unlink()  # a damaged folder, repaired by --resume: its card comes back
+    render_dataset(rendered, classes=CLASSES, per_class=PER_CLASS, size=32, points=2000, shard_size=5, seed=0,
+                   workers=1, resume=True)
+    _read_with_datasets(rendered, tmp_path / "hf2", manifest)
+
+    with Server(published) as server:
+        pulled = share.pull(server.url, tmp_path / "pulled").folder
+    assert LOCAL_MARK in (pulled / CARD).read_text()  # the source's card is not fetched: the local one is written
+    _read_with_datasets(pulled, tmp_path / "hf3", manifest)
+
+    assert PUBLISH_MARK in (published / CARD).read_text()
+    _read_with_datasets(published, tmp_path / "hf4", manifest)
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / CARD).write_text("# my notes\n")  # the owner's card: render keeps it, --overwrite too
+    render_dataset(own, classes=2, size=32, points=2000, seed=0, workers=1)
+    assert (own / CARD).read_text() == "# my notes\n"
+    render_dataset(own, classes=3, size=32, points=2000, seed=0, workers=1, overwrite=True)
+    assert (own / CARD).read_text() == "# my notes\n"
+    (own / CARD).unlink()
+    render_dataset(own, classes=2, size=32, points=2000, seed=0, workers=1, overwrite=True)
+    assert "c000001" in (own / CARD).read_text() and "c000002" not in (own / CARD).read_text()
+    render_dataset(own, classes=3, size=32, points=2000, seed=0, workers=1, overwrite=True)
+    assert "c000002" in (own / CARD).read_text()  # the local card of the data set it now holds
+
+
+def test_a_card_names_classes_up_to_its_bound_and_then_keeps_cls_an_integer():
+    from fracgen.manifest import MAX_CARD_BYTES, MAX_NAMED_CLASSES, card_front_matter
+
+    def front(n):
+        return "\n".join(card_front_matter({"num_classes": n, "settings": {"name": "x"}}))
+
+    assert f"'{MAX_NAMED_CLASSES - 1}': c{MAX_NAMED_CLASSES - 1:06d}" in front(MAX_NAMED_CLASSES)
+    assert len(front(MAX_NAMED_CLASSES).encode()) < MAX_CARD_BYTES  # what verify reads of a card
+    assert "class_label" not in front(MAX_NAMED_CLASSES + 1) and "  - name: cls\n    dtype: int64" in \
+        front(MAX_NAMED_CLASSES + 1)
+
+
 def _member(folder: Path, name: str) -> bytes:
     import tarfile
 

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from fracgen import share
 from fracgen.cli import app
 from fracgen.dataset import Settings, render_dataset
+from fracgen.errors import FracgenError
 from train.runtime import TrainError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +254,7 @@ def test_a_folder_with_another_data_set_is_refused_unless_overwrite(published, t
 def test_a_killed_pull_fetches_only_the_missing_shards_when_run_again(published, tmp_path):
     dest = tmp_path / "pulled"
     with Server(published, delay=0.4) as server:
-        proc = _popen("-m", "fracgen", "pull", server.url, dest)
+        proc = _popen("-m", "fracgen", "pull", server.url, dest, "--jobs", "2")  # 2 at a time: killed midway
         try:
             assert wait_for(lambda: len(list(dest.glob("*.tar"))) >= 3, 120), proc.communicate(timeout=5)
             os.killpg(proc.pid, signal.SIGKILL)
@@ -283,7 +284,7 @@ def test_two_pulls_into_one_folder_end_with_one_correct_copy(published, tmp_path
             one_line_error(stderr, rc, "is being written by ")
     assert data_files(dest) == data_files(published) and leftovers(dest) == []
     assert sorted(p.name for p in dest.iterdir()) == sorted([*data_files(published), "source.json", ".fracgen.lock",
-                                                             "_info.json"])
+                                                             "_info.json", "README.md"])  # README: the local card
     assert fracgen("verify", dest).exit_code == 0
 
 
@@ -340,6 +341,40 @@ def test_the_token_does_not_follow_a_redirect_to_another_host(published, tmp_pat
     assert len(hub.requests) == 9 and len(storage.requests) == 9
     assert not any("Authorization" in h for h in storage.headers)
     assert json.loads((tmp_path / "pulled" / "source.json").read_text())["commit"] == "f" * 40
+
+
+def test_a_pull_fetches_several_shards_at_once_each_checked_as_when_alone(published, copy, tmp_path):
+    with Server(published, delay=0.3) as server:
+        one = share.pull(server.url, tmp_path / "one", jobs=1)
+        assert server.most_in_flight == 1
+        server.most_in_flight = 0
+        four = share.pull(server.url, tmp_path / "four", jobs=4)
+        assert server.most_in_flight > 1  # eight shards, each answered 0.3 s late: they overlap
+    assert sorted(one.fetched) == sorted(four.fetched) and len(four.fetched) == 8
+    assert data_files(tmp_path / "four") == data_files(published) == data_files(tmp_path / "one")
+    assert fracgen("verify", tmp_path / "four").exit_code == 0
+    for jobs in (0, share.MAX_JOBS + 1, True):
+        with pytest.raises(FracgenError, match=rf"^--jobs must be in 1\.\.{share.MAX_JOBS}, got "):
+            share.pull(str(published), tmp_path / "bad", jobs=jobs)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_one_bad_shard_stops_the_others_and_leaves_no_temporary(copy, tmp_path):
+    served = copy()
+    manifest = json.loads((served / "manifest.json").read_text())
+    bad = served / manifest["shards"][-1]["file"]
+    bad.write_bytes(bad.read_bytes()[:-1] + b"x")
+    dest = tmp_path / "pulled"
+    with Server(served, delay=0.2) as server:
+        with pytest.raises(FracgenError) as refused:
+            share.pull(server.url, dest, jobs=8)
+    assert str(refused.value).startswith(f"{server.url}{bad.name} does not match the sha256 in the manifest")
+    assert not [p.name for p in dest.iterdir() if p.name.endswith(".tmp")]  # the others stopped and cleaned up
+    assert not (dest / "manifest.json").exists() and not (dest / bad.name).exists()
+    kept = {p.name for p in dest.glob("*.tar")}
+    for entry in manifest["shards"]:  # what stayed is whole: a rerun against a repaired source keeps it
+        if entry["file"] in kept:
+            assert hashlib.sha256((dest / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
 
 
 # train from a URL
@@ -498,7 +533,7 @@ def test_a_slow_silent_busy_or_endless_server_ends_in_one_line_naming_the_shard(
     with Odd(published, how) as server:
         result, seconds = _pull_in_thread(server.url, tmp_path / "pulled", *options, seconds=12)
     one_line_error(result.output, result.exit_code, match)
-    assert "1p-frac-000000.tar" in result.output and seconds < 8
+    assert re.search(r"1p-frac-00000\d\.tar", result.output) and seconds < 8  # the shard (8 are fetched at once)
     assert leftovers(tmp_path / "pulled") == [] and not (tmp_path / "pulled" / "manifest.json").exists()
 
 

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 # the other spellings: the repository folder as a module, or the package started by python instead of torchrun
 OTHER = re.compile(r"-m\s+train(\.\w+|\s|$)|python[0-9.]*\s+-m\s+fracgen_train", re.M)
+# in the prose of README and docs/, a command is named as it is typed: `fracgen-train pretrain`, not train.pretrain
+PROSE = re.compile(r"(?<![\w/.])train\.(pretrain|finetune|probe|publish)\b(?![\w.(])")
 
 
 def user_texts() -> list[Path]:
@@ -27,6 +29,15 @@ def test_every_text_a_user_reads_spells_the_trainer_one_way():
     found = [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0).strip()!r}"
              for path in user_texts() for text in [path.read_text()] for m in OTHER.finditer(text)]
     assert not found, "the other spelling of the trainer:\n" + "\n".join(found)
+
+
+def test_the_docs_name_the_commands_as_they_are_typed():
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    found = [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
+             for path in docs for text in [path.read_text()] for m in PROSE.finditer(text)]
+    assert not found, "a module's name where a command is meant:\n" + "\n".join(found)
+    assert PROSE.search("run `train.pretrain --out x`") and PROSE.search("(train.finetune, train.probe)")
+    assert not PROSE.search("train/pretrain.py, train.pretrain.Config, tests/test_train.probe")
 
 
 def test_the_pattern_finds_the_other_spellings():  # a check that cannot fail guards nothing

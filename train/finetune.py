@@ -275,7 +275,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def main(
     checkpoint: Annotated[str, typer.Option(help="pretrain RUN_DIR, its model.safetensors or ckpt.pt, a published "
-                                                 "folder's http(s):// URL or hf://ORG/NAME[@REVISION], or none for "
+                                                 "folder's http(s):// URL or hf://ORG/NAME\\[@REVISION], or none for "
                                                  "scratch")],
     cache_dir: Annotated[Path | None, typer.Option(help="download cache for a published --checkpoint (default "
                                                       "$XDG_CACHE_HOME/fracgen/models)")] = None,

@@ -755,7 +755,8 @@ def main(
     out: Annotated[Path, typer.Option(help="run folder for checkpoints, weights and metrics")],
     shards: Annotated[str | None, typer.Option(help="folder written by `fracgen render --out` (has manifest.json), "
                                                     "or a published folder's http(s) URL or "
-                                                    "hf://datasets/ORG/NAME[@REVISION], pulled once into --cache-dir")]
+                                                    "hf://datasets/ORG/NAME\\[@REVISION], pulled once into "
+                                                    "--cache-dir")]
     = None,
     render: Annotated[Path | None, typer.Option(help="render the samples on the fly instead of reading shards: a "
                                                      "`fracgen render` folder or its manifest.json (shards not "

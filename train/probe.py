@@ -86,7 +86,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def main(
     checkpoint: Annotated[str, typer.Option(help="A pretrain run folder, its model.safetensors or ckpt.pt, a "
-                                                 "published folder's http(s):// URL or hf://ORG/NAME[@REVISION], or "
+                                                 "published folder's http(s):// URL or hf://ORG/NAME\\[@REVISION], or "
                                                  "none (random init).")] = "none",
     cache_dir: Annotated[str, typer.Option(help="Download cache for a published --checkpoint.")] = "",
     dataset: Annotated[str, typer.Option(help="digits, or an ImageFolder path (split here).")] = "digits",

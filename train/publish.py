@@ -330,7 +330,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def main(
     run: Annotated[Path, typer.Argument(help="a finished train.pretrain --out folder")],
     out: Annotated[Path | None, typer.Option(help="write the published files here (default: into RUN)")] = None,
-    to: Annotated[str | None, typer.Option(help="upload to hf://ORG/NAME[@REVISION] (token: HF_TOKEN or `hf auth "
+    to: Annotated[str | None, typer.Option(help="upload to hf://ORG/NAME\\[@REVISION] (token: HF_TOKEN or `hf auth "
                                                 "login`) or s3://BUCKET/PREFIX/ (AWS credentials)")] = None,
     url: Annotated[str | None, typer.Option(help="where the folder will be served (http(s)://...), for the card's "
                                                  "commands (default: --to)")] = None,

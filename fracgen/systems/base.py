@@ -71,6 +71,12 @@ def image_of(rows: np.ndarray) -> np.ndarray:
     return rows[:, rows.shape[1] - rows.shape[0]:]
 
 
+def fill_hint(s: Settings) -> str:
+    """The other way past --fill: the share of the canvas ink covers grows with the points drawn and shrinks with the
+    pixels to cover (a toy's 2,000 points cannot cover much of a 512 px canvas)."""
+    return f", or draw more --points than {s.points:,} for a --size of {s.size} px (or a smaller --size)"
+
+
 def _find_chunk(s: Settings, system_name: str, header: dict, ks: range):
     system = get_system(system_name)
     records, pngs = [], {}

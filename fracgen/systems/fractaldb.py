@@ -18,7 +18,7 @@ from fracgen.ifs import COEFFICIENTS, IFS, check_sigma, make_ifs, sample_sigma_s
 from fracgen.render import render
 from fracgen.rng import TAG_CLASS_SYSTEM, derive_seed, uniforms
 from fracgen.settings import Settings, render_seed
-from fracgen.systems.base import Progress, System, find_classes, image_of, register
+from fracgen.systems.base import Progress, System, fill_hint, find_classes, image_of, register
 
 SEARCHES = ("sigma", "filling")
 FILLING_RATE = 0.2  # FractalDB's acceptance threshold for its uniform-coefficient search
@@ -64,7 +64,7 @@ class FractalDB(System):
 
         def failure(k: int) -> str:
             return (f"class {k}: no system found by the {s.search} search inked more than {header['fill_needed']} "
-                    f"of the canvas in {s.max_retries} draws; raise --max-retries or lower --fill")
+                    f"of the canvas in {s.max_retries} draws; raise --max-retries or lower --fill{fill_hint(s)}")
 
         classes, pngs = find_classes(s, self, header, pool, progress, failure)
         return header, classes, pngs

@@ -17,7 +17,7 @@ from fracgen.ifs import IFS, PERTURB_MODES, check_sigma, class_seed, perturb, sa
 from fracgen.render import render
 from fracgen.rng import TAG_BASE, derive_seed
 from fracgen.settings import Settings, render_seed
-from fracgen.systems.base import Progress, System, find_classes, register
+from fracgen.systems.base import Progress, System, fill_hint, find_classes, register
 
 
 @register
@@ -47,7 +47,7 @@ class OnePFrac(System):
                      else "read from --base")
             return (f"class {k}: no perturbation (delta {s.delta}) of the base {where} covered more than --fill "
                     f"{s.fill} in {s.max_retries} tries; the base is degenerate: pick another --seed, a smaller "
-                    "--delta or a lower --fill")
+                    f"--delta or a lower --fill{fill_hint(s)}")
 
         classes, pngs = find_classes(s, self, header, pool, progress, failure)
         return header, classes, pngs
@@ -86,7 +86,7 @@ def resolve_base(s: Settings, j: int = 0) -> dict:
         _, fill = render(base, derive_seed(s.seed, TAG_BASE, 0), points=s.points, size=s.size, pad=s.pad)
         if fill <= s.fill:
             raise FracgenError(f"the --base system covers only {fill:.3f} of the canvas, not more than "
-                               f"--fill {s.fill}; it is degenerate at these settings")
+                               f"--fill {s.fill}; it is degenerate at these settings{fill_hint(s)}")
         return {"source": "file", "ifs": base.to_json(), "sigma_drawn": None, "attempt": 0, "fill": fill}
     for attempt in range(s.max_retries):
         base, a = sample_sigma_system(s.sigma, s.maps, _base_seed(s, attempt, j))
@@ -96,4 +96,5 @@ def resolve_base(s: Settings, j: int = 0) -> dict:
                     "fill": fill}
     which = f"base system {j}" if j else "base system"
     raise FracgenError(f"no {which} with sigma {s.sigma} covered more than --fill {s.fill} in "
-                       f"{s.max_retries} draws from seed {s.seed}; try another --seed or a lower --fill")
+                       f"{s.max_retries} draws from seed {s.seed}; try another --seed or a lower --fill"
+                       f"{fill_hint(s)}")
