@@ -59,8 +59,10 @@ def check_timm_info(folder: Path, manifest: dict) -> str | None:
     path = Path(folder) / TIMM_INFO
     if not path.exists() or not manifest["complete"]:
         return None
+    expected = timm_info_text(manifest)
     try:
-        same = path.read_bytes()[: 1 << 26] == timm_info_text(manifest)
+        with open(path, "rb") as f:
+            same = f.read(len(expected) + 1) == expected  # one byte more tells a longer file; never the whole file
     except OSError:
         same = False
     return None if same else (f"{TIMM_INFO} does not match the manifest (`fracgen render --resume` or `fracgen "

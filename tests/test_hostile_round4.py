@@ -414,6 +414,10 @@ def test_timm_info_is_derived_from_the_manifest_and_checked_against_it(tmp_path)
     assert check_timm_info(tmp_path, other) == ("_info.json does not match the manifest (`fracgen render --resume` "
                                                 "or `fracgen publish` write it again)")
     assert check_timm_info(tmp_path, {**other, "complete": False}) is None
+    write_timm_info(tmp_path, MANIFEST)
+    with open(tmp_path / TIMM_INFO, "ab") as f:
+        f.write(b" ")  # one byte more: not the manifest's
+    assert check_timm_info(tmp_path, MANIFEST).startswith("_info.json does not match")
     (tmp_path / TIMM_INFO).unlink()
     (tmp_path / TIMM_INFO).mkdir()  # unreadable: not the manifest's
     assert check_timm_info(tmp_path, MANIFEST).startswith("_info.json does not match")
@@ -470,6 +474,31 @@ def test_a_card_that_is_missing_too_large_not_text_or_overridden(tmp_path):
     (tmp_path / "README.md").unlink()
     (tmp_path / "README.md").mkdir()
     assert check_card(tmp_path, MANIFEST).startswith("README.md (dataset card): unreadable (")
+
+
+def test_each_card_refusal_is_exact_and_names_at_most_300_characters_of_a_path(tmp_path):
+    from fracgen.manifest import check_card
+
+    again = ": `fracgen publish` writes it again"
+    _card(tmp_path, "configs:\n- junk\n- data_files: /etc/passwd")  # past an entry that is no config
+    assert check_card(tmp_path, MANIFEST) == ("README.md (dataset card): its data_files path '/etc/passwd' is outside "
+                                              "the folder (`datasets` would read data from there)" + again)
+    _card(tmp_path, "configs:\n- data_dir: sub")  # inside, but no configs publish writes: the general line
+    assert check_card(tmp_path, MANIFEST) == ("README.md (dataset card): its configs are not the ones `fracgen "
+                                              "publish` writes (data_files 'onep-*.tar')" + again)
+    long = " ".join(f"w{i:03d}" for i in range(100))  # words: printable() leaves them whole
+    _card(tmp_path, f"configs:\n- data_files: /{long}")
+    assert check_card(tmp_path, MANIFEST).startswith(f"README.md (dataset card): its data_files path '/{long[:299]}' "
+                                                     "is outside")
+    _card(tmp_path, f"configs:\n- data_files: {long}")
+    assert check_card(tmp_path, MANIFEST) == (f"README.md (dataset card): its data_files path '{long[:300]}' is not "
+                                              "the shards' 'onep-*.tar'" + again)
+    _card(tmp_path, "configs: [: bad")
+    assert check_card(tmp_path, MANIFEST) == ("README.md (dataset card): its front matter is not YAML (while parsing "
+                                              "a flow node)" + again)
+    (tmp_path / "README.md").unlink()
+    (tmp_path / "README.md").mkdir()
+    assert check_card(tmp_path, MANIFEST) == "README.md (dataset card): unreadable (Is a directory)"
 
 
 def test_only_the_first_hundred_paths_of_a_list_are_read():
