@@ -4,19 +4,27 @@ Hugging Face `datasets.load_dataset` and `fracgen.torch` each read every sample 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import random
 import shutil
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import Server
+from PIL import Image
 from typer.testing import CliRunner
 
+from fracgen import png
 from fracgen.cli import app as fracgen_app
 from fracgen.dataset import render_dataset, verify_dataset
 from fracgen.errors import FracgenError
 from fracgen.manifest import TIMM_INFO
+from fracgen.torch import ShardDataset, ShardStream, _largest_member
 
 CLASSES, PER_CLASS = 8, 2
 
@@ -280,3 +288,178 @@ def test_a_shard_read_through_its_sha256_reports_its_size_or_its_hash(tmp_path):
     assert short.finish(entry) == f"size: {len(data) - 1:,} bytes read, the manifest says {len(data):,}"
     long = _Hashing(io.BytesIO(data + bytes(3 << 20)), hashlib.sha256())
     assert long.finish(entry).startswith("size: ") and long.size <= len(data) + (1 << 20)  # reads no further
+
+
+# --- fracgen/torch.py in this process, each refusal exact (issue 39's mutation pass) -----------------------------
+# Shards forged so that their size and sha256 are what the manifest records, so only the check under test can refuse
+# them; both readers (the indexed ShardDataset and the streaming ShardStream) on each; the cache folder a URL is
+# pulled into; the shuffle order as the docs state it; `target_transform`.
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def reader_clean(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("torchreader") / "set"
+    render_dataset(folder, classes=4, per_class=2, size=SIZE, points=2000, shard_size=2, seed=0, workers=1)
+    return folder
+
+
+@pytest.fixture
+def reader_folder(reader_clean, tmp_path) -> Path:
+    return Path(shutil.copytree(reader_clean, tmp_path / "set"))
+
+
+def _forge(folder: Path, members: list[tuple[str, bytes]], shard: int = 0) -> str:
+    """Shard `shard` replaced by a tar of `members`, its manifest entry made to match it (size, sha256)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    _replace(folder, shard, buf.getvalue())
+    return json.loads((folder / "manifest.json").read_text())["shards"][shard]["file"]
+
+
+def _replace(folder: Path, shard: int, data: bytes) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["shards"][shard]
+    (folder / entry["file"]).write_bytes(data)
+    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _grey(side: int = SIZE) -> bytes:
+    return png.encode(np.zeros((side, side), dtype=np.uint8))
+
+
+def _refusals(folder: Path) -> tuple[str, str]:
+    """The one line each reader gives for the folder."""
+    with pytest.raises(FracgenError) as indexed:
+        ShardDataset(folder)
+    with pytest.raises(FracgenError) as streamed:
+        list(ShardStream(folder))
+    return str(indexed.value), str(streamed.value)
+
+
+def _says(folder: Path, shard: str, what: str) -> str:
+    return f"shard {folder / shard} does not match its manifest ({what}): check the folder with `fracgen verify " \
+           f"{folder}`"
+
+
+def test_a_sample_without_its_class_or_image_is_refused_by_both_readers(reader_folder):
+    folder = reader_folder
+    shard = _forge(folder, [("c000000-i000000.png", _grey()), ("c000001-i000000.png", _grey()),
+                            ("c000001-i000000.cls", b"1")])
+    assert _refusals(folder) == (_says(folder, shard, "sample 'c000000-i000000' lacks its .png or .cls"),) * 2
+    _forge(folder, [("c000000-i000000.cls", b"0"), ("c000001-i000000.png", _grey()),
+                    ("c000001-i000000.cls", b"1")])
+    assert _refusals(folder) == (_says(folder, shard, "sample 'c000000-i000000' lacks its .png or .cls"),) * 2
+
+
+def test_a_member_larger_than_a_whole_sample_is_refused_before_it_is_read(tmp_path):
+    folder = tmp_path / "big"  # 40 samples a shard: the manifest's bound on a shard leaves room for such a member
+    render_dataset(folder, classes=4, per_class=10, size=SIZE, points=2000, shard_size=40, seed=0, workers=1)
+    big = _largest_member(json.loads((folder / "manifest.json").read_text())) + 1
+    shard = _forge(folder, [("c000000-i000000.cls", b"0"), ("c000000-i000000.png", bytes(big))])
+    said = f"sample 'c000000-i000000' has a .png of {big:,} bytes, more than a whole sample of {SIZE} px takes"
+    assert _refusals(folder) == (_says(folder, shard, said),) * 2
+
+
+def test_bytes_that_are_not_a_tar_are_refused(reader_folder):
+    folder = reader_folder
+    _replace(folder, 0, b"\x01" * 1024)
+    indexed, streamed = _refusals(folder)
+    shard = json.loads((folder / "manifest.json").read_text())["shards"][0]["file"]
+    for said in (indexed, streamed):
+        assert said.startswith(f"shard {folder / shard} does not match its manifest (not a readable tar: ")
+        assert said.endswith(f"): check the folder with `fracgen verify {folder}`")
+
+
+def test_a_shard_that_cannot_be_opened_names_why(reader_folder):
+    folder = reader_folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shard = manifest["shards"][0]["file"]
+    (folder / shard).unlink()
+    (folder / shard).mkdir()
+    assert _refusals(folder) == (_says(folder, shard, "Is a directory"),) * 2
+    (folder / shard).rmdir()
+    assert _refusals(folder) == (_says(folder, shard, "No such file or directory"),) * 2
+
+
+def test_an_image_of_another_size_or_colour_type_is_named_before_it_is_decoded(reader_folder):
+    folder = reader_folder
+    rgb = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE)).save(rgb, format="PNG")
+    shard = _forge(folder, [("c000000-i000000.cls", b"0"), ("c000000-i000000.png", rgb.getvalue()),
+                            ("c000001-i000000.cls", b"1"), ("c000001-i000000.png", _grey(16))])
+    ds = ShardDataset(folder)  # the index reads headers only when an image is asked for
+    with pytest.raises(FracgenError) as refused:
+        ds[0]
+    assert str(refused.value) == _says(folder, shard, f"sample 0 is a {SIZE}x{SIZE} px 8-bit RGB PNG, not the "
+                                                      f"manifest's {SIZE}x{SIZE} px 8-bit grey")
+    with pytest.raises(FracgenError) as refused:
+        ds[1]
+    assert str(refused.value) == _says(folder, shard, f"sample 1 is a 16x16 px 8-bit grey PNG, not the manifest's "
+                                                      f"{SIZE}x{SIZE} px 8-bit grey")
+    odd = bytearray(_grey())
+    odd[25] = 5  # colour type 5 does not exist
+    _forge(folder, [("c000000-i000000.cls", b"0"), ("c000000-i000000.png", bytes(odd)),
+                    ("c000001-i000000.cls", b"1"), ("c000001-i000000.png", _grey())])
+    with pytest.raises(FracgenError, match=r"sample 'c000000-i000000' is a 32x32 px 8-bit colour type 5 PNG"):
+        list(ShardStream(folder))
+
+
+def test_an_index_that_disagrees_with_the_manifests_count_is_one_line(reader_folder):
+    folder = reader_folder
+    _forge(folder, [("c000000-i000000.cls", b"0"), ("c000000-i000000.png", _grey())])  # 1 of its 2 samples
+    with pytest.raises(FracgenError) as refused:
+        ShardDataset(folder)
+    assert str(refused.value) == (f"{folder} holds 7 samples, its manifest says 8: check it with `fracgen verify "
+                                  f"{folder}`")
+
+
+def test_target_transform_reaches_every_label(reader_clean):
+    clean = reader_clean
+    plain = [label for _, label in ShardDataset(clean)]
+    assert [label for _, label in ShardDataset(clean, target_transform=lambda y: y + 100)] == [y + 100 for y in plain]
+    assert [label for _, label in ShardStream(clean, target_transform=lambda y: -y)] == [-y for y in plain]
+
+
+def test_the_shuffled_order_is_the_one_the_docs_state(reader_clean):
+    clean = reader_clean
+    """Shards in random.Random(seed * 1_000_003 + epoch)'s order, samples through a buffer drawn from by
+    random.Random(seed * 1_000_003 + epoch + 7919): the order a user can reproduce, restated here."""
+    manifest = json.loads((clean / "manifest.json").read_text())
+    keys = {e["file"]: [f"c{i % 4:06d}-i{i // 4:06d}" for i in range(2 * n, 2 * n + 2)]
+            for n, e in enumerate(manifest["shards"])}
+    for seed, epoch, buffer in ((0, 0, 3), (5, 2, 1), (1, 1, 100)):
+        shards = list(manifest["shards"])
+        random.Random(seed * 1_000_003 + epoch).shuffle(shards)
+        rng, pending, expected = random.Random(seed * 1_000_003 + epoch + 7919), [], []
+        for key in (k for e in shards for k in keys[e["file"]]):
+            pending.append(key)
+            if len(pending) >= buffer:
+                expected.append(pending.pop(rng.randrange(len(pending))))
+        rng.shuffle(pending)
+        expected += pending
+        stream = ShardStream(clean, shuffle=True, buffer=buffer, seed=seed)
+        stream.set_epoch(epoch)
+        labels = [label for _, label in stream]
+        assert labels == [int(k[1:7]) for k in expected], (seed, epoch, buffer)
+
+
+def test_a_url_is_pulled_into_the_cache_it_is_given_or_xdg_or_home(reader_clean, tmp_path, monkeypatch):
+    clean = reader_clean
+    sha = hashlib.sha256((clean / "manifest.json").read_bytes()).hexdigest()
+    with Server(clean) as server:
+        assert ShardDataset(server.url, cache_dir=tmp_path / "given").folder == tmp_path / "given" / sha
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert ShardStream(server.url).folder == tmp_path / "xdg" / "fracgen" / sha
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        assert ShardDataset(server.url).folder == tmp_path / "home" / ".cache" / "fracgen" / sha
+        server.requests.clear()
+        assert len(ShardDataset(server.url)) == 8
+        assert server.requests == ["/manifest.json"]  # found in the cache: the manifest fetched once, no shard
