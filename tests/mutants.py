@@ -7,6 +7,7 @@ pass. Not a test: the suite never runs it."""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,18 @@ def _status(mutmut: str, env: dict) -> dict[str, str]:
     return {name: state for name, _, state in names if name}
 
 
+def _forget(names: set[str]) -> None:
+    """Drop mutmut's verdicts on `names` (mutants/**/*.py.meta): it keeps the verdict of a mutant whose function did
+    not change, even when it is named on the command line, so a survivor would never meet a test added since."""
+    for meta in (ROOT / "mutants").rglob("*.py.meta"):
+        record = json.loads(meta.read_text())
+        verdicts = record.get("exit_code_by_key", {})
+        if names & verdicts.keys():
+            for name in names & verdicts.keys():
+                verdicts[name] = None
+            meta.write_text(json.dumps(record))
+
+
 def main(modules: list[str], survivors: bool = False) -> int:
     """Each module's row (and its survivors) from one mutmut run over them all: the stats pass, which runs every
     selected test once (~7 minutes here), is paid once."""
@@ -38,8 +51,9 @@ def main(modules: list[str], survivors: bool = False) -> int:
     # one torch thread per forked child: with OpenMP's pool started in the parent a forked child stalls
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     chosen = [p + "*" for p in prefixes]
-    if survivors:  # mutmut runs again the mutants it is named; a kept verdict stands
+    if survivors:
         chosen = [n for n, state in _status(mutmut, env).items() if state != "killed" and n.startswith(tuple(prefixes))]
+        _forget(set(chosen))
         if not chosen:
             print("no survivors to run again")
     if chosen:

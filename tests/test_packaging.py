@@ -35,6 +35,11 @@ def test_the_wheel_holds_the_packages_under_the_projects_name_and_its_data(wheel
     assert "fracgen_train/experiments/base-a.json" in names and "fracgen_train/cli.py" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "fracgen = fracgen.cli:app" in entry_points and "fracgen-train = fracgen_train.cli:main" in entry_points
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    head, _, description = metadata.partition("\n\n")  # what an index shows: the fields, then the README
+    assert "Description-Content-Type: text/markdown" in head and description.startswith("# fracgen")
+    assert "Classifier: Topic :: Scientific/Engineering :: Artificial Intelligence" in head
+    assert "Author: the fracgen authors" in head and "Keywords: " in head and "License-Expression: MIT" in head
 
 
 @pytest.mark.slow
