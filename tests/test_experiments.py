@@ -186,3 +186,19 @@ def test_a_run_folder_names_its_arithmetic_when_it_is_not_the_devices_old_defaul
                            0.0) == "make compare PRECISION=fp32"
     rows = [{"device": "CPU, 2 cores"}, {"device": "NVIDIA H200"}, {"device": "CPU, 2 cores", "precision": "bf16"}]
     assert tables.precisions(rows[:1]) == "fp32" and tables.precisions(rows) == "bf16, fp32"
+
+
+def test_a_toy_budget_changes_the_data_sets_size_in_classes_and_points_only(tmp_path):
+    """`--toy` once replaced an experiment's data settings whole: 2,000 points at the default 512 px, which no base
+    passes --fill with. Its class count and points go over the experiment's data now, and every toy data set
+    renders."""
+    from fracgen.dataset import Settings, render_dataset
+
+    for name in E.EXPERIMENTS:
+        budget = E.experiment_budget(name, toy=True)
+        assert budget.data == {**E.experiment_budget(name).data, "classes": 8, "points": 2000}, name
+        assert (budget.steps, budget.finetune_seeds) == (2, (0,))
+    budget = E.experiment_budget("compare", toy=True)
+    run = next(r for r in E.EXPERIMENTS["compare"]() if r.data is not None)
+    manifest = render_dataset(tmp_path / "toy", Settings(**{**budget.data, **run.data}), workers=1)
+    assert manifest["complete"] and manifest["image"]["size"] == 128

@@ -150,8 +150,12 @@ TOY = dict(steps=2, finetune_seeds=(0,), finetune_steps=2, probe_seeds=(0,), dat
 
 
 def experiment_budget(name: str, toy: bool = False) -> Budget:
-    spec = EXPERIMENTS.get(name)
-    return Budget(**{**(getattr(spec, "budget", None) or {}), **(TOY if toy else {})})
+    """The experiment's budget; with `toy`, TOY's over it, its data settings over the experiment's (TOY's points at
+    the default 512 px could not pass --fill: only its class count and points change, not the image size)."""
+    budget = dict(getattr(EXPERIMENTS.get(name), "budget", None) or {})
+    if toy:
+        budget.update({**TOY, "data": {**budget.get("data", DATA), **TOY["data"]}})
+    return Budget(**budget)
 
 
 def runner_options(name: str) -> dict:
