@@ -174,7 +174,7 @@ def test_resuming_needs_the_optimizer_state_and_loading_for_weights_does_not(tmp
     checkpoints = Checkpoints(tmp_path)
     checkpoints.save(state(2, resume=False), 2, wait=True)
     assert checkpoints.load_latest(resume=False)[0]["step"] == 2
-    with pytest.raises(TrainError, match=rf"{tmp_path / file_name(2)} is not a train.pretrain checkpoint "
+    with pytest.raises(TrainError, match=rf"{tmp_path / file_name(2)} is not a fracgen-train pretrain checkpoint "
                                          r"\('optimizer'"):
         checkpoints.load_latest()  # resume is the default
 
@@ -188,7 +188,7 @@ def test_an_intact_file_that_is_no_checkpoint_is_named(tmp_path):
     marker = json.loads((tmp_path / MARKER).read_text())
     marker["checkpoints"][0].update(bytes=16, sha256=hashlib.sha256(b"not a checkpoint").hexdigest())
     (tmp_path / MARKER).write_text(json.dumps(marker))
-    with pytest.raises(TrainError, match=rf"^{path} is not a train.pretrain checkpoint"):
+    with pytest.raises(TrainError, match=rf"^{path} is not a fracgen-train pretrain checkpoint"):
         checkpoints.load_latest()
 
 
@@ -196,7 +196,7 @@ def test_an_intact_file_that_is_no_checkpoint_is_named(tmp_path):
 
 def test_an_older_runs_ckpt_pt_is_named_when_damaged_and_refused_as_a_link(tmp_path):
     (tmp_path / LATEST).write_bytes(b"junk")
-    with pytest.raises(TrainError, match=rf"^{tmp_path / LATEST} is not a train.pretrain checkpoint"):
+    with pytest.raises(TrainError, match=rf"^{tmp_path / LATEST} is not a fracgen-train pretrain checkpoint"):
         Checkpoints(tmp_path).load_latest()
     (tmp_path / LATEST).unlink()
     torch.save(state(5), tmp_path / "real.pt")
@@ -436,8 +436,8 @@ def test_a_pickle_with_an_opcode_weights_only_refuses_names_it_and_runs_nothing(
     path.write_bytes(b"\x80\x02(iabc\ndef\n.")  # INST: builds an object by name
     with pytest.raises(TrainError) as refused:
         load_checkpoint(path)
-    assert str(refused.value) == (f"{path} is not a train.pretrain checkpoint (unreadable: not tensors and plain "
-                                  "values: Unsupported operand 105; nothing of it was run)")
+    assert str(refused.value) == (f"{path} is not a fracgen-train pretrain checkpoint (unreadable: not tensors and "
+                                  "plain values: Unsupported operand 105; nothing of it was run)")
 
 
 def test_a_gpu_runs_random_states_continue_on_a_cpu():

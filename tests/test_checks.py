@@ -343,7 +343,7 @@ def test_an_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, content,
     (tmp_path / "ckpt.pt").write_bytes(content)
     with pytest.raises(TrainError, match=match) as refused:
         load_checkpoint(tmp_path / "ckpt.pt")
-    assert str(refused.value).startswith(f"{tmp_path / 'ckpt.pt'} is not a train.pretrain checkpoint")
+    assert str(refused.value).startswith(f"{tmp_path / 'ckpt.pt'} is not a fracgen-train pretrain checkpoint")
     assert "\n" not in str(refused.value)
     with pytest.raises(TrainError, match=f"^{re.escape(str(tmp_path / 'named.pt'))} is not"):  # a stream, named
         load_checkpoint(io.BytesIO(content), name=tmp_path / "named.pt")

@@ -145,7 +145,7 @@ def test_an_out_that_is_not_a_run_of_ours_is_refused_and_left_as_it_was(shards, 
     mine.mkdir()
     (mine / "config.json").write_text('{"my": "settings"}')
     (mine / "notes.txt").write_text("mine")
-    one_line(train(shards, mine), "not a train.pretrain run folder")
+    one_line(train(shards, mine), "not a fracgen-train pretrain run folder")
     assert (mine / "config.json").read_text() == '{"my": "settings"}' and sorted(os.listdir(mine)) == \
         ["config.json", "notes.txt"]
     run = tmp_path / "run"
@@ -154,7 +154,7 @@ def test_an_out_that_is_not_a_run_of_ours_is_refused_and_left_as_it_was(shards, 
     result = python_m("train.publish", run, "--out", published)
     assert result.returncode == 0, result.stderr
     before = {p.name: sha(p) for p in published.iterdir()}
-    one_line(train(shards, published), "not a train.pretrain run folder")
+    one_line(train(shards, published), "not a fracgen-train pretrain run folder")
     assert {p.name: sha(p) for p in published.iterdir()} == before
 
 

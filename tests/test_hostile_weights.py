@@ -147,7 +147,7 @@ def test_the_command_line_takes_the_same_shape_arguments(shards, tmp_path):
     (lambda c: c["model_args"].update(depth="six"), "depth='six' must be an integer"),
     (lambda c: c["model_args"].update(depth=3), "lacks"),
     (lambda c: c["model_args"].update(embed_dim=100, num_heads=7), "cannot be built"),
-    (lambda c: c.update(model_args=[1, 2]), "not a train.pretrain config.json"),
+    (lambda c: c.update(model_args=[1, 2]), "not a fracgen-train pretrain config.json"),
 ])
 def test_weights_that_do_not_fit_or_name_no_buildable_network_are_one_line(run_dir, tmp_path, change, match):
     folder = _copy(run_dir, tmp_path)
@@ -275,7 +275,7 @@ def test_publish_replaces_only_what_it_wrote(run_dir, shards, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "README.md").write_text("my own card\n")
-    with pytest.raises(TrainError, match="a README.md that train.publish did not write"):
+    with pytest.raises(TrainError, match="a README.md that fracgen-train publish did not write"):
         publish.publish(run_dir, foreign)
     assert (foreign / "README.md").read_text() == "my own card\n"
     publish.publish(run_dir, foreign, overwrite=True)
@@ -320,7 +320,7 @@ def test_deeply_nested_json_anywhere_is_one_line(run_dir, tmp_path):
         f.write(DEEP + "\n")
     publish.publish(published)  # the line is skipped like a torn one
     (tmp_path / "results.json").write_text(DEEP)
-    with pytest.raises(TrainError, match="not a train.finetune results.json"):
+    with pytest.raises(TrainError, match="not a fracgen-train finetune results.json"):
         publish.publish(run_dir, tmp_path / "out", results=[tmp_path / "results.json"])
 
 

@@ -314,9 +314,9 @@ def test_damaged_checkpoints_are_one_line(tmp_path, shards16):
                   "no checkpoint " + str(out / "checkpoints.json") + " lists is intact")
         (legacy / "ckpt.pt").write_bytes(damaged)
         cli_error(run("-m", "train.pretrain", "--shards", shards16, "--out", legacy, "--resume"),
-                  f"{legacy / 'ckpt.pt'} is not a train.pretrain checkpoint")
+                  f"{legacy / 'ckpt.pt'} is not a fracgen-train pretrain checkpoint")
     cli_error(run("-m", "train.finetune", "--checkpoint", ckpt, "--steps", "2"),
-              f"{ckpt} is not a train.pretrain checkpoint")
+              f"{ckpt} is not a fracgen-train pretrain checkpoint")
 
 
 @pytest.mark.slow  # kept out of `make test` (10-minute budget); `make test-slow` runs it
@@ -333,7 +333,7 @@ def test_pretrain_bad_paths_and_mismatches_are_one_line(tmp_path, shards16):
               "8 classes, the checkpoint was trained on 16")
     not_ckpt = tmp_path / "weights.txt"
     not_ckpt.write_text("hello")
-    cli_error(run("-m", "train.finetune", "--checkpoint", not_ckpt), "is not a train.pretrain checkpoint")
+    cli_error(run("-m", "train.finetune", "--checkpoint", not_ckpt), "is not a fracgen-train pretrain checkpoint")
 
 
 def test_a_truncated_shard_is_named_before_training(tmp_path):

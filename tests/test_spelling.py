@@ -40,6 +40,23 @@ def test_the_docs_name_the_commands_as_they_are_typed():
     assert not PROSE.search("train/pretrain.py, train.pretrain.Config, tests/test_train.probe")
 
 
+def test_messages_and_help_name_the_commands_as_they_are_typed():
+    """Every string of both packages that is not a docstring (errors, hints, help, the cards): `fracgen-train
+    pretrain`, not train.pretrain (a module's name, meaningless after `pip install`)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "fracgen").rglob("*.py")) + sorted((ROOT / "train").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                found += [f"{path.relative_to(ROOT)}:{node.lineno}: {m.group(0)!r}" for m in PROSE.finditer(node.value)]
+    assert not found, "a module's name where a command is meant:\n" + "\n".join(found)
+
+
 def test_the_pattern_finds_the_other_spellings():  # a check that cannot fail guards nothing
     for bad in ("python -m train.pretrain --out x", "torchrun --standalone -m train.pretrain", "python3 -m train x",
                 "python -m fracgen_train.finetune"):

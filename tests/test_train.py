@@ -476,6 +476,6 @@ def test_a_plain_pickle_is_refused_in_one_line_without_warnings(tmp_path, recwar
 
     path = tmp_path / "plain.pkl"
     path.write_bytes(pickle.dumps({"model_name": "x"}, protocol=4))
-    with pytest.raises(data.TrainError, match="is not a train.pretrain checkpoint .unreadable: not tensors"):
+    with pytest.raises(data.TrainError, match="is not a fracgen-train pretrain checkpoint .unreadable: not tensors"):
         load_checkpoint(path)
     assert [str(w.message) for w in recwarn] == []

@@ -141,7 +141,7 @@ def test_publish_refuses_a_folder_that_is_not_a_finished_run(run_dir, tmp_path):
     unfinished.mkdir()
     shutil.copy(run_dir / "ckpt.pt", unfinished / "ckpt.pt")
     result = run("-m", "train.publish", unfinished)
-    one_line(result, f"{unfinished} is not a finished train.pretrain run (no config.json, model.safetensors, "
+    one_line(result, f"{unfinished} is not a finished fracgen-train pretrain run (no config.json, model.safetensors, "
                      "summary.json): finish it with")
     changed = Path(shutil.copytree(run_dir, tmp_path / "changed"))
     raw = bytearray((changed / "model.safetensors").read_bytes())
@@ -320,15 +320,15 @@ def test_safetensors_metadata_is_written_in_sorted_order_with_the_tensors_untouc
 def test_read_config_names_each_way_a_config_is_wrong(folder, tmp_path):
     good = json.loads((folder / "config.json").read_text())
     path = tmp_path / "c.json"
-    with pytest.raises(TrainError, match=r": not a train\.pretrain config\.json$"):
+    with pytest.raises(TrainError, match=r": not a fracgen-train pretrain config\.json$"):
         weights.read_config(tmp_path / "none.json")
     for config in ({**good, "architecture": 1}, {**good, "num_classes": "5"}, {**good, "model_args": []}, [1]):
         path.write_text(json.dumps(config))
         with pytest.raises(TrainError) as refused:
             weights.read_config(path)
-        assert str(refused.value) == (f"{path} is not a train.pretrain config.json (needs architecture, num_classes, "
-                                      "model_args; a run finished before model.safetensors existed has only "
-                                      "ckpt.pt: give that)")
+        assert str(refused.value) == (f"{path} is not a fracgen-train pretrain config.json (needs architecture, "
+                                      "num_classes, model_args; a run finished before model.safetensors existed has "
+                                      "only ckpt.pt: give that)")
     record = good["fracgen"]["weights"]
     for fracgen in ([], {}, {"weights": {**record, "bytes": "1"}}, {"weights": {**record, "sha256": 1}},
                     {"weights": {**record, "file": "other.safetensors"}}, {"weights": []}):
@@ -336,7 +336,7 @@ def test_read_config_names_each_way_a_config_is_wrong(folder, tmp_path):
         with pytest.raises(TrainError) as refused:
             weights.read_config(path)
         assert str(refused.value) == f"{path} records no size and sha256 for model.safetensors: not written by " \
-                                     "train.pretrain"
+                                     "fracgen-train pretrain"
     path.write_text(json.dumps(good))
     assert weights.read_config(path) == good
 
@@ -416,10 +416,10 @@ def test_a_checkpoint_spec_is_a_folder_a_file_or_a_url_and_anything_else_one_lin
     with pytest.raises(TrainError) as refused:
         weights.load(str(empty))
     assert str(refused.value) == (f"--checkpoint {empty}: no model.safetensors or ckpt.pt in that folder (a "
-                                  "train.pretrain --out folder)")
+                                  "fracgen-train pretrain --out folder)")
     with pytest.raises(TrainError, match=r"^--checkpoint .*/nothing: no such file \(give RUN_DIR, a \.safetensors"):
         weights.load(str(tmp_path / "nothing"))
-    with pytest.raises(TrainError, match="is not a train.pretrain checkpoint"):
+    with pytest.raises(TrainError, match="is not a fracgen-train pretrain checkpoint"):
         weights.load(str(folder / "config.json"))  # neither .safetensors nor a checkpoint
 
 
@@ -451,7 +451,8 @@ def test_sha256sums_must_be_well_formed_and_name_the_config_and_the_weights():
         assert str(refused.value) == "S is not a SHA256SUMS file (lines of sha256, two spaces, file name)"
     with pytest.raises(TrainError) as refused:
         weights.parse_sums(f"{a}  README.md\n".encode(), "S")
-    assert str(refused.value) == "S lists no config.json or model.safetensors: not a folder written by train.publish"
+    assert str(refused.value) == ("S lists no config.json or model.safetensors: not a folder written by fracgen-train "
+                                  "publish")
     with pytest.raises(TrainError, match=r"^S lists no model\.safetensors: not a folder"):
         weights.parse_sums(f"{a}  config.json\n".encode(), "S")
     assert weights._is_commit("0" * 40) and not weights._is_commit("0" * 39) and not weights._is_commit(None)

@@ -312,7 +312,7 @@ def check_out(out: Path) -> None:
     foreign = sorted(p.name for p in out.iterdir() if p.name not in leftovers and not is_temporary(p.name))
     if foreign:
         shown = ", ".join(printable(name)[:60] for name in foreign[:4]) + (", ..." if len(foreign) > 4 else "")
-        raise TrainError(f"--out {out} is not a train.pretrain run folder: it holds {shown} and no checkpoint; "
+        raise TrainError(f"--out {out} is not a fracgen-train pretrain run folder: it holds {shown} and no checkpoint; "
                          "nothing was written (choose a new or empty folder)")
 
 

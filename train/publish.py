@@ -71,12 +71,12 @@ def _read_json(path: Path):
 def finished_run(run: Path) -> tuple[dict, dict, bytes]:
     """(config, summary, the checked weights' bytes) of a finished train.pretrain run; anything else is one line."""
     if not run.is_dir():
-        raise TrainError(f"{run} is not a folder (give a train.pretrain --out folder)")
+        raise TrainError(f"{run} is not a folder (give a fracgen-train pretrain --out folder)")
     missing = [name for name in (weights.CONFIG, weights.WEIGHTS, "summary.json") if not (run / name).is_file()]
     if missing:
         hint = (f": finish it with `fracgen-train pretrain --out {run} --resume`" if (run / "ckpt.pt").is_file()
                 else "")
-        raise TrainError(f"{run} is not a finished train.pretrain run (no {', '.join(missing)}){hint}")
+        raise TrainError(f"{run} is not a finished fracgen-train pretrain run (no {', '.join(missing)}){hint}")
     config = weights.read_config(run / weights.CONFIG)
     record = config["fracgen"]["weights"]
     raw = weights._checked_bytes(run / weights.WEIGHTS, record["bytes"], record["sha256"], str(run / weights.CONFIG))
@@ -86,7 +86,7 @@ def finished_run(run: Path) -> tuple[dict, dict, bytes]:
                     str(run / weights.WEIGHTS))
     summary = _read_json(run / "summary.json")
     if not isinstance(summary, dict) or not isinstance(summary.get("pretext_acc"), (int, float)):
-        raise TrainError(f"{run / 'summary.json'} is not a train.pretrain summary (no pretext_acc)")
+        raise TrainError(f"{run / 'summary.json'} is not a fracgen-train pretrain summary (no pretext_acc)")
     return config, summary, raw
 
 
@@ -118,7 +118,8 @@ def fine_tuning_results(run: Path, extra: list[Path]) -> list[dict]:
     for path in extra:
         r = _read_json(path)
         if not (isinstance(r, dict) and isinstance(r.get("top1_mean"), (int, float))):
-            raise TrainError(f"--results {path}: not a train.finetune results.json or train.probe probe.json")
+            raise TrainError(f"--results {path}: not a fracgen-train finetune results.json or fracgen-train probe "
+                             "probe.json")
     for path in sorted(run.glob("*/results.json")) + sorted(run.glob("*/probe.json")) + list(extra):
         r = _read_json(path)
         if isinstance(r, dict) and isinstance(r.get("top1_mean"), (int, float)) and math.isfinite(r["top1_mean"]):
@@ -168,7 +169,7 @@ def model_card(config: dict, summary: dict, curve: list, results: list[dict], *,
         *front,
         f"# {md(name)}",
         "",
-        f"A {md(arch)} pre-trained by fracgen's `train.pretrain` on synthetic {md(system)} images alone: "
+        f"A {md(arch)} pre-trained by `fracgen-train pretrain` on synthetic {md(system)} images alone: "
         f"{md(data.get('num_classes'))} classes, {md(data.get('num_samples'))} images, {md(fg.get('step'))} steps. "
         "Its head tells the pre-training classes apart; it is meant to be fine-tuned.",
         "",
@@ -278,7 +279,7 @@ def _claim(out: Path, config_raw: bytes, overwrite: bool) -> None:
         else:
             return  # this run's published files: written again
     elif card_path.exists():
-        what = f"a {CARD} that train.publish did not write (no {weights.SUMS} beside it)"
+        what = f"a {CARD} that fracgen-train publish did not write (no {weights.SUMS} beside it)"
     else:
         return
     if not overwrite:
@@ -328,7 +329,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    run: Annotated[Path, typer.Argument(help="a finished train.pretrain --out folder")],
+    run: Annotated[Path, typer.Argument(help="a finished fracgen-train pretrain --out folder")],
     out: Annotated[Path | None, typer.Option(help="write the published files here (default: into RUN)")] = None,
     to: Annotated[str | None, typer.Option(help="upload to hf://ORG/NAME\\[@REVISION] (token: HF_TOKEN or `hf auth "
                                                 "login`) or s3://BUCKET/PREFIX/ (AWS credentials)")] = None,
@@ -336,8 +337,9 @@ def main(
                                                  "commands (default: --to)")] = None,
     license: Annotated[str, typer.Option(help="the weights' license, for the card")] = LICENSE,
     name: Annotated[str | None, typer.Option(help="the card's title")] = None,
-    results: Annotated[list[Path] | None, typer.Option(help="more train.finetune results.json or train.probe "
-                                                            "probe.json for the card, e.g. the scratch baseline's "
+    results: Annotated[list[Path] | None, typer.Option(help="more fracgen-train finetune results.json or "
+                                                            "fracgen-train probe probe.json for the card, e.g. the "
+                                                            "scratch baseline's "
                                                             "(repeat)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace another model's published files (or a "
                                                                 "card and sums of another tool) in --out")] = False,

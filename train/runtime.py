@@ -148,25 +148,25 @@ def load_checkpoint(path, resume: bool = False, name: Path | None = None) -> dic
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
         if found:
-            raise TrainError(f"{path} is not a train.pretrain checkpoint: it asks to run "
+            raise TrainError(f"{path} is not a fracgen-train pretrain checkpoint: it asks to run "
                              f"{next(g for g in found.groups() if g)} on loading; refused, nothing of it was run"
                              ) from None
         operand = re.search(r"Unsupported operand \d+", str(e))
-        raise TrainError(f"{path} is not a train.pretrain checkpoint (unreadable: not tensors and plain values"
+        raise TrainError(f"{path} is not a fracgen-train pretrain checkpoint (unreadable: not tensors and plain values"
                          f"{': ' + operand.group(0) if operand else ''}; nothing of it was run)") from None
     except Exception as e:  # truncated archives, random bytes, empty files: torch raises them all
         reason = (str(e).strip().splitlines() or [""])[0][:120]
-        raise TrainError(f"{path} is not a train.pretrain checkpoint (unreadable: {type(e).__name__}"
+        raise TrainError(f"{path} is not a fracgen-train pretrain checkpoint (unreadable: {type(e).__name__}"
                          f"{': ' + reason if reason else ''})") from None
     fields = {**CHECKPOINT_FIELDS, **(RESUME_FIELDS if resume else {})}
     if not isinstance(ckpt, dict):
-        raise TrainError(f"{path} is not a train.pretrain checkpoint (it holds a {type(ckpt).__name__})")
+        raise TrainError(f"{path} is not a fracgen-train pretrain checkpoint (it holds a {type(ckpt).__name__})")
     for key, kind in fields.items():
         if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
-            raise TrainError(f"{path} is not a train.pretrain checkpoint ('{key}' is missing or not a "
+            raise TrainError(f"{path} is not a fracgen-train pretrain checkpoint ('{key}' is missing or not a "
                              f"{kind.__name__})")
     if not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
-        raise TrainError(f"{path} is not a train.pretrain checkpoint ('model' is not a dict of tensors)")
+        raise TrainError(f"{path} is not a fracgen-train pretrain checkpoint ('model' is not a dict of tensors)")
     return ckpt
 
 

@@ -122,15 +122,15 @@ def read_config(path: Path) -> dict:
     try:
         config = read_json(path, max_bytes=MAX_CONFIG_BYTES)
     except (OSError, FracgenError) as e:
-        raise TrainError(f"{printable(e)}: not a train.pretrain config.json") from None
+        raise TrainError(f"{printable(e)}: not a fracgen-train pretrain config.json") from None
     kinds = {"architecture": str, "num_classes": int, "model_args": dict}
     if not isinstance(config, dict) or any(not isinstance(config.get(k), t) for k, t in kinds.items()):
-        raise TrainError(f"{path} is not a train.pretrain config.json (needs architecture, num_classes, model_args;"
-                         " a run finished before model.safetensors existed has only ckpt.pt: give that)")
+        raise TrainError(f"{path} is not a fracgen-train pretrain config.json (needs architecture, num_classes, "
+                         "model_args; a run finished before model.safetensors existed has only ckpt.pt: give that)")
     record = config.get("fracgen", {}).get("weights") if isinstance(config.get("fracgen"), dict) else None
     if not (isinstance(record, dict) and isinstance(record.get("bytes"), int) and
             isinstance(record.get("sha256"), str) and record.get("file") == WEIGHTS):
-        raise TrainError(f"{path} records no size and sha256 for {WEIGHTS}: not written by train.pretrain")
+        raise TrainError(f"{path} records no size and sha256 for {WEIGHTS}: not written by fracgen-train pretrain")
     return config
 
 
@@ -229,8 +229,8 @@ def load(spec: str, cache_dir: str | Path | None = None, log: Callable[[str], No
             return checked(from_folder(path), str(path / CONFIG))
         if (path / "ckpt.pt").is_file():  # an unfinished run, or one finished before model.safetensors
             return checked(_from_checkpoint(path / "ckpt.pt"), str(path / "ckpt.pt"))
-        raise TrainError(f"--checkpoint {shown}: no {WEIGHTS} or ckpt.pt in that folder (a train.pretrain --out "
-                         "folder)")
+        raise TrainError(f"--checkpoint {shown}: no {WEIGHTS} or ckpt.pt in that folder (a fracgen-train pretrain "
+                         "--out folder)")
     if not path.is_file():
         raise TrainError(f"--checkpoint {shown}: no such file (give RUN_DIR, a .safetensors file, RUN_DIR/ckpt.pt, "
                          "an http(s):// or hf:// published folder, or none)")
@@ -299,7 +299,7 @@ def parse_sums(text: bytes, where: str) -> dict[str, str]:
         raise TrainError(f"{where} is not a SHA256SUMS file (lines of sha256, two spaces, file name)") from None
     missing = [name for name in (CONFIG, WEIGHTS) if name not in sums]
     if missing:
-        raise TrainError(f"{where} lists no {' or '.join(missing)}: not a folder written by train.publish")
+        raise TrainError(f"{where} lists no {' or '.join(missing)}: not a folder written by fracgen-train publish")
     return sums
 
 

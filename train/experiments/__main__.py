@@ -38,8 +38,8 @@ def main(
                                                         "inside them (default none; sweep-resolution 8)")] = None,
     finetune_steps: Annotated[int | None, typer.Option(help="fine-tuning steps per seed (default 300; "
                                                             "sweep-resolution 200)")] = None,
-    finetune_preset: Annotated[str | None, typer.Option(help="train.finetune's --preset for every run (default "
-                                                              "default; sweep-resolution paper)")] = None,
+    finetune_preset: Annotated[str | None, typer.Option(help="fracgen-train finetune's --preset for every run "
+                                                              "(default default; sweep-resolution paper)")] = None,
     resolutions: Annotated[str | None, typer.Option(help="sweep-resolution: a subset of 32,64,112,224")] = None,
     precision: Annotated[str, typer.Option(help="pre-training's and fine-tuning's arithmetic: auto (bf16 on CUDA and "
                                                 "on CPUs with bf16 units), bf16 or fp32; a run folder is named by it")]
