@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -463,3 +464,125 @@ def test_a_url_is_pulled_into_the_cache_it_is_given_or_xdg_or_home(reader_clean,
         server.requests.clear()
         assert len(ShardDataset(server.url)) == 8
         assert server.requests == ["/manifest.json"]  # found in the cache: the manifest fetched once, no shard
+
+
+def test_both_readers_name_a_bad_class_long_keys_and_extensions_as_the_label_check_does(reader_folder):
+    folder = reader_folder
+    key = "c000000-i000000" + "x" * 45  # past the 40 characters a message shows
+    shard = _forge(folder, [(f"{key}.cls", b"9"), (f"{key}.png", _grey()), ("c000001-i000000.cls", b"1"),
+                            ("c000001-i000000.png", _grey())])
+    said = f"sample '{key[:40]}' has class b'9', not one of 4"
+    assert _refusals(folder) == (_says(folder, shard, said),) * 2
+    _forge(folder, [(f"{key}.png", _grey()), ("c000001-i000000.cls", b"1"), ("c000001-i000000.png", _grey())])
+    assert _refusals(folder) == (_says(folder, shard, f"sample '{key[:40]}' lacks its .png or .cls"),) * 2
+
+
+def test_a_member_of_exactly_a_whole_samples_size_is_not_refused_for_its_size(tmp_path):
+    folder = tmp_path / "big"
+    render_dataset(folder, classes=4, per_class=10, size=SIZE, points=2000, shard_size=40, seed=0, workers=1)
+    largest = _largest_member(json.loads((folder / "manifest.json").read_text()))
+    members = [(f"c{k % 4:06d}-i{k // 4:06d}.{ext}", data) for k in range(40)
+               for ext, data in (("cls", str(k % 4).encode()), ("png", _grey()))]
+    members[1] = (members[1][0], bytes(largest))  # sample 0's .png at the bound: read, then refused as no PNG
+    shard = _forge(folder, members)
+    ds = ShardDataset(folder)  # indexed: the bound is not exceeded
+    with pytest.raises(FracgenError, match=r"\(sample 0: "):
+        ds[0]
+    with pytest.raises(FracgenError) as refused:
+        list(ShardStream(folder))
+    assert "more than a whole sample" not in str(refused.value) and str(refused.value).startswith(
+        f"shard {folder / shard} does not match its manifest (sample 'c000000-i000000': ")
+    long_ext = "pngpngpngpngpng"  # an extension is shown to 10 characters
+    members[1] = (f"c000000-i000000.{long_ext}", bytes(largest + 1))
+    _forge(folder, members)
+    with pytest.raises(FracgenError, match=rf"sample 'c000000-i000000' has a \.{long_ext[:10]} of "):
+        list(ShardStream(folder))
+
+
+def test_a_class_file_of_32_bytes_is_read_whole_and_odd_members_are_passed_over(reader_folder):
+    folder = reader_folder
+    members = [("c000000-i000000.cls", b"0" * 31 + b"1"), ("c000000-i000000.png", _grey()),
+               ("c000001-i000000.cls", b"1"), ("c000001-i000000.png", _grey())]
+    _forge(folder, members)
+    assert [y for _, y in ShardDataset(folder)][:2] == [1, 1]  # 32 bytes: every digit read
+    buf = io.BytesIO()  # a folder entry first: passed over, the samples after it read
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        directory = tarfile.TarInfo("a-folder")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    _replace(folder, 0, buf.getvalue())
+    assert [y for _, y in ShardStream(folder)][:2] == [1, 1]
+
+
+def test_a_changed_byte_is_named_sha256_by_the_stream(reader_folder):
+    folder = reader_folder
+    entry = json.loads((folder / "manifest.json").read_text())["shards"][0]
+    data = bytearray((folder / entry["file"]).read_bytes())
+    data[-1] ^= 1  # in the end-of-archive padding: the tar still reads, only the hash differs
+    (folder / entry["file"]).write_bytes(bytes(data))
+    with pytest.raises(FracgenError) as refused:
+        list(ShardStream(folder))
+    assert str(refused.value) == _says(folder, entry["file"], "sha256")
+
+
+def test_the_stream_applies_its_transform_and_its_defaults_shuffle_from_seed_0_epoch_0(reader_clean, tmp_path):
+    clean = reader_clean
+    assert all(image == "seen" for image, _ in ShardStream(clean, transform=lambda image: "seen"))
+    manifest = json.loads((clean / "manifest.json").read_text())
+    shards = list(manifest["shards"])
+    random.Random(0).shuffle(shards)  # seed 0, epoch 0: no set_epoch called
+    labels = [label for _, label in ShardStream(clean, shuffle=True)]
+    order = [i % 4 for n, e in enumerate(manifest["shards"]) for i in range(2 * n, 2 * n + 2)]
+    assert sorted(labels) == sorted(order)
+    rng, pending = random.Random(7919), []
+    for e in shards:
+        n = manifest["shards"].index(e)
+        pending += [i % 4 for i in range(2 * n, 2 * n + 2)]
+    rng.shuffle(pending)  # eight samples never fill the buffer of 1000: one shuffle at the end
+    assert labels == pending
+    sha = hashlib.sha256((clean / "manifest.json").read_bytes()).hexdigest()
+    with Server(clean) as server:
+        assert ShardStream(server.url, cache_dir=tmp_path / "given").folder == tmp_path / "given" / sha
+
+
+def test_uneven_shards_over_eight_ranks_list_all_eight(reader_clean):
+    stream = ShardStream(reader_clean)
+    shards = json.loads((reader_clean / "manifest.json").read_text())["shards"]
+    for ranks, listed in ((8, "the ranks would get 2, 2, 2, 2, 0, 0, 0, 0 samples"),
+                          (9, "the ranks would get 2, 2, 2, 2, 0, 0, 0, 0, ... samples")):
+        with pytest.raises(FracgenError, match=re.escape(listed)):
+            stream._check_even(shards, ranks, 1)
+
+
+def test_a_stream_in_a_one_rank_process_group_reads_every_sample(reader_clean, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert ShardStream._place() == (0, 1, 0, 1)
+        assert len(list(ShardStream(reader_clean))) == 8
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_message_shows_a_long_key_to_40_characters(tmp_path):
+    folder = tmp_path / "big"
+    render_dataset(folder, classes=4, per_class=10, size=SIZE, points=2000, shard_size=40, seed=0, workers=1)
+    largest = _largest_member(json.loads((folder / "manifest.json").read_text()))
+    key = "c000000-i000000" + "y" * 45
+    members = [(f"c{k % 4:06d}-i{k // 4:06d}.{ext}", data) for k in range(40)
+               for ext, data in (("cls", str(k % 4).encode()), ("png", _grey()))]
+    members[:2] = [(f"{key}.cls", b"0"), (f"{key}.png", bytes(largest + 1))]
+    shard = _forge(folder, members)
+    said = f"sample '{key[:40]}' has a .png of {largest + 1:,} bytes, more than a whole sample of {SIZE} px takes"
+    assert _refusals(folder) == (_says(folder, shard, said),) * 2
+    rgb = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE)).save(rgb, format="PNG")
+    members[1] = (f"{key}.png", rgb.getvalue())
+    _forge(folder, members)
+    with pytest.raises(FracgenError, match=re.escape(f"(sample '{key[:40]}' is a {SIZE}x{SIZE} px 8-bit RGB PNG")):
+        list(ShardStream(folder))
