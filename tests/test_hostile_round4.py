@@ -543,3 +543,25 @@ def test_a_folder_without_a_readable_manifest_is_one_line_naming_it(tmp_path):
         read_manifest(tmp_path)
     assert str(refused.value) == (f"{tmp_path / 'manifest.json'} is not a usable fracgen manifest: its 'format' is "
                                   "not fracgen-shards")
+
+
+def test_a_missing_or_mistyped_field_is_named_with_what_it_should_be(tmp_path):
+    from fracgen.dataset import render_dataset
+    from fracgen.manifest import check_manifest
+
+    folder = tmp_path / "set"
+    render_dataset(folder, classes=2, size=32, points=2000, seed=0, workers=1)
+    good = json.loads((folder / "manifest.json").read_text())
+    assert check_manifest(good, folder / "manifest.json") is good
+
+    def says(manifest) -> str:
+        with pytest.raises(FracgenError) as refused:
+            check_manifest(manifest, Path("m.json"))
+        return str(refused.value).removeprefix("m.json is not a usable fracgen manifest: ")
+
+    assert says({**good, "complete": "yes"}) == "'complete' is str, not bool"
+    assert says({k: v for k, v in good.items() if k != "complete"}) == "'complete' is missing, not bool"
+    assert says({**good, "format_version": True}) == "'format_version' is bool, not int"
+    assert says({**good, "image": {**good["image"], "size": "32"}}) == "image.'size' is str, not int"
+    shard = {k: v for k, v in good["shards"][0].items() if k != "sha256"}
+    assert says({**good, "shards": [shard]}) == "a shard's 'sha256' is missing, not str"
