@@ -127,3 +127,23 @@ def test_evaluation_resizes_whole_or_crops_the_centre_as_timm_does():
     cropped = F.test_transform(F.Config(crop_pct=224 / 256), 224)
     assert whole.shape == (3, 32, 32) and cropped(image).shape == (3, 224, 224)
     assert cropped.transforms[0].size == 256  # resize to img_size / crop_pct, then the centre img_size
+
+
+def test_digits_are_cropped_less_and_never_mirrored_unless_asked():
+    assert F.crop_and_flip(F.Config(dataset="digits")) == ((0.35, 1.0), False)
+    assert F.crop_and_flip(F.Config(dataset="cifar10")) == ((0.08, 1.0), True)
+    assert F.crop_and_flip(F.Config(dataset="digits", crop_scale=(0.5, 0.9), flip=True)) == ((0.5, 0.9), True)
+    assert F.crop_and_flip(F.Config(dataset="cifar100", flip=False)) == ((0.08, 1.0), False)
+
+
+def test_label_smoothing_spreads_its_share_over_every_class_and_rows_sum_to_one():
+    import torch
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    y = torch.tensor([0, 3, 2])
+    target = F.smoothed(y, 4, 0.1)
+    assert torch.allclose(target[1], torch.tensor([0.025, 0.025, 0.025, 0.925]))
+    assert torch.allclose(target.sum(1), torch.ones(3))
+    assert torch.equal(F.smoothed(y, 4, 0.0), torch.nn.functional.one_hot(y, 4).float())
+    logits = torch.randn(3, 4)  # the same loss as timm's own label-smoothing cross-entropy
+    assert torch.allclose(SoftTargetCrossEntropy()(logits, target), LabelSmoothingCrossEntropy(0.1)(logits, y))

@@ -136,6 +136,21 @@ def test_transform(cfg: Config, img_size: int):
                       T.CenterCrop(img_size), T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
 
+def crop_and_flip(cfg: Config) -> tuple[tuple[float, float], bool]:
+    """The crop's area range and the horizontal flip, given or by data set: an 8x8 digit cropped to 8% of its area
+    is no longer a digit, and a mirrored 2 is not a 2."""
+    digits = cfg.dataset == "digits"
+    crop_scale = cfg.crop_scale or ((0.35, 1.0) if digits else (0.08, 1.0))
+    return crop_scale, (not digits) if cfg.flip is None else cfg.flip
+
+
+def smoothed(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """One-hot targets with label smoothing as timm spreads it: `smoothing` over all classes, the rest on the label
+    (each row sums to 1)."""
+    off = smoothing / num_classes
+    return one_hot(y, num_classes, on_value=1 - smoothing + off, off_value=off)
+
+
 def batch_used(cfg: Config, train_images: int) -> int:
     """--batch, or every training image when there are fewer (10-shot digits: 100); even under Mixup/CutMix."""
     batch = min(cfg.batch, train_images)
@@ -195,8 +210,7 @@ def finetune_one(cfg: Config, seed: int, train_set, test_set, num_classes: int, 
             if mixup_fn is not None:
                 x, target = mixup_fn(x, y)
             else:
-                off = cfg.smoothing / num_classes
-                target = one_hot(y, num_classes, on_value=1 - cfg.smoothing + off, off_value=off)
+                target = smoothed(y, num_classes, cfg.smoothing)
             scheduler.step_update(step)
             with autocast:  # the loss in fp32 under bf16 autocast too
                 loss = criterion(model(x).float(), target)
@@ -225,10 +239,7 @@ def finetune(cfg: Config) -> dict:
     shots = cfg.shots or (10 if cfg.dataset == "digits" and not cfg.train_fraction else 0)
     train_idx, rest_idx = downstream.split(downstream.targets_of(train_base), shots, cfg.train_fraction,
                                            cfg.split_seed, has_test=test_base is not None)
-    # An 8x8 digit cropped to 8% of its area is no longer a digit, and a mirrored 2 is not a 2.
-    digits = cfg.dataset == "digits"
-    crop_scale = cfg.crop_scale or ((0.35, 1.0) if digits else (0.08, 1.0))
-    flip = (not digits) if cfg.flip is None else cfg.flip
+    crop_scale, flip = crop_and_flip(cfg)
     train_tf = data.train_transform(img_size, crop=cfg.crop, crop_scale=crop_scale, flip=flip,
                                     vflip=False, randaug=cfg.randaug or None, reprob=cfg.reprob,
                                     mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
