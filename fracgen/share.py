@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import queue
 import re
 import shlex
 import shutil
@@ -33,7 +34,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -501,41 +501,66 @@ class _Stopped(Exception):
 def _fetch_shards(src: Source, out: Path, todo: list[dict], on_bytes, note: Note | None, manifest: dict,
                   index: dict[str, int], limits: Limits, jobs: int) -> None:
     """The shards `todo`, up to `jobs` at a time in threads (the work is waiting on sockets and hashing, both done
-    outside the GIL). The first failure stops the others at their next chunk; each removes its temporary file and
-    the failure is raised once they have: nothing is renamed after it."""
+    outside the GIL). A shard that fails stops the others at their next chunk; each removes its temporary file and
+    the failure is raised once they have. A Ctrl-C or a preemption signal is raised at once: the threads (daemons, so
+    they hold no exit up) stop at their next chunk, and none renames a shard once stopped."""
     if jobs == 1 or len(todo) <= 1:
         for entry in todo:
             _fetch_shard(src, out, entry, on_bytes, note, manifest, index[entry["file"]], limits)
         return
-    stop, lock = threading.Event(), threading.Lock()
+    stop, lock, pending, done = threading.Event(), threading.Lock(), queue.SimpleQueue(), queue.SimpleQueue()
+    for entry in todo:
+        pending.put(entry)
 
-    def counted(n: int) -> None:  # called after every chunk: where a download learns that the pull has failed
+    def counted(n: int) -> None:  # called after every chunk: where a download learns that the pull has stopped
         if stop.is_set():
             raise _Stopped
         with lock:
             on_bytes(n)
 
-    def fetch(entry: dict) -> None:
-        if not stop.is_set():
-            _fetch_shard(src, out, entry, counted, note, manifest, index[entry["file"]], limits)
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                entry = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                _fetch_shard(src, out, entry, counted, note, manifest, index[entry["file"]], limits, stop)
+                done.put(None)
+            except BaseException as e:  # handed to the pull's thread, which raises it
+                done.put(e)
 
-    with ThreadPoolExecutor(max_workers=min(jobs, len(todo)), thread_name_prefix="fracgen-pull") as pool:
-        futures = [pool.submit(fetch, entry) for entry in todo]
-        try:
-            for future in as_completed(futures):
-                future.result()
-        except BaseException:
-            stop.set()  # the pool's exit waits for the running ones, which stop at their next chunk
-            for future in futures:
-                future.cancel()
-            raise
+    workers = [threading.Thread(target=work, name=f"fracgen-pull-{n}", daemon=True)
+               for n in range(min(jobs, len(todo)))]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in todo:
+            while True:
+                try:
+                    error = done.get(timeout=0.5)  # a timeout: a signal's handler runs between two waits
+                    break
+                except queue.Empty:
+                    continue
+            if error is not None:
+                raise error
+    except Exception:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        raise
+    except BaseException:
+        stop.set()
+        raise
 
 
 def _fetch_shard(src: Source, out: Path, entry: dict, on_bytes, note: Note | None, manifest: dict,
-                 index: int, limits: Limits) -> None:
+                 index: int, limits: Limits, stop: threading.Event | None = None) -> None:
     """One shard, kept only if its size and sha256 are the manifest's and its samples are the ones the manifest says
-    (a manifest can list the hash of any bytes)."""
+    (a manifest can list the hash of any bytes); not renamed into place once `stop` is set."""
     def samples(tmp: Path) -> str | None:
+        if stop is not None and stop.is_set():  # the last look before the rename
+            raise _Stopped
         problem = check_shard_contents(tmp, entry, manifest["num_classes"], manifest["image"]["size"],
                                        index * manifest["settings"]["shard_size"])
         return problem and f"{problem}: its samples contradict the manifest"

@@ -588,3 +588,22 @@ def test_what_a_manifest_says_is_printed_and_published_as_text(copy, tmp_path):
     assert fracgen("publish", served).exit_code == 0
     card = (served / "README.md").read_text()
     assert "\x1b" not in card and "<script>" not in card and card.count("```") == 4
+
+
+def test_ctrl_c_during_a_parallel_pull_returns_at_once_and_nothing_is_renamed_after_it(published, tmp_path):
+    """The downloads wait on a slow server; Ctrl-C comes: the pull raises at once (the threads hold neither it nor
+    the process's exit up), and each thread, when its server answers, stops before a byte is kept."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist's workers ignore SIGINT
+    dest = tmp_path / "pulled"
+    try:
+        with Server(published, delay=2.0) as server:
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+            t0 = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                share.pull(server.url, dest, jobs=8)
+            assert time.monotonic() - t0 < 1.8  # before the server's first answer
+            assert wait_for(lambda: server.tars() and not leftovers(dest), 20)
+            time.sleep(2.5)  # every answer has come and been refused by now
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not list(dest.glob("*.tar")) and leftovers(dest) == [] and not (dest / "manifest.json").exists()
