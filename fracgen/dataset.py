@@ -31,7 +31,7 @@ from fracgen.manifest import (  # noqa: F401 (API)
     read_manifest,
     remove_published_files,
     renderer_of,
-    write_local_card,
+    write_readers_files,
     write_timm_info,
 )
 from fracgen.render import RENDERER
@@ -304,8 +304,7 @@ def _render_locked(out: Path, s: Settings, pool, overwrite: bool, resume: bool, 
     manifest["shards"] = [done[i] for i in range(s.num_shards)]
     manifest["complete"] = True
     _write_manifest(out, manifest)
-    write_timm_info(out, manifest)
-    write_local_card(out, manifest)
+    write_readers_files(out, manifest)
     (out / JOURNAL).unlink(missing_ok=True)
     _remove_temporaries(out, s)
     keep = {e["file"] for e in manifest["shards"]}
@@ -344,8 +343,7 @@ def _repair_finished(out: Path, s: Settings, manifest: dict, pool, progress, not
     if progress:
         progress("check", len(manifest["shards"]), len(manifest["shards"]))
     if not bad:
-        write_timm_info(out, manifest)  # a folder from before fracgen wrote it gets it here, with nothing redrawn
-        write_local_card(out, manifest)
+        write_readers_files(out, manifest)  # a folder from before fracgen wrote them gets them here, nothing redrawn
         return manifest
     names = ", ".join(manifest["shards"][i]["file"] for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
     if other_renderer(manifest):
@@ -366,8 +364,7 @@ def _repair_finished(out: Path, s: Settings, manifest: dict, pool, progress, not
             os.replace(tmp, out / entry["file"])
             stats["repaired"].append(entry["file"])
     _remove_temporaries(out, s)
-    write_timm_info(out, manifest)
-    write_local_card(out, manifest)
+    write_readers_files(out, manifest)
     if note:
         note(f"re-rendered {len(bad)} shard(s) that did not match the manifest: {names}")
     return manifest

@@ -130,6 +130,13 @@ def write_local_card(folder: Path, manifest: dict) -> None:
         atomic_write(path, lambda f: f.write(text))
 
 
+def write_readers_files(folder: Path, manifest: dict) -> None:
+    """What the tools that read a finished folder need beside its shards, both derived from its manifest: timm's
+    _info.json and, unless a card is already there, the local card Hugging Face `datasets` reads."""
+    write_timm_info(folder, manifest)
+    write_local_card(folder, manifest)
+
+
 def remove_published_files(folder: Path) -> None:
     """Before another data set is written into `folder` (--overwrite): the files publish wrote for the old one, and
     a card fracgen wrote (the owner's own card stays)."""

@@ -55,7 +55,7 @@ from fracgen.manifest import (
     check_manifest,
     load_manifest,
     other_renderer,
-    write_local_card,
+    write_readers_files,
     write_timm_info,
 )
 from fracgen.preview import contact_sheet
@@ -488,8 +488,7 @@ def _pull_locked(src: Source, out: Path, remote: RemoteManifest, overwrite: bool
             for name in (CARD, SUMS, PREVIEW, TIMM_INFO):
                 (out / name).unlink(missing_ok=True)
     atomic_write(out / MANIFEST, lambda f: f.write(remote.data))  # last: now the folder is complete
-    write_timm_info(out, remote.manifest)  # derived here from the checked manifest, never fetched
-    write_local_card(out, remote.manifest)  # so that datasets.load_dataset reads the folder (a card is not fetched)
+    write_readers_files(out, remote.manifest)  # derived here from the checked manifest, never fetched
     _write_json(out / SOURCE_FILE, {**origin, "finished": _now()})
     return PullResult(out, remote.manifest, src, [e["file"] for e in todo], total, kept)
 

@@ -31,9 +31,9 @@ def _forget(names: set[str]) -> None:
     for meta in (ROOT / "mutants").rglob("*.py.meta"):
         record = json.loads(meta.read_text())
         verdicts = record.get("exit_code_by_key", {})
-        if names & verdicts.keys():
-            for name in names & verdicts.keys():
-                verdicts[name] = None
+        forgotten = names & verdicts.keys()
+        if forgotten:
+            verdicts.update(dict.fromkeys(forgotten))
             meta.write_text(json.dumps(record))
 
 
