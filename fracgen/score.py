@@ -63,7 +63,16 @@ def memory_needed(manifest: dict, at: tuple[int, ...], classes: int | None = Non
 
 
 def available_memory() -> int:
-    """Bytes of memory free now (Linux); 16 GiB where the system does not say."""
+    """Bytes of memory a new allocation can have now: Linux's MemAvailable, which counts the page cache the kernel
+    gives back (free pages alone, SC_AVPHYS_PAGES, read 0.8 GiB of 22 GiB after a few pip installs filled the
+    cache); free pages where there is no /proc/meminfo; 16 GiB where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
